@@ -1,0 +1,31 @@
+//! The control API of a running Tandem VM: REST/JSON over a Unix socket.
+//!
+//! This crate is the contract between `tandem run` (the server, in
+//! `tandem-vmm`) and every client (`tandem info|pause|resume|shutdown`,
+//! tests, operators' scripts): the request and response types, the routes,
+//! and a small client. `openapi.yaml` beside this file documents the same
+//! routes for other languages; a test keeps the two in step.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod types;
+
+pub use client::{Client, ClientError};
+pub use types::*;
+
+/// Route paths, relative to the socket. Versioned like Cloud Hypervisor's.
+pub mod routes {
+    pub const PING: &str = "/api/v1/vmm.ping";
+    pub const VM_INFO: &str = "/api/v1/vm.info";
+    pub const VM_PAUSE: &str = "/api/v1/vm.pause";
+    pub const VM_RESUME: &str = "/api/v1/vm.resume";
+    pub const VM_SHUTDOWN: &str = "/api/v1/vm.shutdown";
+    /// Every route with its method, for the OpenAPI check.
+    pub const ALL: &[(&str, &str)] = &[
+        ("get", PING),
+        ("get", VM_INFO),
+        ("put", VM_PAUSE),
+        ("put", VM_RESUME),
+        ("put", VM_SHUTDOWN),
+    ];
+}

@@ -1,0 +1,102 @@
+//! Request and response bodies.
+
+use serde::{Deserialize, Serialize};
+use tandem_engine::{Accel, EngineVersion};
+
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// QEMU is starting; the guest has not run yet.
+    Starting,
+    Running,
+    Paused,
+    /// A shutdown was asked for and the guest has not stopped yet.
+    ShuttingDown,
+    Stopped,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::ShuttingDown => "shutting-down",
+            VmState::Stopped => "stopped",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineInfo {
+    pub path: String,
+    pub version: EngineVersion,
+    pub package: String,
+    /// "explicit", "system" or "cache".
+    pub origin: String,
+    pub pid: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub id: String,
+    pub path: String,
+    pub format: String,
+    pub interface: String,
+    pub readonly: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: VmState,
+    pub accel: Accel,
+    /// Why this accelerator was chosen.
+    pub accel_reason: String,
+    pub engine: EngineInfo,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub append: String,
+    pub disks: Vec<DiskInfo>,
+    /// "stdio", "file:<path>", "unix:<path>" or "none".
+    pub serial: String,
+    pub api_socket: String,
+    pub uptime_ms: u64,
+    pub tandem_version: String,
+    pub abi_version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    pub tandem_version: String,
+    pub abi_version: String,
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownRequest {
+    /// Seconds to wait for the guest to power off after the ACPI power
+    /// button before stopping the VM hard. Default 30.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// Stop at once, without asking the guest.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownResponse {
+    /// True when the guest powered off by itself within the timeout.
+    pub graceful: bool,
+    pub elapsed_ms: u64,
+}
+
+/// The body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}

@@ -1,0 +1,327 @@
+//! `tandem`, the host command line.
+//!
+//! Thin by design: it parses arguments, resolves the engine, accelerator
+//! and default image, and hands over to the library crates (`tandem-vmm`
+//! runs VMs, `tandem-api` talks to them, `tandem-image` builds images).
+
+mod host;
+mod run;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tandem_api::{routes, Client, Ping, ShutdownRequest, ShutdownResponse, VmInfo};
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about = "Tandem: VMs that keep migration, snapshots and overcommit with assigned devices")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a VM and stay in the foreground until it stops.
+    Run(run::RunArgs),
+    /// Show a running VM's state, engine and accelerator.
+    Info {
+        #[command(flatten)]
+        target: Target,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a running VM.
+    Pause {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Resume a paused VM.
+    Resume {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Shut a VM down: the ACPI power button, then a hard stop after the timeout.
+    Shutdown {
+        #[command(flatten)]
+        target: Target,
+        /// Stop at once without asking the guest.
+        #[arg(long)]
+        force: bool,
+        /// Seconds the guest has to power off before a hard stop.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Check that a VM's control socket answers.
+    Ping {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the VMs whose sockets are in the run directory.
+    List,
+    /// The engine and accelerator this host would use, and why.
+    Host(host::HostArgs),
+    /// Build or inspect the engine and the default guest image.
+    Image {
+        #[command(subcommand)]
+        command: ImageCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build the pinned engine (unless a system QEMU will do) and the
+    /// default guest image (kernel, tandem.ko, initramfs) into the cache.
+    Build {
+        /// Build the pinned QEMU even when a system QEMU is new enough.
+        #[arg(long)]
+        build_engine: bool,
+    },
+    /// Show the default image and where the cache is.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which VM a control command talks to.
+#[derive(Args, Clone)]
+struct Target {
+    /// The VM's name (its socket is <run dir>/<name>.sock).
+    #[arg(long, default_value = "vm0")]
+    vm: String,
+    /// The VM's API socket; overrides --vm.
+    #[arg(long, env = "TANDEM_API_SOCKET")]
+    api_socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn client(&self) -> Client {
+        let socket = self
+            .api_socket
+            .clone()
+            .unwrap_or_else(|| tandem_vmm::config::default_run_dir().join(format!("{}.sock", self.vm)));
+        Client::new(socket)
+    }
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tandem=info,tandem_vmm=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let code = match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tandem: error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn real_main(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Cmd::Image { command } => image(command),
+        Cmd::Host(args) => runtime()?.block_on(host::host(args)),
+        Cmd::Run(args) => runtime()?.block_on(run::run(args)),
+        other => runtime()?.block_on(control(other)),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn print_info(info: &VmInfo) {
+    println!("name:        {}", info.name);
+    println!("state:       {}", info.state);
+    println!("accelerator: {} ({})", info.accel, info.accel_reason);
+    println!(
+        "engine:      QEMU {} [{}] {} pid {}",
+        info.engine.version,
+        info.engine.origin,
+        info.engine.path,
+        info.engine.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+    );
+    println!("vcpus:       {}", info.cpus);
+    println!("memory:      {} MiB", info.memory_mib);
+    println!("kernel:      {}", info.kernel);
+    if let Some(i) = &info.initrd {
+        println!("initrd:      {i}");
+    }
+    println!("append:      {}", info.append);
+    for d in &info.disks {
+        println!(
+            "disk:        {} {} {} {}{}",
+            d.id,
+            d.interface,
+            d.format,
+            d.path,
+            if d.readonly { " (read-only)" } else { "" }
+        );
+    }
+    println!("serial:      {}", info.serial);
+    println!("api socket:  {}", info.api_socket);
+    println!("uptime:      {:.1}s", info.uptime_ms as f64 / 1000.0);
+    println!("versions:    tandem {}, ABI {}", info.tandem_version, info.abi_version);
+}
+
+async fn control(cmd: Cmd) -> Result<i32> {
+    match cmd {
+        Cmd::Info { target, json } => {
+            let info: VmInfo = target.client().get(routes::VM_INFO).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print_info(&info);
+            }
+        }
+        Cmd::Pause { target } => {
+            let info: VmInfo = target.client().put(routes::VM_PAUSE, &()).await?;
+            println!("{}: {}", info.name, info.state);
+        }
+        Cmd::Resume { target } => {
+            let info: VmInfo = target.client().put(routes::VM_RESUME, &()).await?;
+            println!("{}: {}", info.name, info.state);
+        }
+        Cmd::Shutdown {
+            target,
+            force,
+            timeout,
+        } => {
+            let req = ShutdownRequest {
+                timeout_s: Some(timeout),
+                force,
+            };
+            let client = target
+                .client()
+                .with_timeout(Duration::from_secs(timeout + 60));
+            let r: ShutdownResponse = client.put(routes::VM_SHUTDOWN, &req).await?;
+            println!(
+                "stopped in {:.2}s ({})",
+                r.elapsed_ms as f64 / 1000.0,
+                if r.graceful {
+                    "the guest powered off"
+                } else {
+                    "hard stop"
+                }
+            );
+        }
+        Cmd::Ping { target } => {
+            let p: Ping = target.client().get(routes::PING).await?;
+            println!(
+                "tandem {} (ABI {}) pid {} answers on {}",
+                p.tandem_version,
+                p.abi_version,
+                p.pid,
+                target.client().socket().display()
+            );
+        }
+        Cmd::List => {
+            let dir = tandem_vmm::config::default_run_dir();
+            let mut found = 0;
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                let mut paths: Vec<PathBuf> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                    .collect();
+                paths.sort();
+                for p in paths {
+                    let c = Client::new(&p).with_timeout(Duration::from_secs(2));
+                    match c.get::<VmInfo>(routes::VM_INFO).await {
+                        Ok(i) => {
+                            found += 1;
+                            println!(
+                                "{:<16} {:<13} {} {} MiB {} vCPU  {}",
+                                i.name,
+                                i.state.to_string(),
+                                i.accel,
+                                i.memory_mib,
+                                i.cpus,
+                                p.display()
+                            );
+                        }
+                        Err(_) => println!("{:<16} {:<13} {}", "?", "stale socket", p.display()),
+                    }
+                }
+            }
+            if found == 0 {
+                eprintln!("no running VMs in {}", dir.display());
+            }
+        }
+        Cmd::Run(_) | Cmd::Host(_) | Cmd::Image { .. } => unreachable!("dispatched in real_main"),
+    }
+    Ok(0)
+}
+
+fn image(cmd: ImageCmd) -> Result<i32> {
+    let cache = tandem_image::Cache::default_location();
+    match cmd {
+        ImageCmd::Build { build_engine } => {
+            eprintln!("building into {}", cache.root().display());
+            let report = tandem_image::Builder::new(
+                cache,
+                tandem_image::BuildOptions { build_engine },
+            )
+            .build()?;
+            println!("engine:  {}", report.engine.display());
+            println!("kernel:  {} ({})", report.image.kernel.display(), report.image.kernel_release);
+            println!("initrd:  {}", report.image.initrd.display());
+            println!(
+                "module:  {} (tandem {}, ABI {})",
+                report.image.module.display(),
+                report.image.module_version,
+                report.image.abi_version
+            );
+            println!("ready: `tandem run` boots this image by default");
+        }
+        ImageCmd::Info { json } => {
+            let image = cache.default_image();
+            let engine = cache.engine_binary();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "cache": cache.root(),
+                        "image_key": tandem_image::cache::image_key(),
+                        "image": image,
+                        "engine": engine,
+                    }))?
+                );
+            } else {
+                println!("cache:   {}", cache.root().display());
+                match engine {
+                    Some(e) => println!("engine:  {}", e.display()),
+                    None => println!("engine:  not built (a system QEMU >= {} is used if present)", tandem_engine::MIN_ENGINE_VERSION),
+                }
+                match image {
+                    Some(m) => {
+                        println!("kernel:  {} ({})", m.kernel.display(), m.kernel_release);
+                        println!("initrd:  {}", m.initrd.display());
+                        println!("module:  tandem {} ABI {}", m.module_version, m.abi_version);
+                        println!("append:  {}", m.append);
+                    }
+                    None => {
+                        println!("image:   not built for this version of tandem (run `tandem image build`)");
+                        return Ok(1);
+                    }
+                }
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,173 @@
+//! `tandem run`: start a VM and follow it until it stops.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tandem_engine::AccelRequest;
+use tandem_image::Cache;
+use tandem_vmm::config::{default_run_dir, parse_disk_flag};
+use tandem_vmm::{Ending, Vm, VmConfig};
+use tracing::info;
+
+use crate::host::{choose_accel, find_engine};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// A TOML file with the VM's settings; flags override it.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// The VM's name (default vm0); it names the API socket.
+    #[arg(long)]
+    name: Option<String>,
+    /// Guest kernel (default: the image built by `tandem image build`).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line, replacing the default.
+    #[arg(long)]
+    append: Option<String>,
+    /// Added to the kernel command line.
+    #[arg(long)]
+    append_extra: Option<String>,
+    /// Guest RAM, e.g. 512M or 2G (default 512M).
+    #[arg(long, short = 'm')]
+    memory: Option<String>,
+    /// vCPUs (default 1).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// A disk: path=<file>[,format=raw|qcow2][,if=virtio-blk|nvme][,readonly=on][,direct=off]. Repeatable.
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// Serial console: stdio (default), file:<path>, unix:<path> or none.
+    #[arg(long)]
+    serial: Option<String>,
+    /// Control socket (default <run dir>/<name>.sock).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// auto (default), kvm or tcg.
+    #[arg(long)]
+    accel: Option<AccelRequest>,
+    /// The QEMU binary (default: a system QEMU if new enough, else the built one).
+    #[arg(long)]
+    engine: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn to_config(&self) -> Result<VmConfig> {
+        Ok(VmConfig {
+            name: self.name.clone(),
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            append: self.append.clone(),
+            append_extra: self.append_extra.clone(),
+            memory: self.memory.clone(),
+            cpus: self.cpus,
+            accel: self.accel,
+            serial: self.serial.clone(),
+            api_socket: self.api_socket.clone(),
+            engine: self.engine.clone(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| parse_disk_flag(d))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+pub async fn run(args: RunArgs) -> Result<i32> {
+    let cache = Cache::default_location();
+    let file = match &args.config {
+        Some(p) => VmConfig::from_file(p)?,
+        None => VmConfig::default(),
+    };
+    let config = file.merge(args.to_config()?);
+    let image = cache.default_image();
+    let uses_default_image = config.kernel.is_none();
+    let resolved = config.resolve(image.as_ref().map(|m| m.defaults()).as_ref(), &default_run_dir())?;
+    let engine = find_engine(resolved.engine.as_deref(), &cache)?;
+    let (choice, _facts) = choose_accel(resolved.accel, &engine, image.as_ref(), &cache).await?;
+
+    // Claim the control socket before starting QEMU: a name clash is found
+    // before anything runs.
+    let (listener, _guard) = tandem_vmm::socket::claim(&resolved.api_socket)?;
+    eprintln!(
+        "tandem: starting {} under {} ({}); QEMU {} [{}]; {} MiB, {} vCPU{}; API {}",
+        resolved.name,
+        choice.accel.to_string().to_uppercase(),
+        choice.reason,
+        engine.version,
+        engine.origin,
+        resolved.memory_mib,
+        resolved.cpus,
+        if resolved.cpus == 1 { "" } else { "s" },
+        resolved.api_socket.display()
+    );
+    if uses_default_image {
+        if let Some(m) = &image {
+            eprintln!(
+                "tandem: default image: kernel {}, tandem.ko {} (ABI {})",
+                m.kernel_release, m.module_version, m.abi_version
+            );
+        }
+    }
+
+    let running = Vm::start(resolved, engine, choice)
+        .await
+        .context("the VM did not start")?;
+    let vm = running.vm.clone();
+
+    let (stop_tx, stop_rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            return;
+        };
+        let mut count = 0;
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            count += 1;
+            // The first signal asks the guest; the next one forces.
+            if stop_tx.send(count > 1).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let (down_tx, down_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = axum::serve(listener, tandem_vmm::api::router(vm.clone())).with_graceful_shutdown(async {
+        let _ = down_rx.await;
+    });
+    let server = tokio::spawn(async move { serve.await });
+    info!("control API ready");
+
+    let ending = running.wait(stop_rx).await;
+    // Let in-flight API calls (a shutdown waiting for this moment) answer.
+    let _ = down_tx.send(());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+
+    let (msg, code) = match &ending {
+        Ending::GuestPoweroff => ("the guest powered off".to_string(), 0),
+        Ending::Forced => ("stopped by the operator".to_string(), 0),
+        Ending::GuestReset { reason } => (
+            format!("the guest reset ({reason}); a kernel panic resets the guest, see its console"),
+            2,
+        ),
+        Ending::Host { reason } => (format!("QEMU was stopped ({reason})"), 0),
+        Ending::EngineLost => {
+            let tail = vm.stderr_tail();
+            (
+                format!("QEMU exited unexpectedly{}", if tail.is_empty() { String::new() } else { format!(":\n{tail}") }),
+                3,
+            )
+        }
+    };
+    eprintln!("tandem: {} stopped: {msg}", vm.info().name);
+    Ok(code)
+}

@@ -1,0 +1,125 @@
+//! The control API server: REST/JSON on the VM's Unix socket.
+//!
+//! Routes and bodies are defined in `tandem-api`; this module only maps
+//! them onto [`Vm`] operations and lifecycle errors onto HTTP statuses.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use tandem_api::{routes, ApiError, Ping, ShutdownRequest, ShutdownResponse, VmState};
+use tracing::info;
+
+use crate::lifecycle::Command;
+use crate::vm::{Vm, VmError};
+
+/// Default grace period for a guest to obey the power button.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Error(StatusCode, String);
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiError { error: self.1 })).into_response()
+    }
+}
+
+impl From<VmError> for Error {
+    fn from(e: VmError) -> Error {
+        let status = match &e {
+            VmError::Lifecycle(_) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        Error(status, msg)
+    }
+}
+
+pub fn router(vm: Arc<Vm>) -> Router {
+    Router::new()
+        .route(routes::PING, get(ping))
+        .route(routes::VM_INFO, get(info))
+        .route(routes::VM_PAUSE, put(pause))
+        .route(routes::VM_RESUME, put(resume))
+        .route(routes::VM_SHUTDOWN, put(shutdown))
+        .fallback(|| async {
+            Error(StatusCode::NOT_FOUND, "no such route (see openapi.yaml)".into())
+        })
+        .with_state(vm)
+}
+
+async fn ping() -> Json<Ping> {
+    Json(Ping {
+        tandem_version: env!("CARGO_PKG_VERSION").into(),
+        abi_version: shared_abi::ABI_VERSION.to_string(),
+        pid: std::process::id(),
+    })
+}
+
+async fn info(State(vm): State<Arc<Vm>>) -> Json<tandem_api::VmInfo> {
+    Json(vm.info())
+}
+
+async fn pause(State(vm): State<Arc<Vm>>) -> Result<Json<tandem_api::VmInfo>, Error> {
+    vm.command(Command::Pause).await?;
+    info!("paused by the API");
+    Ok(Json(vm.info()))
+}
+
+async fn resume(State(vm): State<Arc<Vm>>) -> Result<Json<tandem_api::VmInfo>, Error> {
+    vm.command(Command::Resume).await?;
+    info!("resumed by the API");
+    Ok(Json(vm.info()))
+}
+
+async fn shutdown(
+    State(vm): State<Arc<Vm>>,
+    body: Bytes,
+) -> Result<Json<ShutdownResponse>, Error> {
+    let req: ShutdownRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ShutdownRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Error(StatusCode::BAD_REQUEST, format!("bad shutdown request: {e}")))?
+    };
+    let timeout = req
+        .timeout_s
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+    let begun = Instant::now();
+    let mut state = vm.watch_state();
+    vm.command(Command::Shutdown {
+        force: req.force,
+        timeout,
+    })
+    .await?;
+    info!(force = req.force, ?timeout, "shutdown requested by the API");
+    // The lifecycle forces the VM off when the timeout runs out, so this
+    // wait is bounded; the extra margin covers QEMU's own exit.
+    let waited = tokio::time::timeout(
+        timeout + Duration::from_secs(30),
+        state.wait_for(|s| *s == VmState::Stopped),
+    )
+    .await;
+    if waited.is_err() {
+        return Err(Error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "QEMU did not exit after quit".into(),
+        ));
+    }
+    Ok(Json(ShutdownResponse {
+        graceful: vm.graceful(),
+        elapsed_ms: u64::try_from(begun.elapsed().as_millis()).unwrap_or(u64::MAX),
+    }))
+}
