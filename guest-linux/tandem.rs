@@ -16,7 +16,9 @@
 
 use kernel::{debugfs, prelude::*};
 
-#[allow(dead_code)]
+// The shared files are a library: not every item is used here, and their
+// `pub` items are the crate API on the host side.
+#[allow(dead_code, unreachable_pub)]
 #[path = "../shared-abi/src/version.rs"]
 mod abi_version;
 
@@ -72,7 +74,12 @@ impl kernel::Module for Tandem {
             dir.read_callback_file(c"abi_version", IDENTITY, &show_abi),
             GFP_KERNEL,
         )?;
-        pr_info!("tandem {} loaded, speaks ABI {}\n", VERSION, ABI_VERSION);
+        pr_info!(
+            "tandem {} loaded, speaks ABI {}.{}\n",
+            VERSION,
+            ABI_VERSION.major,
+            ABI_VERSION.minor
+        );
         Ok(Tandem {
             _version: version,
             _abi_version: abi_version,

@@ -51,7 +51,10 @@ mod tests {
     fn wire_roundtrip_and_golden_bytes() {
         // Golden value: the guest module checks the same number.
         assert_eq!(ABI_VERSION.to_wire(), 0x0001_0000);
-        assert_eq!(ABI_VERSION.to_wire().to_le_bytes(), [0x00, 0x00, 0x01, 0x00]);
+        assert_eq!(
+            ABI_VERSION.to_wire().to_le_bytes(),
+            [0x00, 0x00, 0x01, 0x00]
+        );
         for raw in [0u32, 1, 0xffff, 0x1_0000, 0xdead_beef, u32::MAX] {
             assert_eq!(AbiVersion::from_wire(raw).to_wire(), raw);
         }
@@ -69,6 +72,13 @@ mod tests {
     fn display() {
         extern crate std;
         use std::string::ToString;
-        assert_eq!(AbiVersion { major: 1, minor: 12 }.to_string(), "1.12");
+        assert_eq!(
+            AbiVersion {
+                major: 1,
+                minor: 12
+            }
+            .to_string(),
+            "1.12"
+        );
     }
 }

@@ -1,4 +1,5 @@
 //! The OpenAPI document and the code describe the same API.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
 
 use serde_json::Value;
 use tandem_api::*;
@@ -19,7 +20,11 @@ fn every_route_is_documented_and_nothing_else() {
         );
     }
     let documented: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
-    assert_eq!(documented, routes::ALL.len(), "openapi.yaml documents routes the code lacks");
+    assert_eq!(
+        documented,
+        routes::ALL.len(),
+        "openapi.yaml documents routes the code lacks"
+    );
 }
 
 /// Each schema's required fields are exactly the fields the type always
@@ -27,14 +32,19 @@ fn every_route_is_documented_and_nothing_else() {
 fn check_schema(name: &str, example: &impl serde::Serialize) {
     let spec = spec();
     let schema = &spec["components"]["schemas"][name];
-    let props = schema["properties"].as_object().unwrap_or_else(|| panic!("{name} has no properties"));
+    let props = schema["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{name} has no properties"));
     let value = serde_json::to_value(example).unwrap();
     for key in value.as_object().unwrap().keys() {
         assert!(props.contains_key(key), "{name}.{key} is not documented");
     }
     if let Some(required) = schema["required"].as_array() {
         for key in required {
-            assert!(value.get(key.as_str().unwrap()).is_some(), "{name}.{key} is documented but missing");
+            assert!(
+                value.get(key.as_str().unwrap()).is_some(),
+                "{name}.{key} is documented but missing"
+            );
         }
     }
 }
@@ -43,7 +53,11 @@ fn check_schema(name: &str, example: &impl serde::Serialize) {
 fn schemas_match_types() {
     let engine = EngineInfo {
         path: "/q".into(),
-        version: tandem_engine::EngineVersion { major: 10, minor: 2, micro: 2 },
+        version: tandem_engine::EngineVersion {
+            major: 10,
+            minor: 2,
+            micro: 2,
+        },
         package: "p".into(),
         origin: "cache".into(),
         pid: Some(1),
@@ -75,14 +89,42 @@ fn schemas_match_types() {
     check_schema("VmInfo", &info);
     check_schema("EngineInfo", &engine);
     check_schema("DiskInfo", &info.disks[0]);
-    check_schema("Ping", &Ping { tandem_version: "0".into(), abi_version: "1.0".into(), pid: 1 });
-    check_schema("ShutdownRequest", &ShutdownRequest { timeout_s: Some(3), force: true });
-    check_schema("ShutdownResponse", &ShutdownResponse { graceful: true, elapsed_ms: 3 });
+    check_schema(
+        "Ping",
+        &Ping {
+            tandem_version: "0".into(),
+            abi_version: "1.0".into(),
+            pid: 1,
+        },
+    );
+    check_schema(
+        "ShutdownRequest",
+        &ShutdownRequest {
+            timeout_s: Some(3),
+            force: true,
+        },
+    );
+    check_schema(
+        "ShutdownResponse",
+        &ShutdownResponse {
+            graceful: true,
+            elapsed_ms: 3,
+        },
+    );
     check_schema("ApiError", &ApiError { error: "e".into() });
     // Enum spellings
     let states = spec()["components"]["schemas"]["VmInfo"]["properties"]["state"]["enum"].clone();
-    for s in [VmState::Starting, VmState::Running, VmState::Paused, VmState::ShuttingDown, VmState::Stopped] {
+    for s in [
+        VmState::Starting,
+        VmState::Running,
+        VmState::Paused,
+        VmState::ShuttingDown,
+        VmState::Stopped,
+    ] {
         let v = serde_json::to_value(s).unwrap();
-        assert!(states.as_array().unwrap().contains(&v), "{v} not in the state enum");
+        assert!(
+            states.as_array().unwrap().contains(&v),
+            "{v} not in the state enum"
+        );
     }
 }

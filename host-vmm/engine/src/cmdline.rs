@@ -85,8 +85,18 @@ impl MachineSpec {
     pub fn to_args(&self) -> Vec<OsString> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        push(&["-name", &format!("guest={},debug-threads=on", opt_escape(&self.name))]);
-        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S"]);
+        push(&[
+            "-name",
+            &format!("guest={},debug-threads=on", opt_escape(&self.name)),
+        ]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-S",
+        ]);
         for dir in &self.firmware_dirs {
             push(&["-L", &path_str(dir)]);
         }
@@ -131,7 +141,10 @@ impl MachineSpec {
             Serial::Stdio => push(&["-chardev", "stdio,id=serial0,signal=on"]),
             Serial::File(p) => push(&[
                 "-chardev",
-                &format!("file,id=serial0,path={},append=on", opt_escape(&path_str(p))),
+                &format!(
+                    "file,id=serial0,path={},append=on",
+                    opt_escape(&path_str(p))
+                ),
             ]),
             Serial::Unix(p) => push(&[
                 "-chardev",
@@ -232,8 +245,9 @@ mod tests {
         assert_eq!(mem["size"], 512u64 * 1024 * 1024);
         assert!(value_after(&a, "-chardev").contains(&"socket,id=qmp,fd=3"));
         // The comma in the serial path is escaped.
-        assert!(value_after(&a, "-chardev")
-            .contains(&"file,id=serial0,path=/tmp/a,,b.log,append=on"));
+        assert!(
+            value_after(&a, "-chardev").contains(&"file,id=serial0,path=/tmp/a,,b.log,append=on")
+        );
         assert_eq!(value_after(&a, "-L"), ["/usr/share/seabios"]);
     }
 

@@ -105,13 +105,12 @@ impl Engine {
     /// Runs `path` to learn its version and devices, and checks them.
     pub fn inspect(path: &Path, origin: &str) -> Result<Engine, EngineError> {
         let run = |args: &[&str]| -> Result<String, EngineError> {
-            let out = Command::new(path)
-                .args(args)
-                .output()
-                .map_err(|source| EngineError::CannotRun {
+            let out = Command::new(path).args(args).output().map_err(|source| {
+                EngineError::CannotRun {
                     path: path.to_owned(),
                     source,
-                })?;
+                }
+            })?;
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         };
         let text = run(&["--version"])?;

@@ -57,7 +57,11 @@ pub fn write_all(assets: &[Asset], dir: &std::path::Path) -> std::io::Result<()>
             std::fs::create_dir_all(parent)?;
         }
         std::fs::write(&p, a.text)?;
-        let mode = if a.path.ends_with(".sh") { 0o755 } else { 0o644 };
+        let mode = if a.path.ends_with(".sh") {
+            0o755
+        } else {
+            0o644
+        };
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
@@ -81,7 +85,11 @@ mod tests {
                 if p.is_dir() {
                     stack.push(p);
                 } else if ext.is_none_or(|x| p.extension().is_some_and(|e| e == x)) {
-                    let rel = p.strip_prefix(repo()).unwrap().to_string_lossy().into_owned();
+                    let rel = p
+                        .strip_prefix(repo())
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned();
                     out.push(rel);
                 }
             }
@@ -93,16 +101,17 @@ mod tests {
     fn every_module_source_is_embedded() {
         let embedded: Vec<&str> = MODULE_SOURCES.iter().map(|a| a.path).collect();
         let mut wanted = files_under("shared-abi/src", Some("rs"));
-        wanted.extend(
-            ["guest-linux/Kbuild", "guest-linux/Makefile"].map(String::from),
-        );
+        wanted.extend(["guest-linux/Kbuild", "guest-linux/Makefile"].map(String::from));
         wanted.extend(
             files_under("guest-linux", Some("rs"))
                 .into_iter()
                 .filter(|p| !p.contains("/target/")),
         );
         for w in wanted {
-            assert!(embedded.contains(&w.as_str()), "{w} is not in MODULE_SOURCES");
+            assert!(
+                embedded.contains(&w.as_str()),
+                "{w} is not in MODULE_SOURCES"
+            );
         }
     }
 

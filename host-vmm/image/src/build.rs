@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tracing::info;
+use tracing::debug;
 
 use crate::assets;
 use crate::cache::{engine_key, image_key, script_assets, Cache, ImageManifest, Key, COMPLETE};
@@ -141,8 +141,14 @@ impl Builder {
             "kernel.sh",
             &[
                 ("TANDEM_KERNEL_PACKAGE", pins::KERNEL_PACKAGE.into()),
-                ("TANDEM_KERNEL_PACKAGE_VERSION", pins::KERNEL_PACKAGE_VERSION.into()),
-                ("TANDEM_KERNEL_FRAGMENT", path_string(&inputs.join(assets::KERNEL_FRAGMENT.path))),
+                (
+                    "TANDEM_KERNEL_PACKAGE_VERSION",
+                    pins::KERNEL_PACKAGE_VERSION.into(),
+                ),
+                (
+                    "TANDEM_KERNEL_FRAGMENT",
+                    path_string(&inputs.join(assets::KERNEL_FRAGMENT.path)),
+                ),
                 ("TANDEM_BINDGEN_DIR", path_string(&bindgen)),
                 ("TANDEM_LLVM_SUFFIX", pins::LLVM_SUFFIX.into()),
             ],
@@ -182,7 +188,10 @@ impl Builder {
             "initramfs.sh",
             &[
                 ("TANDEM_MODULE_KO", path_string(&module_ko)),
-                ("TANDEM_ROOTFS_SRC", path_string(&inputs.join("guest-linux/initramfs"))),
+                (
+                    "TANDEM_ROOTFS_SRC",
+                    path_string(&inputs.join("guest-linux/initramfs")),
+                ),
                 ("TANDEM_GUEST_TOOLS", pins::GUEST_TOOLS.join(" ")),
             ],
         )?;
@@ -223,7 +232,11 @@ impl Builder {
         if !self.opts.build_engine {
             let path_env = std::env::var_os("PATH");
             if let Ok(e) = tandem_engine::Engine::find(None, None, path_env.as_deref()) {
-                let why = format!("system QEMU {} at {} is new enough", e.version, e.path.display());
+                let why = format!(
+                    "system QEMU {} at {} is new enough",
+                    e.version,
+                    e.path.display()
+                );
                 self.announce("engine", &StepOutcome::Skipped(why.clone()));
                 self.reports.push(StepReport {
                     name: "engine".into(),
@@ -238,7 +251,10 @@ impl Builder {
             &key,
             "engine.sh",
             &[
-                ("TANDEM_QEMU_SOURCE_VERSION", pins::QEMU_SOURCE_VERSION.into()),
+                (
+                    "TANDEM_QEMU_SOURCE_VERSION",
+                    pins::QEMU_SOURCE_VERSION.into(),
+                ),
                 ("TANDEM_QEMU_CONFIGURE", pins::QEMU_CONFIGURE.join(" ")),
                 ("TANDEM_MESON_VERSION", pins::MESON_VERSION.into()),
                 ("TANDEM_APT_SUITES", pins::APT_SUITES.into()),
@@ -293,7 +309,7 @@ impl Builder {
             std::fs::create_dir_all(p).map_err(io(p))?;
         }
         let log = File::create(&log_path).map_err(io(&log_path))?;
-        info!(step = name, key, "building");
+        debug!(step = name, key, "building");
 
         let script_path = self.scripts.join("host-vmm/image/scripts").join(script);
         let (reader, writer) = std::io::pipe().map_err(io(&log_path))?;
@@ -342,7 +358,11 @@ impl Builder {
             b.enable_steady_tick(Duration::from_millis(120));
             Some(b)
         } else {
-            eprintln!("[{n}/{}] {name:<9} building (log: {})", self.total_steps, log_path.display());
+            eprintln!(
+                "[{n}/{}] {name:<9} building (log: {})",
+                self.total_steps,
+                log_path.display()
+            );
             None
         };
         let mut last_beat = Instant::now();
@@ -356,7 +376,11 @@ impl Builder {
             match &bar {
                 Some(b) => b.set_message(line),
                 None if last_beat.elapsed() >= Duration::from_secs(30) => {
-                    eprintln!("[{n}/{}] {name:<9} {:>5} {line}", self.total_steps, human(begun.elapsed()));
+                    eprintln!(
+                        "[{n}/{}] {name:<9} {:>5} {line}",
+                        self.total_steps,
+                        human(begun.elapsed())
+                    );
                     last_beat = Instant::now();
                 }
                 None => {}
@@ -389,7 +413,8 @@ impl Builder {
         let marker = out.join(COMPLETE);
         std::fs::write(
             &marker,
-            serde_json::json!({"step": name, "key": key, "seconds": took.as_secs_f64()}).to_string(),
+            serde_json::json!({"step": name, "key": key, "seconds": took.as_secs_f64()})
+                .to_string(),
         )
         .map_err(io(&marker))?;
         let outcome = StepOutcome::Built(took);
@@ -418,10 +443,13 @@ fn human(d: Duration) -> String {
 
 /// The first line a tool prints about its version; an error names the tool.
 fn tool_version(tool: &str, args: &[&str]) -> Result<String, BuildError> {
-    let out = Command::new(tool).args(args).output().map_err(|e| BuildError::Tool {
-        what: tool.into(),
-        detail: format!("{e} (ci/deps installs the build dependencies)"),
-    })?;
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .map_err(|e| BuildError::Tool {
+            what: tool.into(),
+            detail: format!("{e} (ci/deps installs the build dependencies)"),
+        })?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()

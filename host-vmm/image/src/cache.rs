@@ -168,7 +168,10 @@ impl Cache {
             std::fs::create_dir_all(parent)?;
         }
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?,
+        )?;
         std::fs::rename(tmp, path)
     }
 }
@@ -226,7 +229,10 @@ mod tests {
         cache.write_manifest(&m).unwrap();
         assert_eq!(cache.default_image(), Some(m));
         std::fs::remove_file(k).unwrap();
-        assert!(cache.default_image().is_none(), "a manifest whose files are gone is no image");
+        assert!(
+            cache.default_image().is_none(),
+            "a manifest whose files are gone is no image"
+        );
         assert!(cache.engine_binary().is_none());
     }
 }

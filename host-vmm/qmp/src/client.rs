@@ -326,9 +326,11 @@ mod tests {
             w.write_all(format!("{{\"return\": \"b\", \"id\": {}}}\n", b["id"]).as_bytes())
                 .await
                 .unwrap();
-            w.write_all(b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\n")
-                .await
-                .unwrap();
+            w.write_all(
+                b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\n",
+            )
+            .await
+            .unwrap();
             w.write_all(format!("{{\"return\": \"a\", \"id\": {}}}\n", a["id"]).as_bytes())
                 .await
                 .unwrap();
@@ -397,7 +399,9 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         })
         .await;
-        let qmp = Qmp::connect(stream, Duration::from_millis(200)).await.unwrap();
+        let qmp = Qmp::connect(stream, Duration::from_millis(200))
+            .await
+            .unwrap();
         let err = qmp.execute("query-status", None).await.unwrap_err();
         assert!(matches!(err, QmpError::Timeout { .. }), "{err}");
     }

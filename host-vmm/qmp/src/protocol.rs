@@ -84,7 +84,9 @@ impl Incoming {
             let Value::Object(err) = err else {
                 return Err(ProtocolError::Malformed { what: "error" });
             };
-            let class = str_field(&err, "class").unwrap_or("GenericError").to_owned();
+            let class = str_field(&err, "class")
+                .unwrap_or("GenericError")
+                .to_owned();
             let desc = str_field(&err, "desc")
                 .ok_or(ProtocolError::Malformed { what: "error" })?
                 .to_owned();
@@ -96,7 +98,10 @@ impl Incoming {
             };
             let data = obj.remove("data").unwrap_or(Value::Null);
             let timestamp = obj.get("timestamp").and_then(|t| {
-                Some((t.get("seconds")?.as_i64()?, t.get("microseconds")?.as_i64()?))
+                Some((
+                    t.get("seconds")?.as_i64()?,
+                    t.get("microseconds")?.as_i64()?,
+                ))
             });
             return Ok(Incoming::Event(Event {
                 name,

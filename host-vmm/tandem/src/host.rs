@@ -83,9 +83,15 @@ pub async fn choose_accel(
                 Some(r) => r.result,
                 None => {
                     eprintln!("tandem: checking that KVM can boot a guest (once per host boot)...");
-                    let r = tandem_vmm::probe::boot_probe(engine, &img.kernel, &img.initrd, Accel::Kvm, PROBE_LIMIT)
-                        .await
-                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                    let r = tandem_vmm::probe::boot_probe(
+                        engine,
+                        &img.kernel,
+                        &img.initrd,
+                        Accel::Kvm,
+                        PROBE_LIMIT,
+                    )
+                    .await
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                     let rec = ProbeRecord {
                         boot_id: boot_id(),
                         engine: engine.path.clone(),
@@ -122,8 +128,13 @@ pub async fn host(args: HostArgs) -> Result<i32> {
                 probes.push((a, Err("/dev/kvm does not exist".to_string())));
                 continue;
             }
-            let r = tandem_vmm::probe::boot_probe(&engine, &img.kernel, &img.initrd, a, PROBE_LIMIT).await;
-            probes.push((a, r.map(|d| format!("init reached in {:.2}s", d.as_secs_f64()))));
+            let r =
+                tandem_vmm::probe::boot_probe(&engine, &img.kernel, &img.initrd, a, PROBE_LIMIT)
+                    .await;
+            probes.push((
+                a,
+                r.map(|d| format!("init reached in {:.2}s", d.as_secs_f64())),
+            ));
         }
     }
     if args.json {
@@ -143,7 +154,11 @@ pub async fn host(args: HostArgs) -> Result<i32> {
             engine.origin,
             engine.path.display()
         );
-        println!("/dev/kvm:    {:?}{}", facts.dev_kvm, if facts.pvm { " (kvm_pvm)" } else { "" });
+        println!(
+            "/dev/kvm:    {:?}{}",
+            facts.dev_kvm,
+            if facts.pvm { " (kvm_pvm)" } else { "" }
+        );
         println!("accelerator: {} ({})", choice.accel, choice.reason);
         for (a, r) in probes {
             match r {

@@ -15,7 +15,11 @@ use clap::{Args, Parser, Subcommand};
 use tandem_api::{routes, Client, Ping, ShutdownRequest, ShutdownResponse, VmInfo};
 
 #[derive(Parser)]
-#[command(name = "tandem", version, about = "Tandem: VMs that keep migration, snapshots and overcommit with assigned devices")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Tandem: VMs that keep migration, snapshots and overcommit with assigned devices"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -24,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a VM and stay in the foreground until it stops.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Show a running VM's state, engine and accelerator.
     Info {
         #[command(flatten)]
@@ -99,20 +103,20 @@ struct Target {
 
 impl Target {
     fn client(&self) -> Client {
-        let socket = self
-            .api_socket
-            .clone()
-            .unwrap_or_else(|| tandem_vmm::config::default_run_dir().join(format!("{}.sock", self.vm)));
+        let socket = self.api_socket.clone().unwrap_or_else(|| {
+            tandem_vmm::config::default_run_dir().join(format!("{}.sock", self.vm))
+        });
         Client::new(socket)
     }
 }
 
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tandem=info,tandem_vmm=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tandem_vmm=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     let cli = Cli::parse();
@@ -133,7 +137,7 @@ fn real_main(cli: Cli) -> Result<i32> {
     match cli.command {
         Cmd::Image { command } => image(command),
         Cmd::Host(args) => runtime()?.block_on(host::host(args)),
-        Cmd::Run(args) => runtime()?.block_on(run::run(args)),
+        Cmd::Run(args) => runtime()?.block_on(run::run(*args)),
         other => runtime()?.block_on(control(other)),
     }
 }
@@ -155,7 +159,10 @@ fn print_info(info: &VmInfo) {
         info.engine.version,
         info.engine.origin,
         info.engine.path,
-        info.engine.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+        info.engine
+            .pid
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into())
     );
     println!("vcpus:       {}", info.cpus);
     println!("memory:      {} MiB", info.memory_mib);
@@ -177,7 +184,10 @@ fn print_info(info: &VmInfo) {
     println!("serial:      {}", info.serial);
     println!("api socket:  {}", info.api_socket);
     println!("uptime:      {:.1}s", info.uptime_ms as f64 / 1000.0);
-    println!("versions:    tandem {}, ABI {}", info.tandem_version, info.abi_version);
+    println!(
+        "versions:    tandem {}, ABI {}",
+        info.tandem_version, info.abi_version
+    );
 }
 
 async fn control(cmd: Cmd) -> Result<i32> {
@@ -273,13 +283,15 @@ fn image(cmd: ImageCmd) -> Result<i32> {
     match cmd {
         ImageCmd::Build { build_engine } => {
             eprintln!("building into {}", cache.root().display());
-            let report = tandem_image::Builder::new(
-                cache,
-                tandem_image::BuildOptions { build_engine },
-            )
-            .build()?;
+            let report =
+                tandem_image::Builder::new(cache, tandem_image::BuildOptions { build_engine })
+                    .build()?;
             println!("engine:  {}", report.engine.display());
-            println!("kernel:  {} ({})", report.image.kernel.display(), report.image.kernel_release);
+            println!(
+                "kernel:  {} ({})",
+                report.image.kernel.display(),
+                report.image.kernel_release
+            );
             println!("initrd:  {}", report.image.initrd.display());
             println!(
                 "module:  {} (tandem {}, ABI {})",
@@ -306,7 +318,10 @@ fn image(cmd: ImageCmd) -> Result<i32> {
                 println!("cache:   {}", cache.root().display());
                 match engine {
                     Some(e) => println!("engine:  {}", e.display()),
-                    None => println!("engine:  not built (a system QEMU >= {} is used if present)", tandem_engine::MIN_ENGINE_VERSION),
+                    None => println!(
+                        "engine:  not built (a system QEMU >= {} is used if present)",
+                        tandem_engine::MIN_ENGINE_VERSION
+                    ),
                 }
                 match image {
                     Some(m) => {

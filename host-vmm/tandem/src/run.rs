@@ -87,7 +87,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let config = file.merge(args.to_config()?);
     let image = cache.default_image();
     let uses_default_image = config.kernel.is_none();
-    let resolved = config.resolve(image.as_ref().map(|m| m.defaults()).as_ref(), &default_run_dir())?;
+    let resolved = config.resolve(
+        image.as_ref().map(|m| m.defaults()).as_ref(),
+        &default_run_dir(),
+    )?;
     let engine = find_engine(resolved.engine.as_deref(), &cache)?;
     let (choice, _facts) = choose_accel(resolved.accel, &engine, image.as_ref(), &cache).await?;
 
@@ -123,7 +126,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let (stop_tx, stop_rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
             return;
         };
         let mut count = 0;
@@ -141,9 +147,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     });
 
     let (down_tx, down_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = axum::serve(listener, tandem_vmm::api::router(vm.clone())).with_graceful_shutdown(async {
-        let _ = down_rx.await;
-    });
+    let serve =
+        axum::serve(listener, tandem_vmm::api::router(vm.clone())).with_graceful_shutdown(async {
+            let _ = down_rx.await;
+        });
     let server = tokio::spawn(async move { serve.await });
     info!("control API ready");
 
@@ -163,7 +170,14 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         Ending::EngineLost => {
             let tail = vm.stderr_tail();
             (
-                format!("QEMU exited unexpectedly{}", if tail.is_empty() { String::new() } else { format!(":\n{tail}") }),
+                format!(
+                    "QEMU exited unexpectedly{}",
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(":\n{tail}")
+                    }
+                ),
                 3,
             )
         }

@@ -54,7 +54,10 @@ pub fn router(vm: Arc<Vm>) -> Router {
         .route(routes::VM_RESUME, put(resume))
         .route(routes::VM_SHUTDOWN, put(shutdown))
         .fallback(|| async {
-            Error(StatusCode::NOT_FOUND, "no such route (see openapi.yaml)".into())
+            Error(
+                StatusCode::NOT_FOUND,
+                "no such route (see openapi.yaml)".into(),
+            )
         })
         .with_state(vm)
 }
@@ -83,15 +86,16 @@ async fn resume(State(vm): State<Arc<Vm>>) -> Result<Json<tandem_api::VmInfo>, E
     Ok(Json(vm.info()))
 }
 
-async fn shutdown(
-    State(vm): State<Arc<Vm>>,
-    body: Bytes,
-) -> Result<Json<ShutdownResponse>, Error> {
+async fn shutdown(State(vm): State<Arc<Vm>>, body: Bytes) -> Result<Json<ShutdownResponse>, Error> {
     let req: ShutdownRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ShutdownRequest::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| Error(StatusCode::BAD_REQUEST, format!("bad shutdown request: {e}")))?
+        serde_json::from_slice(&body).map_err(|e| {
+            Error(
+                StatusCode::BAD_REQUEST,
+                format!("bad shutdown request: {e}"),
+            )
+        })?
     };
     let timeout = req
         .timeout_s

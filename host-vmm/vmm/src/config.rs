@@ -401,7 +401,17 @@ mod tests {
         assert_eq!(parse_size_mib("2G"), Some(2048));
         assert_eq!(parse_size_mib("65536k"), Some(64));
         assert_eq!(parse_size_mib("134217728"), Some(128));
-        for bad in ["", "M", "12", "1.5G", "-1G", "63M", "2T", "99999999999999999999G", "1000001K"] {
+        for bad in [
+            "",
+            "M",
+            "12",
+            "1.5G",
+            "-1G",
+            "63M",
+            "2T",
+            "99999999999999999999G",
+            "1000001K",
+        ] {
             assert_eq!(parse_size_mib(bad), None, "{bad}");
         }
     }
@@ -428,7 +438,10 @@ mod tests {
             ..Default::default()
         };
         let d = defaults(dir.path());
-        let vm = from_file.merge(flags).resolve(Some(&d), Path::new("/run/t")).unwrap();
+        let vm = from_file
+            .merge(flags)
+            .resolve(Some(&d), Path::new("/run/t"))
+            .unwrap();
         assert_eq!(vm.name, "web");
         assert_eq!(vm.cpus, 4);
         assert_eq!(vm.memory_mib, 1024);
@@ -562,8 +575,18 @@ mod tests {
         assert_eq!(d.interface, Some(DiskInterface::Nvme));
         assert!(d.readonly);
         assert_eq!(d.direct, Some(false));
-        assert_eq!(parse_disk_flag("/plain.img").unwrap().path, Path::new("/plain.img"));
-        for bad in ["format=raw", "path=/a,format=vhd", "path=/a,if=ide", "path=/a,readonly=maybe", "path=/a,colour=red", "path=/a,junk"] {
+        assert_eq!(
+            parse_disk_flag("/plain.img").unwrap().path,
+            Path::new("/plain.img")
+        );
+        for bad in [
+            "format=raw",
+            "path=/a,format=vhd",
+            "path=/a,if=ide",
+            "path=/a,readonly=maybe",
+            "path=/a,colour=red",
+            "path=/a,junk",
+        ] {
             assert!(parse_disk_flag(bad).is_err(), "{bad}");
         }
     }

@@ -29,7 +29,13 @@ pub async fn boot_probe(
     limit: Duration,
 ) -> Result<Duration, String> {
     let mut cmd = Command::new(&engine.path);
-    cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    cmd.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
     for d in &engine.firmware_dirs {
         cmd.arg("-L").arg(d);
     }
@@ -44,10 +50,7 @@ pub async fn boot_probe(
         "stdio",
     ]);
     cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
-    cmd.args([
-        "-append",
-        &format!("console=ttyS0 panic=-1 {PROBE_PARAM}"),
-    ]);
+    cmd.args(["-append", &format!("console=ttyS0 panic=-1 {PROBE_PARAM}")]);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

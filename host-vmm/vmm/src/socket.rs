@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    #[error("socket {0} is in use by another process (another VM with the same name or --api-socket?)")]
+    #[error(
+        "socket {0} is in use by another process (another VM with the same name or --api-socket?)"
+    )]
     InUse(PathBuf),
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
