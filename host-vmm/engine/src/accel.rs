@@ -125,7 +125,7 @@ pub fn choose(req: AccelRequest, facts: &AccelFacts) -> Result<AccelChoice, KvmU
         }),
         (AccelRequest::Auto, Some(problem)) => Ok(AccelChoice {
             accel: Accel::Tcg,
-            reason: format!("TCG, because {problem}"),
+            reason: problem,
         }),
         (AccelRequest::Auto, None) => Ok(AccelChoice {
             accel: Accel::Kvm,

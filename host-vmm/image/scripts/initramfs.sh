@@ -10,11 +10,14 @@
 source "$(dirname "$0")/lib.sh"
 require_cmd cpio cpio; require_cmd zstd zstd
 BUSYBOX=/bin/busybox
-[ -x "$BUSYBOX" ] && ldd "$BUSYBOX" 2>&1 | grep -q "not a dynamic" \
-  || die "missing a static busybox at $BUSYBOX (install busybox-static)"
+linkage=$(ldd "$BUSYBOX" 2>&1 || true)
+case "$linkage" in
+  *"not a dynamic"*) ;;
+  *) die "missing a static busybox at $BUSYBOX (install busybox-static)" ;;
+esac
 
 root="$TANDEM_STEP_WORK/root"
-mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,root,lib/modules,usr/bin,usr/sbin,etc/acpi/PWRF}
+mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,root,var/log,var/run,lib/modules,usr/bin,usr/sbin,etc/acpi/PWRF}
 cp "$BUSYBOX" "$root/bin/busybox"
 # Applet links made here, not at boot: one less thing between power-on and a shell.
 for applet in $("$BUSYBOX" --list-full); do
