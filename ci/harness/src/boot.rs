@@ -264,6 +264,10 @@ pub async fn e2e() -> Result<()> {
     // 7. Clear errors for bad input; nothing starts.
     error_paths(d).await?;
 
+    // 8. The accelerator choice agrees with what really boots: the boot
+    // probe runs the image under KVM and under TCG.
+    accel_agrees_with_probe().await?;
+
     println!("PASS boot boot_s={:.2}", vm.boot_s);
     Ok(())
 }
@@ -320,6 +324,38 @@ async fn error_paths(d: &Path) -> Result<()> {
     let (c, _, e) = tandem(&["run", "--memory", "lots", "--serial", "none"]).await?;
     expect("bad memory", c, &e, "bad memory size")?;
     println!("errors: missing kernel, bad disk, missing and too-old engine, bad memory, busy socket: all refused clearly");
+    Ok(())
+}
+
+async fn accel_agrees_with_probe() -> Result<()> {
+    let (code, out, err) = tandem(&["host", "--probe", "--json"]).await?;
+    ensure!(code == 0, "tandem host --probe: {err}");
+    let v: Value = serde_json::from_str(&out)?;
+    let chosen = v["choice"]["accel"].as_str().unwrap_or("?").to_owned();
+    let mut kvm_boots = None;
+    for p in v["probes"].as_array().into_iter().flatten() {
+        let ok = p["result"].get("Ok").is_some();
+        match p["accel"].as_str() {
+            Some("tcg") => ensure!(
+                ok,
+                "the guest does not even boot under TCG: {}",
+                p["result"]
+            ),
+            Some("kvm") => kvm_boots = Some(ok),
+            _ => {}
+        }
+    }
+    let kvm_boots = kvm_boots.context("no KVM probe result")?;
+    let expected = if kvm_boots { "kvm" } else { "tcg" };
+    ensure!(
+        chosen == expected,
+        "tandem chose {chosen}, but the guest {} under KVM",
+        if kvm_boots { "boots" } else { "does not boot" }
+    );
+    println!(
+        "accelerator: {chosen}; boot probe: KVM {}, TCG boots",
+        if kvm_boots { "boots" } else { "does not boot" }
+    );
     Ok(())
 }
 
