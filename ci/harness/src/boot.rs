@@ -154,6 +154,12 @@ pub async fn e2e() -> Result<()> {
     let got = c.check("cat /sys/kernel/debug/tandem/version").await?;
     ensure!(got == version, "after reload: {got:?}");
     println!("module: loaded, version {version}, ABI {abi}, unloads and reloads cleanly");
+    // The guest tools later scenarios use run (their libraries came along).
+    let fio = c.check("fio --version").await?;
+    ensure!(fio.starts_with("fio-"), "fio --version said {fio:?}");
+    let sg = c.check("sg_persist --version").await?;
+    ensure!(!sg.is_empty(), "sg_persist printed nothing");
+    println!("guest tools: {fio}, sg_persist {}", sg.lines().next().unwrap_or(""));
 
     // 3. The control socket and the CLI.
     let (code, out, err) = tandem(&["info", "--json", "--api-socket", &api]).await?;

@@ -28,7 +28,7 @@ done
 copy_with_libs() {
   local bin=$1 lib
   install -D -m 0755 "$bin" "$root$bin"
-  for lib in $(ldd "$bin" 2>/dev/null | awk '/=> \//{print $3} /^\s*\/.*ld-linux/{print $1}'); do
+  for lib in $(ldd "$bin" 2>/dev/null | awk '/=> \//{print $3} $1 ~ /^\/.*ld-linux/{print $1}'); do
     [ -e "$root$lib" ] || install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
   done
 }
