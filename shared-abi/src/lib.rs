@@ -27,6 +27,7 @@
 #![cfg_attr(not(MODULE), no_std)]
 #![cfg_attr(not(MODULE), forbid(unsafe_code))]
 
+pub mod channel;
 pub mod golden;
 pub mod msg;
 pub mod pci;

@@ -336,7 +336,10 @@ pub enum ParseError {
     /// A status that is not defined, or a non-zero status in a request.
     BadStatus(u16),
     /// `length` exceeds what the slot holds.
-    TooLong { length: u32, max: u32 },
+    TooLong {
+        length: u32,
+        max: u32,
+    },
     /// An event with a non-zero tag.
     EventWithTag,
 }
@@ -537,14 +540,27 @@ mod tests {
         assert_eq!(m.tag, 77);
         assert_eq!(m.timeout_ms, 1000);
         assert_eq!(m.payload, b"hello");
-        let n = encode(&mut buf, &Out::response(V, Kind::Ping, 77, Status::Busy), &[]).unwrap();
+        let n = encode(
+            &mut buf,
+            &Out::response(V, Kind::Ping, 77, Status::Busy),
+            &[],
+        )
+        .unwrap();
         let m = parse(&buf[..n]).unwrap();
         assert!(m.response);
         assert_eq!(m.status, Status::Busy);
-        let n = encode(&mut buf, &Out::event(V, Kind::Goodbye), &[1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        let n = encode(
+            &mut buf,
+            &Out::event(V, Kind::Goodbye),
+            &[1, 0, 0, 0, 0, 0, 0, 0],
+        )
+        .unwrap();
         let m = parse(&buf[..n]).unwrap();
         assert!(m.event && !m.response);
-        assert_eq!(payload::<Goodbye>(m.payload).unwrap().reason.get(), goodbye::UNLOAD);
+        assert_eq!(
+            payload::<Goodbye>(m.payload).unwrap().reason.get(),
+            goodbye::UNLOAD
+        );
     }
 
     #[test]
@@ -566,8 +582,17 @@ mod tests {
         assert_eq!(with(10, &[2, 0]), Some(ParseError::BadFlags(2)));
         assert_eq!(with(12, &[1, 0]), Some(ParseError::BadStatus(1)));
         assert_eq!(with(14, &[1, 0]), Some(ParseError::Reserved));
-        assert_eq!(with(16, &[9, 0, 0, 0]), Some(ParseError::TooLong { length: 9, max: 8 }));
-        assert_eq!(with(16, &[0xff, 0xff, 0xff, 0xff]), Some(ParseError::TooLong { length: u32::MAX, max: 8 }));
+        assert_eq!(
+            with(16, &[9, 0, 0, 0]),
+            Some(ParseError::TooLong { length: 9, max: 8 })
+        );
+        assert_eq!(
+            with(16, &[0xff, 0xff, 0xff, 0xff]),
+            Some(ParseError::TooLong {
+                length: u32::MAX,
+                max: 8
+            })
+        );
         // Events carry no tag.
         let n = encode(&mut good, &Out::event(V, Kind::Event), &[0; 16]).unwrap();
         let mut b = good;
@@ -592,14 +617,20 @@ mod tests {
         let mut small = [0u8; 40];
         assert_eq!(
             encode(&mut small, &Out::request(V, Kind::Ping, 1, 0), &[0; 9]),
-            Err(TooLarge { needed: 41, room: 40 })
+            Err(TooLarge {
+                needed: 41,
+                room: 40
+            })
         );
     }
 
     #[test]
     fn version_fields() {
         assert_eq!(version_str(&version_field("0.1.0")), "0.1.0");
-        assert_eq!(version_str(&version_field("a-very-long-version-string")), "a-very-long-vers");
+        assert_eq!(
+            version_str(&version_field("a-very-long-version-string")),
+            "a-very-long-vers"
+        );
         let mut bad = [0xffu8; 16];
         bad[0] = b'x';
         assert_eq!(version_str(&bad), "?");

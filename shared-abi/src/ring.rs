@@ -125,14 +125,29 @@ mod tests {
     #[test]
     fn geometry_limits() {
         assert!(DEFAULT_GEOMETRY.validate().is_ok());
-        for (c, s) in [(0, 512), (1, 512), (3, 512), (2048, 512), (64, 32), (64, 8192), (64, 500)] {
+        for (c, s) in [
+            (0, 512),
+            (1, 512),
+            (3, 512),
+            (2048, 512),
+            (64, 32),
+            (64, 8192),
+            (64, 500),
+        ] {
             assert_eq!(
-                RingGeometry { slot_count: c, slot_size: s }.validate(),
+                RingGeometry {
+                    slot_count: c,
+                    slot_size: s
+                }
+                .validate(),
                 Err(RingError::BadGeometry),
                 "{c} x {s}"
             );
         }
-        let g = RingGeometry { slot_count: 1024, slot_size: 4096 };
+        let g = RingGeometry {
+            slot_count: 1024,
+            slot_size: 4096,
+        };
         assert_eq!(RingGeometry::from_register(g.to_register()), g);
         assert_eq!(DEFAULT_GEOMETRY.ring_bytes(), 128 + 64 * 512);
         assert_eq!(DEFAULT_GEOMETRY.max_payload(), 480);
@@ -140,13 +155,22 @@ mod tests {
 
     #[test]
     fn index_math_wraps() {
-        let g = RingGeometry { slot_count: 4, slot_size: 64 };
+        let g = RingGeometry {
+            slot_count: 4,
+            slot_size: 64,
+        };
         assert_eq!(g.slot_offset(0), 128);
         assert_eq!(g.slot_offset(5), 128 + 64);
         assert_eq!(g.used(3, 1), Ok(2));
         assert_eq!(g.used(1, u32::MAX - 1), Ok(3));
         assert_eq!(g.free(2, u32::MAX - 1), Ok(0));
-        assert_eq!(g.used(9, 4), Err(RingError::Corrupt { producer: 9, consumer: 4 }));
+        assert_eq!(
+            g.used(9, 4),
+            Err(RingError::Corrupt {
+                producer: 9,
+                consumer: 4
+            })
+        );
         // A consumer ahead of the producer is corrupt too.
         assert!(g.used(1, 2).is_err());
     }

@@ -75,8 +75,16 @@ pub fn negotiate(guest: VersionRange, host: VersionRange) -> Result<AbiVersion, 
     if !guest.is_valid() || !host.is_valid() {
         return Err(NegotiationError::EmptyRange);
     }
-    let low = if guest.min > host.min { guest.min } else { host.min };
-    let high = if guest.max < host.max { guest.max } else { host.max };
+    let low = if guest.min > host.min {
+        guest.min
+    } else {
+        host.min
+    };
+    let high = if guest.max < host.max {
+        guest.max
+    } else {
+        host.max
+    };
     if low > high {
         return Err(NegotiationError::NoCommonVersion);
     }
@@ -97,7 +105,10 @@ mod tests {
     #[test]
     fn wire_roundtrip_and_golden_bytes() {
         assert_eq!(ABI_VERSION.to_wire(), 0x0001_0000);
-        assert_eq!(ABI_VERSION.to_wire().to_le_bytes(), [0x00, 0x00, 0x01, 0x00]);
+        assert_eq!(
+            ABI_VERSION.to_wire().to_le_bytes(),
+            [0x00, 0x00, 0x01, 0x00]
+        );
         for raw in [0u32, 1, 0xffff, 0x1_0000, 0xdead_beef, u32::MAX] {
             assert_eq!(AbiVersion::from_wire(raw).to_wire(), raw);
         }
@@ -106,8 +117,14 @@ mod tests {
 
     #[test]
     fn the_highest_common_version_wins() {
-        assert_eq!(negotiate(r(v(1, 0), v(1, 5)), r(v(1, 0), v(1, 3))), Ok(v(1, 3)));
-        assert_eq!(negotiate(r(v(1, 2), v(2, 1)), r(v(1, 0), v(1, 4))), Ok(v(1, 4)));
+        assert_eq!(
+            negotiate(r(v(1, 0), v(1, 5)), r(v(1, 0), v(1, 3))),
+            Ok(v(1, 3))
+        );
+        assert_eq!(
+            negotiate(r(v(1, 2), v(2, 1)), r(v(1, 0), v(1, 4))),
+            Ok(v(1, 4))
+        );
         assert_eq!(negotiate(SUPPORTED, SUPPORTED), Ok(ABI_VERSION));
     }
 

@@ -159,7 +159,10 @@ pub async fn e2e() -> Result<()> {
     ensure!(fio.starts_with("fio-"), "fio --version said {fio:?}");
     let sg = c.check("sg_persist --version").await?;
     ensure!(!sg.is_empty(), "sg_persist printed nothing");
-    println!("guest tools: {fio}, sg_persist {}", sg.lines().next().unwrap_or(""));
+    println!(
+        "guest tools: {fio}, sg_persist {}",
+        sg.lines().next().unwrap_or("")
+    );
 
     // 3. The control socket and the CLI.
     let (code, out, err) = tandem(&["info", "--json", "--api-socket", &api]).await?;
