@@ -18,11 +18,11 @@ use kernel::{debugfs, prelude::*};
 
 // The shared files are a library: not every item is used here, and their
 // `pub` items are the crate API on the host side.
-#[allow(dead_code, unreachable_pub)]
-#[path = "../shared-abi/src/version.rs"]
-mod abi_version;
+#[allow(dead_code, unreachable_pub, unused_imports)]
+#[path = "../shared-abi/src/lib.rs"]
+mod abi;
 
-use abi_version::{AbiVersion, ABI_VERSION};
+use abi::version::{AbiVersion, ABI_VERSION};
 
 /// The module's version; the host build checks that it equals the Tandem
 /// workspace version, so the guest and host of one release agree.
@@ -65,6 +65,15 @@ fn show_abi(id: &Identity, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Resul
 
 impl kernel::Module for Tandem {
     fn init(_module: &'static ThisModule) -> Result<Self> {
+        // The wire format compiled here must be the one the host tests:
+        // refuse to load if the golden vectors do not come out identical.
+        match abi::golden::check() {
+            Ok(n) => pr_info!("tandem: {} golden ABI vectors match\n", n),
+            Err(name) => {
+                pr_err!("tandem: golden ABI vector '{}' does not match; not loading\n", name);
+                return Err(EINVAL);
+            }
+        }
         let dir = debugfs::Dir::new(c"tandem");
         let version = KBox::pin_init(
             dir.read_callback_file(c"version", IDENTITY, &show_version),

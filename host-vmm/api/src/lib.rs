@@ -7,6 +7,7 @@
 //! routes for other languages; a test keeps the two in step.
 #![forbid(unsafe_code)]
 
+pub mod channel;
 pub mod client;
 pub mod types;
 
@@ -20,6 +21,9 @@ pub mod routes {
     pub const VM_PAUSE: &str = "/api/v1/vm.pause";
     pub const VM_RESUME: &str = "/api/v1/vm.resume";
     pub const VM_SHUTDOWN: &str = "/api/v1/vm.shutdown";
+    pub const CHANNEL_INFO: &str = "/api/v1/channel.info";
+    pub const CHANNEL_PING: &str = "/api/v1/channel.ping";
+    pub const CHANNEL_INJECT: &str = "/api/v1/channel.inject";
     /// Every route with its method, for the OpenAPI check.
     pub const ALL: &[(&str, &str)] = &[
         ("get", PING),
@@ -27,5 +31,8 @@ pub mod routes {
         ("put", VM_PAUSE),
         ("put", VM_RESUME),
         ("put", VM_SHUTDOWN),
+        ("get", CHANNEL_INFO),
+        ("put", CHANNEL_PING),
+        ("put", CHANNEL_INJECT),
     ];
 }

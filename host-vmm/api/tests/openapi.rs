@@ -112,6 +112,46 @@ fn schemas_match_types() {
         },
     );
     check_schema("ApiError", &ApiError { error: "e".into() });
+    use tandem_api::channel::*;
+    let info = ChannelInfo {
+        device_error: Some("x".into()),
+        version: Some("1.0".into()),
+        ..Default::default()
+    };
+    check_schema("ChannelInfo", &info);
+    check_schema("Counters", &Counters::default());
+    let server = ServerStatus {
+        pid: Some(1),
+        session: 1,
+        restarts: 0,
+        state: "running".into(),
+        last_exit: None,
+        last_error: None,
+    };
+    check_schema("ServerStatus", &server);
+    check_schema(
+        "ChannelStatus",
+        &ChannelStatus {
+            server,
+            device: Some(info),
+        },
+    );
+    check_schema(
+        "PingRequest",
+        &PingRequest {
+            count: 1,
+            size: None,
+            timeout_ms: 1,
+            seed: 0,
+        },
+    );
+    check_schema("PingReport", &PingReport::default());
+    check_schema(
+        "InjectRequest",
+        &InjectRequest {
+            fault: Fault::Garbage,
+        },
+    );
     // Enum spellings
     let states = spec()["components"]["schemas"]["VmInfo"]["properties"]["state"]["enum"].clone();
     for s in [

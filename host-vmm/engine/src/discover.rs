@@ -1,9 +1,10 @@
 //! Finding a QEMU that can run Tandem's machines.
 //!
 //! Tandem needs the vfio-user client (QEMU 10.1 and later) for its device
-//! servers. A system QEMU that is new enough wins; otherwise the engine that
-//! `tandem image build` put in the cache; an explicit path always wins and
-//! is never silently replaced.
+//! servers. An explicit path always wins and is never silently replaced;
+//! then the engine `tandem image build` put in the cache (it carries
+//! Tandem's fix for hot-unplugging vfio-user devices with MSI-X, which
+//! QEMU 10.2.2 lacks); then a system QEMU that is new enough.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -161,6 +162,14 @@ impl Engine {
             return Engine::inspect(p, "explicit");
         }
         let mut tried = Vec::new();
+        match cached {
+            Some(p) if p.is_file() => match Engine::inspect(p, "cache") {
+                Ok(e) => return Ok(e),
+                Err(e) => tried.push(format!("  cache: {e}")),
+            },
+            Some(p) => tried.push(format!("  cache: {} is not built", p.display())),
+            None => tried.push("  cache: no engine has been built".into()),
+        }
         let system = path_env
             .into_iter()
             .flat_map(std::env::split_paths)
@@ -172,14 +181,6 @@ impl Engine {
                 Err(e) => tried.push(format!("  system: {e}")),
             },
             None => tried.push("  system: no qemu-system-x86_64 in PATH".into()),
-        }
-        match cached {
-            Some(p) if p.is_file() => match Engine::inspect(p, "cache") {
-                Ok(e) => return Ok(e),
-                Err(e) => tried.push(format!("  cache: {e}")),
-            },
-            Some(p) => tried.push(format!("  cache: {} is not built", p.display())),
-            None => tried.push("  cache: no engine has been built".into()),
         }
         Err(EngineError::NotFound {
             tried: tried.join("\n"),
@@ -293,7 +294,7 @@ mod tests {
     }
 
     #[test]
-    fn find_prefers_system_then_cache_and_reports_every_attempt() {
+    fn find_prefers_cache_then_system_and_reports_every_attempt() {
         let sys_dir = tempfile::tempdir().unwrap();
         let old = fake_qemu(sys_dir.path(), "7.2.0", REQUIRED_DEVICES);
         let cache_dir = tempfile::tempdir().unwrap();
@@ -307,6 +308,11 @@ mod tests {
         let newer = fake_qemu(new_sys.path(), "11.1.3", REQUIRED_DEVICES);
         let path_env2 = std::ffi::OsString::from(newer.parent().unwrap());
         let e = Engine::find(None, Some(&cached), Some(&path_env2)).unwrap();
+        assert_eq!(
+            e.origin, "cache",
+            "the patched engine wins over a system one"
+        );
+        let e = Engine::find(None, None, Some(&path_env2)).unwrap();
         assert_eq!(e.origin, "system");
         assert!(e.firmware_dirs.is_empty());
 

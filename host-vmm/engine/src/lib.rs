@@ -13,5 +13,5 @@ pub mod cmdline;
 pub mod discover;
 
 pub use accel::{Accel, AccelChoice, AccelFacts, AccelRequest, DevKvm};
-pub use cmdline::{DiskFormat, DiskInterface, DiskSpec, MachineSpec, Serial};
+pub use cmdline::{root_port_id, DiskFormat, DiskInterface, DiskSpec, MachineSpec, Serial};
 pub use discover::{Engine, EngineError, EngineVersion, MIN_ENGINE_VERSION, REQUIRED_DEVICES};

@@ -6,6 +6,8 @@
 #   TANDEM_QEMU_SOURCE_VERSION   e.g. 1:10.2.2+ds-1
 #   TANDEM_QEMU_CONFIGURE        configure options (the cache key includes them)
 #   TANDEM_MESON_VERSION         meson from PyPI (bookworm's is too old)
+#   TANDEM_QEMU_PATCHES          a directory of Tandem's own patches, applied
+#                                after Debian's (fixes Tandem depends on)
 # Output: $TANDEM_STEP_OUT/bin/qemu-system-x86_64
 source "$(dirname "$0")/lib.sh"
 require_cmd ninja ninja-build; require_cmd pkg-config pkg-config; require_cmd cc build-essential
@@ -36,6 +38,11 @@ if [ -f debian/patches/series ]; then
   done < debian/patches/series
   log "applied $n Debian patches"
 fi
+for p in "$TANDEM_QEMU_PATCHES"/*.patch; do
+  [ -e "$p" ] || continue
+  patch -p1 -s --forward < "$p" || die "Tandem patch $(basename "$p") does not apply"
+  log "applied Tandem patch $(basename "$p")"
+done
 
 log "python: meson $TANDEM_MESON_VERSION in a private venv"
 python3 -m venv "$TANDEM_STEP_WORK/venv"

@@ -6,6 +6,7 @@
 #   TANDEM_MODULE_KO     the built module
 #   TANDEM_ROOTFS_SRC    guest-linux/initramfs
 #   TANDEM_GUEST_TOOLS   space-separated host binaries to copy in
+#   TANDEM_TOOLS_SRC     guest-linux/tools: small C tools built static here
 # Output: $TANDEM_STEP_OUT/initramfs.cpio.zst
 source "$(dirname "$0")/lib.sh"
 require_cmd cpio cpio; require_cmd zstd zstd
@@ -41,6 +42,14 @@ for tool in $TANDEM_GUEST_TOOLS; do
   n=$((n + 1))
 done
 log "copied $n guest tools with $(find "$root/lib" "$root/usr/lib" -name '*.so*' 2>/dev/null | wc -l) libraries"
+
+require_cmd gcc build-essential
+for src in "$TANDEM_TOOLS_SRC"/*.c; do
+  [ -e "$src" ] || continue
+  name=tandem-$(basename "$src" .c)
+  gcc -O2 -static -Wall -o "$root/usr/bin/$name" "$src" || die "cannot build $name"
+  log "built $name"
+done
 
 cp "$TANDEM_MODULE_KO" "$root/lib/modules/tandem.ko"
 install -m 0755 "$TANDEM_ROOTFS_SRC/rc" "$root/etc/rc"

@@ -28,6 +28,11 @@ pub const SCRIPTS: &[Asset] = &[
     asset!("host-vmm/image/scripts/initramfs.sh"),
 ];
 
+/// Tandem's patches to the engine, applied after Debian's.
+pub const QEMU_PATCHES: &[Asset] = &[asset!(
+    "host-vmm/image/patches/qemu/vfio-user-msix-unplug.patch"
+)];
+
 /// The guest kernel's config fragment.
 pub const KERNEL_FRAGMENT: Asset = asset!("guest-linux/kconfig/tandem.config");
 
@@ -38,6 +43,12 @@ pub const MODULE_SOURCES: &[Asset] = &[
     asset!("guest-linux/Makefile"),
     asset!("guest-linux/tandem.rs"),
     asset!("shared-abi/src/lib.rs"),
+    asset!("shared-abi/src/channel.rs"),
+    asset!("shared-abi/src/golden.rs"),
+    asset!("shared-abi/src/msg.rs"),
+    asset!("shared-abi/src/pci.rs"),
+    asset!("shared-abi/src/regs.rs"),
+    asset!("shared-abi/src/ring.rs"),
     asset!("shared-abi/src/version.rs"),
 ];
 
@@ -47,6 +58,9 @@ pub const ROOTFS: &[Asset] = &[
     asset!("guest-linux/initramfs/rc"),
     asset!("guest-linux/initramfs/acpi-power"),
 ];
+
+/// Small C tools built static into the guest image.
+pub const GUEST_TOOL_SOURCES: &[Asset] = &[asset!("guest-linux/tools/mmio-bench.c")];
 
 /// Writes assets under `dir`, keeping their repository-relative paths.
 pub fn write_all(assets: &[Asset], dir: &std::path::Path) -> std::io::Result<()> {
@@ -118,9 +132,16 @@ mod tests {
     #[test]
     fn every_script_and_rootfs_file_is_embedded() {
         let embedded: Vec<&str> = SCRIPTS.iter().chain(ROOTFS).map(|a| a.path).collect();
+        let embedded: Vec<&str> = embedded
+            .into_iter()
+            .chain(QEMU_PATCHES.iter().map(|a| a.path))
+            .chain(GUEST_TOOL_SOURCES.iter().map(|a| a.path))
+            .collect();
         for w in files_under("host-vmm/image/scripts", None)
             .into_iter()
             .chain(files_under("guest-linux/initramfs", None))
+            .chain(files_under("host-vmm/image/patches", None))
+            .chain(files_under("guest-linux/tools", None))
         {
             assert!(embedded.contains(&w.as_str()), "{w} is not embedded");
         }

@@ -44,8 +44,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
 
 #[derive(Clone, Debug, Default)]
 pub struct BuildOptions {
-    /// Build the pinned engine even when a system QEMU would do.
-    pub build_engine: bool,
+    /// Use a system QEMU that is new enough instead of building the pinned
+    /// one (it lacks Tandem's fix for hot-unplugging vfio-user devices
+    /// unless its vendor applied one).
+    pub system_engine: bool,
 }
 
 /// How a step ended.
@@ -100,6 +102,7 @@ impl Builder {
         // Fresh copies of the recipes for this build.
         let _ = std::fs::remove_dir_all(&self.scripts);
         assets::write_all(assets::SCRIPTS, &self.scripts).map_err(io(&self.scripts))?;
+        assets::write_all(assets::QEMU_PATCHES, &self.scripts).map_err(io(&self.scripts))?;
 
         let engine = self.engine()?;
 
@@ -120,6 +123,7 @@ impl Builder {
         let mut all = vec![assets::KERNEL_FRAGMENT];
         all.extend_from_slice(assets::MODULE_SOURCES);
         all.extend_from_slice(assets::ROOTFS);
+        all.extend_from_slice(assets::GUEST_TOOL_SOURCES);
         assets::write_all(&all, &inputs).map_err(io(&inputs))?;
 
         let rustc = tool_version("rustc", &["--version"])?;
@@ -177,6 +181,8 @@ impl Builder {
             .add("module", module_key.as_bytes())
             .add("tools", pins::GUEST_TOOLS.join(" ").as_bytes())
             .add_assets(assets::ROOTFS)
+            .add_assets(assets::GUEST_TOOL_SOURCES)
+            .add("gcc", tool_version("gcc", &["--version"])?.as_bytes())
             .add_assets(&script_assets(&["lib.sh", "initramfs.sh"]));
         for pkg in pins::GUEST_TOOL_PACKAGES {
             initramfs_key.add(pkg, package_version(pkg).as_bytes());
@@ -193,6 +199,10 @@ impl Builder {
                     path_string(&inputs.join("guest-linux/initramfs")),
                 ),
                 ("TANDEM_GUEST_TOOLS", pins::GUEST_TOOLS.join(" ")),
+                (
+                    "TANDEM_TOOLS_SRC",
+                    path_string(&inputs.join("guest-linux/tools")),
+                ),
             ],
         )?;
 
@@ -229,7 +239,7 @@ impl Builder {
 
     fn engine(&mut self) -> Result<PathBuf, BuildError> {
         let key = engine_key();
-        if !self.opts.build_engine {
+        if self.opts.system_engine {
             let path_env = std::env::var_os("PATH");
             if let Ok(e) = tandem_engine::Engine::find(None, None, path_env.as_deref()) {
                 let why = format!(
@@ -258,6 +268,10 @@ impl Builder {
                 ("TANDEM_QEMU_CONFIGURE", pins::QEMU_CONFIGURE.join(" ")),
                 ("TANDEM_MESON_VERSION", pins::MESON_VERSION.into()),
                 ("TANDEM_APT_SUITES", pins::APT_SUITES.into()),
+                (
+                    "TANDEM_QEMU_PATCHES",
+                    path_string(&self.scripts.join("host-vmm/image/patches/qemu")),
+                ),
             ],
         )?;
         let bin = out.join("bin/qemu-system-x86_64");

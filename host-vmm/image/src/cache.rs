@@ -62,6 +62,7 @@ pub fn engine_key() -> String {
         .add("configure", pins::QEMU_CONFIGURE.join(" ").as_bytes())
         .add("suites", pins::APT_SUITES.as_bytes())
         .add_assets(&script_assets(&["lib.sh", "engine.sh"]))
+        .add_assets(assets::QEMU_PATCHES)
         .finish()
 }
 
@@ -79,6 +80,7 @@ pub fn image_key() -> String {
         .add_assets(&[assets::KERNEL_FRAGMENT])
         .add_assets(assets::MODULE_SOURCES)
         .add_assets(assets::ROOTFS)
+        .add_assets(assets::GUEST_TOOL_SOURCES)
         .finish()
 }
 

@@ -4,6 +4,7 @@
 //! and default image, and hands over to the library crates (`tandem-vmm`
 //! runs VMs, `tandem-api` talks to them, `tandem-image` builds images).
 
+mod channel;
 mod host;
 mod run;
 
@@ -72,6 +73,17 @@ enum Cmd {
         #[command(subcommand)]
         command: ImageCmd,
     },
+    /// The guest/host control channel: state, and pings to the guest.
+    Channel {
+        #[command(subcommand)]
+        command: channel::ChannelCmd,
+    },
+    /// Run a device server (started by `tandem run`, not by hand).
+    #[command(hide = true)]
+    DeviceServer {
+        #[command(subcommand)]
+        kind: channel::DeviceServerCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -79,9 +91,11 @@ enum ImageCmd {
     /// Build the pinned engine (unless a system QEMU will do) and the
     /// default guest image (kernel, tandem.ko, initramfs) into the cache.
     Build {
-        /// Build the pinned QEMU even when a system QEMU is new enough.
+        /// Use a system QEMU that is new enough instead of building the
+        /// pinned, patched one (see README: hot-replacing devices needs
+        /// Tandem's QEMU fix).
         #[arg(long)]
-        build_engine: bool,
+        system_engine: bool,
     },
     /// Show the default image and where the cache is.
     Info {
@@ -92,7 +106,7 @@ enum ImageCmd {
 
 /// Which VM a control command talks to.
 #[derive(Args, Clone)]
-struct Target {
+pub(crate) struct Target {
     /// The VM's name (its socket is <run dir>/<name>.sock).
     #[arg(long, default_value = "vm0")]
     vm: String,
@@ -102,7 +116,7 @@ struct Target {
 }
 
 impl Target {
-    fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         let socket = self.api_socket.clone().unwrap_or_else(|| {
             tandem_vmm::config::default_run_dir().join(format!("{}.sock", self.vm))
         });
@@ -111,8 +125,9 @@ impl Target {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tandem_vmm=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,tandem_vmm=info,tandem_control_device=info")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -138,6 +153,8 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Image { command } => image(command),
         Cmd::Host(args) => runtime()?.block_on(host::host(args)),
         Cmd::Run(args) => runtime()?.block_on(run::run(*args)),
+        Cmd::Channel { command } => runtime()?.block_on(channel::channel(command)),
+        Cmd::DeviceServer { kind } => channel::device_server(kind),
         other => runtime()?.block_on(control(other)),
     }
 }
@@ -273,7 +290,13 @@ async fn control(cmd: Cmd) -> Result<i32> {
                 eprintln!("no running VMs in {}", dir.display());
             }
         }
-        Cmd::Run(_) | Cmd::Host(_) | Cmd::Image { .. } => unreachable!("dispatched in real_main"),
+        Cmd::Run(_)
+        | Cmd::Host(_)
+        | Cmd::Image { .. }
+        | Cmd::Channel { .. }
+        | Cmd::DeviceServer { .. } => {
+            unreachable!("dispatched in real_main")
+        }
     }
     Ok(0)
 }
@@ -281,10 +304,10 @@ async fn control(cmd: Cmd) -> Result<i32> {
 fn image(cmd: ImageCmd) -> Result<i32> {
     let cache = tandem_image::Cache::default_location();
     match cmd {
-        ImageCmd::Build { build_engine } => {
+        ImageCmd::Build { system_engine } => {
             eprintln!("building into {}", cache.root().display());
             let report =
-                tandem_image::Builder::new(cache, tandem_image::BuildOptions { build_engine })
+                tandem_image::Builder::new(cache, tandem_image::BuildOptions { system_engine })
                     .build()?;
             println!("engine:  {}", report.engine.display());
             println!(

@@ -1,12 +1,14 @@
 //! `tandem run`: start a VM and follow it until it stops.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use tandem_engine::AccelRequest;
 use tandem_image::Cache;
 use tandem_vmm::config::{default_run_dir, parse_disk_flag};
+use tandem_vmm::control::{supervise, ControlServer};
 use tandem_vmm::{Ending, Vm, VmConfig};
 use tracing::info;
 
@@ -53,6 +55,13 @@ pub struct RunArgs {
     /// The QEMU binary (default: a system QEMU if new enough, else the built one).
     #[arg(long)]
     engine: Option<PathBuf>,
+    /// Start without the Tandem control device.
+    #[arg(long)]
+    no_control_device: bool,
+    /// ABI versions the host side of the channel speaks, MIN-MAX (for
+    /// compatibility tests; default: all this build supports).
+    #[arg(long, hide = true)]
+    host_abi: Option<String>,
 }
 
 impl RunArgs {
@@ -69,6 +78,8 @@ impl RunArgs {
             serial: self.serial.clone(),
             api_socket: self.api_socket.clone(),
             engine: self.engine.clone(),
+            control_device: self.no_control_device.then_some(false),
+            host_abi: self.host_abi.clone(),
             disks: self
                 .disks
                 .iter()
@@ -118,10 +129,34 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         }
     }
 
-    let running = Vm::start(resolved, engine, choice)
-        .await
-        .context("the VM did not start")?;
+    // The control device server starts first: QEMU connects to it while it
+    // starts.
+    let control = match resolved.control {
+        Some(range) => {
+            let dir = resolved.api_socket.with_extension("devices");
+            let exe = std::env::current_exe().context("cannot find the tandem binary")?;
+            let server = Arc::new(ControlServer::new(exe, dir, range));
+            let child = server
+                .spawn()
+                .await
+                .context("the control device server did not start")?;
+            Some((server, child))
+        }
+        None => None,
+    };
+    let devices_dir = control.as_ref().map(|(s, _)| s.dir().to_owned());
+    let running = Vm::start(
+        resolved,
+        engine,
+        choice,
+        control.as_ref().map(|(s, _)| s.clone()),
+    )
+    .await
+    .context("the VM did not start")?;
     let vm = running.vm.clone();
+    if let Some((server, child)) = control {
+        tokio::spawn(supervise(server, vm.clone(), child));
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
@@ -182,6 +217,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             )
         }
     };
+    if let Some(d) = devices_dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
     eprintln!("tandem: {} stopped: {msg}", vm.info().name);
     Ok(code)
 }

@@ -28,6 +28,9 @@ pub enum DmaError {
 pub struct DmaSpace {
     regions: RwLock<Vec<Arc<GuestRegionMmap>>>,
     snapshot: RwLock<Option<Arc<Mem>>>,
+    /// Ranges QEMU announced without a file descriptor (ROMs, firmware):
+    /// known, so that their unmapping is not an error, but unreachable.
+    opaque: RwLock<Vec<(u64, u64)>>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -84,7 +87,19 @@ impl DmaSpace {
         Ok(())
     }
 
+    /// Records a range the device cannot reach (no file descriptor).
+    pub fn map_opaque(&self, address: u64, size: u64) {
+        write(&self.opaque).push((address, size));
+    }
+
     pub fn unmap(&self, address: u64, size: u64) -> Result<(), DmaError> {
+        {
+            let mut opaque = write(&self.opaque);
+            if let Some(i) = opaque.iter().position(|&r| r == (address, size)) {
+                opaque.remove(i);
+                return Ok(());
+            }
+        }
         let mut regions = write(&self.regions);
         let pos = regions
             .iter()
@@ -156,6 +171,15 @@ mod tests {
         assert!(!d.contains(0x10_0000, 1));
         d.unmap(0, 0x1000).unwrap();
         assert!(d.memory().is_none());
+    }
+
+    #[test]
+    fn opaque_ranges_unmap_but_never_map() {
+        let d = DmaSpace::new();
+        d.map_opaque(0xc0000, 0x20000);
+        assert!(!d.contains(0xc0000, 1));
+        d.unmap(0xc0000, 0x20000).unwrap();
+        assert!(d.unmap(0xc0000, 0x20000).is_err());
     }
 
     #[test]

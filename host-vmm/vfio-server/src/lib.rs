@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 pub use dma::{DmaError, DmaSpace, Mem};
 use tandem_pci::ConfigSpace;
-use tracing::{debug, warn};
+use tracing::debug;
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_BAR0_REGION_INDEX,
@@ -168,12 +168,14 @@ impl<D: PciFunction> ServerBackend for Backend<D> {
         debug!(?flags, address, size, offset, "DMA map");
         let Some(fd) = fd else {
             // Without a file descriptor the region is only reachable through
-            // DMA_READ/DMA_WRITE messages, which this server does not use:
-            // accesses there will fault, as they must.
-            warn!(
+            // DMA_READ/DMA_WRITE messages, which this server does not use
+            // (QEMU sends ROM and firmware ranges this way): accesses there
+            // fault, as they must.
+            debug!(
                 address,
-                size, "DMA region without a file descriptor; not mapped"
+                size, "DMA range without a file descriptor: unreachable"
             );
+            self.dma.map_opaque(address, size);
             return Ok(());
         };
         self.dma

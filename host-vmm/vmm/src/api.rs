@@ -12,7 +12,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
+use tandem_api::channel::{ChannelStatus, InjectRequest, PingReport, PingRequest};
 use tandem_api::{routes, ApiError, Ping, ShutdownRequest, ShutdownResponse, VmState};
+use tandem_control_device::api::{Request as DevRequest, Response as DevResponse};
 use tracing::info;
 
 use crate::lifecycle::Command;
@@ -53,6 +55,9 @@ pub fn router(vm: Arc<Vm>) -> Router {
         .route(routes::VM_PAUSE, put(pause))
         .route(routes::VM_RESUME, put(resume))
         .route(routes::VM_SHUTDOWN, put(shutdown))
+        .route(routes::CHANNEL_INFO, get(channel_info))
+        .route(routes::CHANNEL_PING, put(channel_ping))
+        .route(routes::CHANNEL_INJECT, put(channel_inject))
         .fallback(|| async {
             Error(
                 StatusCode::NOT_FOUND,
@@ -126,4 +131,100 @@ async fn shutdown(State(vm): State<Arc<Vm>>, body: Bytes) -> Result<Json<Shutdow
         graceful: vm.graceful(),
         elapsed_ms: u64::try_from(begun.elapsed().as_millis()).unwrap_or(u64::MAX),
     }))
+}
+
+fn control(vm: &Vm) -> Result<&Arc<crate::control::ControlServer>, Error> {
+    vm.control().ok_or_else(|| {
+        Error(
+            StatusCode::NOT_FOUND,
+            "this VM has no control device".into(),
+        )
+    })
+}
+
+async fn channel_info(State(vm): State<Arc<Vm>>) -> Result<Json<ChannelStatus>, Error> {
+    let c = control(&vm)?;
+    let device = match c.request(&DevRequest::Info, Duration::from_secs(5)).await {
+        Ok(DevResponse::Info(i)) => Some(i),
+        _ => None,
+    };
+    Ok(Json(ChannelStatus {
+        server: c.status(),
+        device,
+    }))
+}
+
+/// Most pings one request may ask for.
+const MAX_PINGS: u32 = 100_000;
+
+async fn channel_ping(State(vm): State<Arc<Vm>>, body: Bytes) -> Result<Json<PingReport>, Error> {
+    let c = control(&vm)?;
+    let req: PingRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::from_str("{}")
+            .map_err(|e| Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Error(StatusCode::BAD_REQUEST, format!("bad ping request: {e}")))?
+    };
+    if req.count == 0 || req.count > MAX_PINGS {
+        return Err(Error(
+            StatusCode::BAD_REQUEST,
+            format!("count must be 1 to {MAX_PINGS}"),
+        ));
+    }
+    let budget = Duration::from_millis(u64::from(req.count) * (u64::from(req.timeout_ms) + 1000))
+        + Duration::from_secs(10);
+    let r = c
+        .request(
+            &DevRequest::Ping {
+                count: req.count,
+                size: req.size,
+                timeout_ms: req.timeout_ms,
+                seed: req.seed,
+            },
+            budget,
+        )
+        .await
+        .map_err(|e| {
+            Error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e} (it may be restarting)"),
+            )
+        })?;
+    match r {
+        DevResponse::Ping(p) => Ok(Json(p)),
+        DevResponse::Error { message } => Err(Error(StatusCode::BAD_REQUEST, message)),
+        DevResponse::Info(_) | DevResponse::Injected => Err(Error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unexpected answer".into(),
+        )),
+    }
+}
+
+async fn channel_inject(
+    State(vm): State<Arc<Vm>>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, Error> {
+    let c = control(&vm)?;
+    let req: InjectRequest = serde_json::from_slice(&body)
+        .map_err(|e| Error(StatusCode::BAD_REQUEST, format!("bad inject request: {e}")))?;
+    match c
+        .request(
+            &DevRequest::Inject { fault: req.fault },
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| {
+            Error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e} (it may be restarting)"),
+            )
+        })? {
+        DevResponse::Injected => Ok(Json(serde_json::json!({"injected": req.fault}))),
+        DevResponse::Error { message } => Err(Error(StatusCode::CONFLICT, message)),
+        _ => Err(Error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unexpected answer".into(),
+        )),
+    }
 }

@@ -9,6 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use shared_abi::{AbiVersion, VersionRange};
 use tandem_engine::{AccelRequest, DiskFormat, DiskInterface, DiskSpec, Serial};
 
 /// A VM as the user describes it; every field optional so that a file and
@@ -32,6 +33,11 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// The QEMU binary; found automatically when absent.
     pub engine: Option<PathBuf>,
+    /// Attach the Tandem control device (default true).
+    pub control_device: Option<bool>,
+    /// ABI versions the host side speaks, "MIN-MAX" (e.g. "1.0-1.0");
+    /// default: all this build supports. For compatibility tests.
+    pub host_abi: Option<String>,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
 }
@@ -70,6 +76,8 @@ pub struct ResolvedVm {
     pub api_socket: PathBuf,
     pub engine: Option<PathBuf>,
     pub disks: Vec<DiskSpec>,
+    /// `None`: no control device.
+    pub control: Option<VersionRange>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +108,8 @@ pub enum ConfigError {
     Name(String),
     #[error("bad serial {0:?} (stdio, file:<path>, unix:<path> or none)")]
     Serial(String),
+    #[error("bad ABI range {0:?} (MIN-MAX, e.g. 1.0-1.2)")]
+    AbiRange(String),
 }
 
 impl VmConfig {
@@ -134,6 +144,8 @@ impl VmConfig {
             serial: over.serial.or(self.serial),
             api_socket: over.api_socket.or(self.api_socket),
             engine: over.engine.or(self.engine),
+            control_device: over.control_device.or(self.control_device),
+            host_abi: over.host_abi.or(self.host_abi),
             disks,
         }
     }
@@ -197,6 +209,14 @@ impl VmConfig {
             .into_iter()
             .map(check_disk)
             .collect::<Result<Vec<_>, _>>()?;
+        let control = if self.control_device.unwrap_or(true) {
+            Some(match self.host_abi {
+                Some(r) => parse_abi_range(&r).ok_or(ConfigError::AbiRange(r))?,
+                None => shared_abi::SUPPORTED,
+            })
+        } else {
+            None
+        };
         Ok(ResolvedVm {
             name,
             kernel,
@@ -209,8 +229,26 @@ impl VmConfig {
             api_socket,
             engine: self.engine,
             disks,
+            control,
         })
     }
+}
+
+/// Parses "1.0-1.3" (or a single "1.0").
+pub fn parse_abi_range(s: &str) -> Option<VersionRange> {
+    let one = |v: &str| -> Option<AbiVersion> {
+        let (a, b) = v.trim().split_once('.')?;
+        Some(AbiVersion {
+            major: a.parse().ok()?,
+            minor: b.parse().ok()?,
+        })
+    };
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (one(a)?, one(b)?),
+        None => (one(s)?, one(s)?),
+    };
+    let r = VersionRange { min: lo, max: hi };
+    r.is_valid().then_some(r)
 }
 
 fn check_readable_file(p: &Path) -> Result<(), String> {
@@ -589,6 +627,29 @@ mod tests {
         ] {
             assert!(parse_disk_flag(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn abi_ranges() {
+        let r = parse_abi_range("1.0-1.3").unwrap();
+        assert_eq!((r.min.minor, r.max.minor), (0, 3));
+        assert_eq!(
+            parse_abi_range("2.1").unwrap().min,
+            AbiVersion { major: 2, minor: 1 }
+        );
+        for bad in ["", "1", "1.3-1.0", "x.y", "1.0-"] {
+            assert!(parse_abi_range(bad).is_none(), "{bad}");
+        }
+        let err = VmConfig {
+            host_abi: Some("nope".into()),
+            ..Default::default()
+        }
+        .resolve(
+            Some(&defaults(tempfile::tempdir().unwrap().path())),
+            Path::new("/r"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("bad ABI range"), "{err}");
     }
 
     #[test]

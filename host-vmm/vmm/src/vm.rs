@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::config::{serial_to_string, ResolvedVm};
+use crate::control::ControlServer;
 use crate::lifecycle::{self, Action, Ending, Lifecycle, LifecycleError, Observed};
 
 /// The file descriptor number QEMU sees its QMP socket as.
@@ -30,6 +31,8 @@ const QMP_FD: i32 = 3;
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of QEMU's stderr kept for error reports.
 const STDERR_TAIL: usize = 20;
+/// Hot-plug root ports every machine gets.
+const ROOT_PORTS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -66,6 +69,7 @@ pub struct Vm {
     life: Mutex<Lifecycle>,
     state_tx: watch::Sender<VmState>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    control: Option<Arc<ControlServer>>,
 }
 
 /// A started VM and the handle to wait for its end.
@@ -86,6 +90,7 @@ impl Vm {
         resolved: ResolvedVm,
         engine: Engine,
         accel: AccelChoice,
+        control: Option<Arc<ControlServer>>,
     ) -> Result<Running, VmError> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(VmError::Socket)?;
         let spec = MachineSpec {
@@ -100,6 +105,10 @@ impl Vm {
             serial: resolved.serial.clone(),
             firmware_dirs: engine.firmware_dirs.clone(),
             qmp_fd: QMP_FD,
+            // Port 0 holds the control device; the others are free for
+            // hot-plugged functions.
+            root_ports: ROOT_PORTS,
+            devices: control.iter().map(|c| c.device_json()).collect(),
         };
         if let Serial::Unix(p) = &resolved.serial {
             crate::socket::prepare(p).map_err(|e| VmError::Socket(std::io::Error::other(e)))?;
@@ -183,6 +192,7 @@ impl Vm {
             life: Mutex::new(Lifecycle::new()),
             state_tx,
             stderr_tail,
+            control,
         });
         if let Err(source) = vm.qmp.execute("cont", None).await {
             if let Ok(Some(status)) = child.try_wait() {
@@ -208,6 +218,11 @@ impl Vm {
 
     pub fn qmp(&self) -> &Qmp {
         &self.qmp
+    }
+
+    /// The control device's supervisor, when the VM has one.
+    pub fn control(&self) -> Option<&Arc<ControlServer>> {
+        self.control.as_ref()
     }
 
     /// Applies an operator command and carries out its actions.

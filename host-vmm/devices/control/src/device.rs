@@ -20,7 +20,7 @@ use tandem_vfio_server::{DmaSpace, Mem, PciFunction};
 use tracing::{debug, info, warn};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::api::{ChannelInfo, Counters};
+use crate::api::{ChannelInfo, Counters, Fault};
 
 /// Outstanding host requests at once.
 const MAX_PENDING: usize = 64;
@@ -537,6 +537,68 @@ impl ControlDevice {
             self.flush(&mem);
         }
         Ok(rx)
+    }
+
+    /// Puts a deliberately broken message into H2G (robustness tests).
+    pub fn inject(&mut self, fault: Fault) -> Result<(), RequestError> {
+        let Some(r) = self.rings else {
+            return Err(RequestError::NotUp(
+                "the guest has not enabled the rings".into(),
+            ));
+        };
+        let version = self.endpoint.wire_version();
+        let mut buf = vec![0u8; r.geometry.slot_size as usize];
+        let mut put = |out: Out, payload: &[u8]| -> Vec<u8> {
+            let n = encode(&mut buf, &out, payload).unwrap_or(0);
+            buf[..n].to_vec()
+        };
+        let bytes = match fault {
+            Fault::Garbage => (0..64u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect(),
+            Fault::Oversized => {
+                let mut m = put(Out::request(version, Kind::Ping, 0xfeed, 100), b"x");
+                // length far past the slot
+                m[16..20].copy_from_slice(&0x00ff_ffffu32.to_le_bytes());
+                m
+            }
+            Fault::UnknownKind => {
+                let mut m = put(Out::request(version, Kind::Ping, 0xfeed, 100), b"x");
+                m[8..10].copy_from_slice(&0x7777u16.to_le_bytes());
+                m
+            }
+            Fault::BadVersion => put(
+                Out::request(
+                    shared_abi::AbiVersion {
+                        major: version.major,
+                        minor: version.minor.wrapping_add(9),
+                    },
+                    Kind::Ping,
+                    0xbad0_0001,
+                    100,
+                ),
+                b"wrong version",
+            ),
+            Fault::ShortPayload => put(
+                Out::request(version, Kind::Heartbeat, 0xbad0_0002, 100),
+                &[1, 2, 3],
+            ),
+            Fault::UnexpectedResponse => put(
+                Out::response(version, Kind::Ping, 0xdead_beef_0bad_f00d, msg::Status::Ok),
+                b"nobody asked",
+            ),
+            Fault::BadFlags => {
+                let mut m = put(Out::request(version, Kind::Ping, 0xfeed, 100), b"x");
+                m[10..12].copy_from_slice(&0x80u16.to_le_bytes());
+                m
+            }
+        };
+        if self.outbox.len() >= OUTBOX_LIMIT {
+            return Err(RequestError::Busy);
+        }
+        self.outbox.push_back(bytes);
+        if let Some(mem) = self.dma.memory() {
+            self.flush(&mem);
+        }
+        Ok(())
     }
 
     /// Periodic work: expired requests, and a poll of the rings as a safety

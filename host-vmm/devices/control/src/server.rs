@@ -119,6 +119,12 @@ fn serve_api(conn: UnixStream, dev: &Mutex<ControlDevice>) {
                 message: format!("bad request: {e}"),
             },
             Ok(Request::Info) => Response::Info(lock(dev).info()),
+            Ok(Request::Inject { fault }) => match lock(dev).inject(fault) {
+                Ok(()) => Response::Injected,
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
             Ok(Request::Ping {
                 count,
                 size,

@@ -1,0 +1,137 @@
+//! The guest/host control channel as the API shows it.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the device and the host endpoint know.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    pub pid: u32,
+    pub session: u32,
+    /// "disabled", "enabled" or "failed".
+    pub device_state: String,
+    /// The device error, if failed.
+    pub device_error: Option<String>,
+    /// "down", "negotiating", "up" or "refused".
+    pub channel_state: String,
+    /// The negotiated ABI version.
+    pub version: Option<String>,
+    pub capabilities: Option<u64>,
+    pub host_versions: String,
+    /// The guest's range when it was refused.
+    pub refused_guest_versions: Option<String>,
+    pub guest_driver: Option<String>,
+    /// Whether the guest's heartbeats arrive in time.
+    pub guest_alive: Option<bool>,
+    pub guest_silence_ms: Option<u64>,
+    pub counters: Counters,
+    pub last_error: String,
+    pub ring_slots: Option<u32>,
+    pub ring_slot_size: Option<u32>,
+    pub dma_mapped: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub rx_messages: u64,
+    pub tx_messages: u64,
+    pub malformed: u64,
+    pub error_replies: u64,
+    pub unexpected_responses: u64,
+    pub timeouts: u64,
+    pub pings_answered: u64,
+    pub heartbeats_received: u64,
+    pub negotiations: u64,
+    pub doorbells: u64,
+    pub interrupts: u64,
+    pub dma_faults: u64,
+    pub outbox_drops: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PingReport {
+    pub sent: u32,
+    pub ok: u32,
+    /// Answers whose payload differed from what was sent.
+    pub mismatched: u32,
+    pub timeouts: u32,
+    pub failed: u32,
+    pub bytes: u64,
+    pub rtt_us_min: Option<f64>,
+    pub rtt_us_median: Option<f64>,
+    pub rtt_us_p99: Option<f64>,
+    pub rtt_us_max: Option<f64>,
+    pub first_error: Option<String>,
+}
+
+/// `PUT /api/v1/channel.ping`: host-to-guest pings with checked echoes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PingRequest {
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Payload bytes; absent: random sizes up to the ring's maximum.
+    #[serde(default)]
+    pub size: Option<usize>,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u32,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_timeout() -> u32 {
+    1000
+}
+
+/// The supervisor's view of the control device server (a child process).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub pid: Option<u32>,
+    /// Increases with every (re)start; the guest sees it in `SESSION`.
+    pub session: u32,
+    pub restarts: u32,
+    /// "starting", "running", "replacing" or "failed".
+    pub state: String,
+    /// How the last server process ended, if one did.
+    pub last_exit: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// `GET /api/v1/channel.info`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelStatus {
+    pub server: ServerStatus,
+    /// The device's own report; absent while the server is unreachable.
+    pub device: Option<ChannelInfo>,
+}
+
+/// A deliberately broken host-to-guest message, for robustness tests
+/// (`PUT /api/v1/channel.inject`). A correct guest driver counts each and
+/// carries on; none may crash it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// Random bytes: no magic.
+    Garbage,
+    /// A header whose length runs past the slot.
+    Oversized,
+    /// A kind no version defines.
+    UnknownKind,
+    /// A ping in a version that was not negotiated.
+    BadVersion,
+    /// A heartbeat whose payload is too short.
+    ShortPayload,
+    /// A response to a request the guest never sent.
+    UnexpectedResponse,
+    /// Undefined flag bits.
+    BadFlags,
+}
+
+/// `PUT /api/v1/channel.inject`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectRequest {
+    pub fault: Fault,
+}
