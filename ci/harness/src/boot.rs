@@ -35,15 +35,15 @@ async fn image() -> Result<Image> {
 }
 
 /// A VM started through `tandem run` with its serial on a socket.
-struct Booted {
-    child: tokio::process::Child,
-    console: Console,
-    api: PathBuf,
-    log: PathBuf,
-    boot_s: f64,
+pub(crate) struct Booted {
+    pub(crate) child: tokio::process::Child,
+    pub(crate) console: Console,
+    pub(crate) api: PathBuf,
+    pub(crate) log: PathBuf,
+    pub(crate) boot_s: f64,
 }
 
-async fn boot_tandem(dir: &Path, name: &str, extra: &[&str]) -> Result<Booted> {
+pub(crate) async fn boot_tandem(dir: &Path, name: &str, extra: &[&str]) -> Result<Booted> {
     let api = dir.join(format!("{name}.sock"));
     let serial = dir.join(format!("{name}.serial"));
     let log = dir.join(format!("{name}.log"));
@@ -477,20 +477,23 @@ pub async fn bench(runs: usize) -> Result<()> {
 
 /// A temporary directory under /tmp with a short path (Unix socket paths
 /// are limited to 107 bytes).
-fn tempdir() -> Result<TempDir> {
+pub(crate) fn tempdir() -> Result<TempDir> {
     let p = std::env::temp_dir().join(format!("tandem-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&p)?;
     Ok(TempDir(p))
 }
 
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 impl TempDir {
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
 impl Drop for TempDir {
+    // Keep the logs of a failed run: TANDEM_KEEP=1.
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::env::var_os("TANDEM_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! same run. Called by `ci/e2e` and `ci/bench`.
 
 mod boot;
+mod channel;
 mod guest;
 
 use std::path::{Path, PathBuf};
@@ -51,11 +52,13 @@ fn main() {
         match cli.what {
             What::E2e { scenario } => match scenario.as_str() {
                 "boot" => boot::e2e().await,
-                other => bail!("unknown scenario {other:?} (known: boot)"),
+                "channel" => channel::e2e().await,
+                other => bail!("unknown scenario {other:?} (known: boot, channel)"),
             },
             What::Bench { scenario, runs } => match scenario.as_str() {
                 "boot" => boot::bench(runs).await,
-                other => bail!("unknown benchmark {other:?} (known: boot)"),
+                "channel" => channel::bench(runs).await,
+                other => bail!("unknown benchmark {other:?} (known: boot, channel)"),
             },
         }
     });

@@ -29,9 +29,10 @@ pub const SCRIPTS: &[Asset] = &[
 ];
 
 /// Tandem's patches to the engine, applied after Debian's.
-pub const QEMU_PATCHES: &[Asset] = &[asset!(
-    "host-vmm/image/patches/qemu/vfio-user-msix-unplug.patch"
-)];
+pub const QEMU_PATCHES: &[Asset] = &[
+    asset!("host-vmm/image/patches/qemu/vfio-user-msix-unplug.patch"),
+    asset!("host-vmm/image/patches/qemu/vfio-user-recv-error.patch"),
+];
 
 /// The guest kernel's config fragment.
 pub const KERNEL_FRAGMENT: Asset = asset!("guest-linux/kconfig/tandem.config");
