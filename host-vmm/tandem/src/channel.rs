@@ -46,6 +46,7 @@ pub enum ChannelCmd {
 
 /// Faults `tandem channel inject` can send.
 #[derive(Clone, Copy, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 pub enum FaultArg {
     Garbage,
     Oversized,

@@ -145,7 +145,7 @@ fn control(vm: &Vm) -> Result<&Arc<crate::control::ControlServer>, Error> {
 async fn channel_info(State(vm): State<Arc<Vm>>) -> Result<Json<ChannelStatus>, Error> {
     let c = control(&vm)?;
     let device = match c.request(&DevRequest::Info, Duration::from_secs(5)).await {
-        Ok(DevResponse::Info(i)) => Some(i),
+        Ok(DevResponse::Info(i)) => Some(*i),
         _ => None,
     };
     Ok(Json(ChannelStatus {

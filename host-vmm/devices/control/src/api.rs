@@ -25,7 +25,7 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Info(ChannelInfo),
+    Info(Box<ChannelInfo>),
     Ping(PingReport),
     Injected,
     Error { message: String },

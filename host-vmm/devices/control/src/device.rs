@@ -710,7 +710,7 @@ impl PciFunction for ControlDevice {
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-        if bar == 0 && data.len() == 4 && offset % 4 == 0 {
+        if bar == 0 && data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.reg_read(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -718,7 +718,7 @@ impl PciFunction for ControlDevice {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        if bar == 0 && offset % 4 == 0 {
+        if bar == 0 && offset.is_multiple_of(4) {
             if let Ok(b) = <[u8; 4]>::try_from(data) {
                 self.reg_write(offset, u32::from_le_bytes(b));
             }

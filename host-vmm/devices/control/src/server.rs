@@ -118,7 +118,7 @@ fn serve_api(conn: UnixStream, dev: &Mutex<ControlDevice>) {
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },
-            Ok(Request::Info) => Response::Info(lock(dev).info()),
+            Ok(Request::Info) => Response::Info(Box::new(lock(dev).info())),
             Ok(Request::Inject { fault }) => match lock(dev).inject(fault) {
                 Ok(()) => Response::Injected,
                 Err(e) => Response::Error {

@@ -1,0 +1,10 @@
+//! QMP lines from a broken or hostile QEMU.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = tandem_qmp::Incoming::parse(s);
+    }
+});
