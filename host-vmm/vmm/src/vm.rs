@@ -32,7 +32,7 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of QEMU's stderr kept for error reports.
 const STDERR_TAIL: usize = 20;
 /// Hot-plug root ports every machine gets.
-const ROOT_PORTS: u32 = 4;
+const ROOT_PORTS: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
