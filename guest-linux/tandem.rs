@@ -686,6 +686,7 @@ impl Shared {
     // ---- fault injection (test hook): a broken message to the host ----
 
     fn inject(&self, what: &str) -> Result {
+        let fault = abi::faults::Fault::from_name(what).ok_or(EINVAL)?;
         let mut guard = self.chan.lock();
         let c = &mut *guard;
         if !c.enabled {
@@ -693,40 +694,7 @@ impl Shared {
         }
         let v = c.ep.wire_version();
         let Chan { tx, g2h_producer, .. } = c;
-        let mut put = |out: Out, payload: &[u8]| encode(tx, &out, payload).unwrap_or(0);
-        let n = match what {
-            "garbage" => {
-                for (i, b) in tx.iter_mut().take(64).enumerate() {
-                    *b = (i as u8).wrapping_mul(31) ^ 0xa5;
-                }
-                64
-            }
-            "oversized" => {
-                let n = put(Out::request(v, Kind::Ping, 0xfeed, 100), b"x");
-                tx[16..20].copy_from_slice(&0x00ff_ffffu32.to_le_bytes());
-                n
-            }
-            "unknown_kind" => {
-                let n = put(Out::request(v, Kind::Ping, 0xfeed, 100), b"x");
-                tx[8..10].copy_from_slice(&0x6666u16.to_le_bytes());
-                n
-            }
-            "bad_version" => put(
-                Out::request(AbiVersion { major: v.major, minor: v.minor.wrapping_add(7) }, Kind::Ping, 0xbad1, 100),
-                b"wrong version",
-            ),
-            "short_payload" => put(Out::request(v, Kind::Heartbeat, 0xbad2, 100), &[1, 2, 3]),
-            "unexpected_response" => put(
-                Out::response(v, Kind::Ping, 0x0bad_cafe_0bad_cafe, wire::Status::Ok),
-                b"nobody asked",
-            ),
-            "bad_flags" => {
-                let n = put(Out::request(v, Kind::Ping, 0xfeed, 100), b"x");
-                tx[10..12].copy_from_slice(&0x40u16.to_le_bytes());
-                n
-            }
-            _ => return Err(EINVAL),
-        };
+        let n = fault.build(v, tx);
         if n == 0 {
             return Err(EINVAL);
         }

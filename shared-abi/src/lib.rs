@@ -28,6 +28,7 @@
 #![cfg_attr(not(MODULE), forbid(unsafe_code))]
 
 pub mod channel;
+pub mod faults;
 pub mod golden;
 pub mod msg;
 pub mod pci;

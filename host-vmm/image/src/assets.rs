@@ -45,6 +45,7 @@ pub const MODULE_SOURCES: &[Asset] = &[
     asset!("guest-linux/tandem.rs"),
     asset!("shared-abi/src/lib.rs"),
     asset!("shared-abi/src/channel.rs"),
+    asset!("shared-abi/src/faults.rs"),
     asset!("shared-abi/src/golden.rs"),
     asset!("shared-abi/src/msg.rs"),
     asset!("shared-abi/src/pci.rs"),

@@ -14,7 +14,7 @@ use shared_abi::channel::{
 use shared_abi::msg::{self, caps, encode, Kind, Out};
 use shared_abi::regs::{self, control, error, status};
 use shared_abi::ring::{self, RingGeometry};
-use shared_abi::{pci, VersionRange};
+use shared_abi::{faults, pci, VersionRange};
 use tandem_pci::{command, Bar, BarKind, ConfigEvent, ConfigSpace, Identity};
 use tandem_vfio_server::{DmaSpace, Mem, PciFunction};
 use tracing::{debug, info, warn};
@@ -546,55 +546,22 @@ impl ControlDevice {
                 "the guest has not enabled the rings".into(),
             ));
         };
-        let version = self.endpoint.wire_version();
+        let f = match fault {
+            Fault::Garbage => faults::Fault::Garbage,
+            Fault::Oversized => faults::Fault::Oversized,
+            Fault::UnknownKind => faults::Fault::UnknownKind,
+            Fault::BadFlags => faults::Fault::BadFlags,
+            Fault::BadVersion => faults::Fault::BadVersion,
+            Fault::ShortPayload => faults::Fault::ShortPayload,
+            Fault::UnexpectedResponse => faults::Fault::UnexpectedResponse,
+        };
         let mut buf = vec![0u8; r.geometry.slot_size as usize];
-        let mut put = |out: Out, payload: &[u8]| -> Vec<u8> {
-            let n = encode(&mut buf, &out, payload).unwrap_or(0);
-            buf[..n].to_vec()
-        };
-        let bytes = match fault {
-            Fault::Garbage => (0..64u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect(),
-            Fault::Oversized => {
-                let mut m = put(Out::request(version, Kind::Ping, 0xfeed, 100), b"x");
-                // length far past the slot
-                m[16..20].copy_from_slice(&0x00ff_ffffu32.to_le_bytes());
-                m
-            }
-            Fault::UnknownKind => {
-                let mut m = put(Out::request(version, Kind::Ping, 0xfeed, 100), b"x");
-                m[8..10].copy_from_slice(&0x7777u16.to_le_bytes());
-                m
-            }
-            Fault::BadVersion => put(
-                Out::request(
-                    shared_abi::AbiVersion {
-                        major: version.major,
-                        minor: version.minor.wrapping_add(9),
-                    },
-                    Kind::Ping,
-                    0xbad0_0001,
-                    100,
-                ),
-                b"wrong version",
-            ),
-            Fault::ShortPayload => put(
-                Out::request(version, Kind::Heartbeat, 0xbad0_0002, 100),
-                &[1, 2, 3],
-            ),
-            Fault::UnexpectedResponse => put(
-                Out::response(version, Kind::Ping, 0xdead_beef_0bad_f00d, msg::Status::Ok),
-                b"nobody asked",
-            ),
-            Fault::BadFlags => {
-                let mut m = put(Out::request(version, Kind::Ping, 0xfeed, 100), b"x");
-                m[10..12].copy_from_slice(&0x80u16.to_le_bytes());
-                m
-            }
-        };
+        let n = f.build(self.endpoint.wire_version(), &mut buf);
+        buf.truncate(n);
         if self.outbox.len() >= OUTBOX_LIMIT {
             return Err(RequestError::Busy);
         }
-        self.outbox.push_back(bytes);
+        self.outbox.push_back(buf);
         if let Some(mem) = self.dma.memory() {
             self.flush(&mem);
         }
