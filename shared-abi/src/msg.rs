@@ -14,44 +14,56 @@ pub const MSG_MAGIC: u32 = 0x4D44_4E54;
 /// Size of [`MsgHeader`].
 pub const HEADER_LEN: usize = 32;
 
-/// The header of every message.
-#[derive(
-    zerocopy_derive::FromBytes,
-    zerocopy_derive::IntoBytes,
-    zerocopy_derive::KnownLayout,
-    zerocopy_derive::Immutable,
-    zerocopy_derive::Unaligned,
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-)]
-#[repr(C)]
-pub struct MsgHeader {
-    /// [`MSG_MAGIC`].
-    pub magic: U32,
-    /// The ABI version the sender speaks in this message
-    /// ([`AbiVersion::to_wire`]): the negotiated one, except in `HELLO`
-    /// where it is the sender's highest.
-    pub version: U32,
-    /// A [`Kind`].
-    pub kind: U16,
-    /// [`FLAG_RESPONSE`] and/or [`FLAG_EVENT`]; other bits must be zero.
-    pub flags: U16,
-    /// A [`Status`]; zero in requests and events.
-    pub status: U16,
-    /// Must be zero.
-    pub reserved: U16,
-    /// Payload bytes after the header.
-    pub length: U32,
-    /// Chosen by the requester, unique among its outstanding requests,
-    /// echoed in the response; zero in events.
-    pub tag: U64,
-    /// How long the requester waits for the response, in milliseconds
-    /// (0: no limit). A responder may drop a request it cannot answer in
-    /// time; the requester reports a timeout either way.
-    pub timeout_ms: U32,
+/// Declares a wire layout: `repr(C)`, unaligned little-endian fields, and
+/// the zerocopy traits that let both sides read and write it without
+/// `unsafe`.
+macro_rules! wire_struct {
+    ($(#[$m:meta])* pub struct $name:ident { $($body:tt)* }) => {
+        $(#[$m])*
+        #[derive(
+            zerocopy_derive::FromBytes,
+            zerocopy_derive::IntoBytes,
+            zerocopy_derive::KnownLayout,
+            zerocopy_derive::Immutable,
+            zerocopy_derive::Unaligned,
+            Clone,
+            Copy,
+            Debug,
+            PartialEq,
+            Eq,
+        )]
+        #[repr(C)]
+        pub struct $name { $($body)* }
+    };
+}
+
+wire_struct! {
+    /// The header of every message.
+    pub struct MsgHeader {
+        /// [`MSG_MAGIC`].
+        pub magic: U32,
+        /// The ABI version the sender speaks in this message
+        /// ([`AbiVersion::to_wire`]): the negotiated one, except in `HELLO`
+        /// where it is the sender's highest.
+        pub version: U32,
+        /// A [`Kind`].
+        pub kind: U16,
+        /// [`FLAG_RESPONSE`] and/or [`FLAG_EVENT`]; other bits must be zero.
+        pub flags: U16,
+        /// A [`Status`]; zero in requests and events.
+        pub status: U16,
+        /// Must be zero.
+        pub reserved: U16,
+        /// Payload bytes after the header.
+        pub length: U32,
+        /// Chosen by the requester, unique among its outstanding requests,
+        /// echoed in the response; zero in events.
+        pub tag: U64,
+        /// How long the requester waits for the response, in milliseconds
+        /// (0: no limit). A responder may drop a request it cannot answer in
+        /// time; the requester reports a timeout either way.
+        pub timeout_ms: U32,
+    }
 }
 
 const _: () = assert!(core::mem::size_of::<MsgHeader>() == HEADER_LEN);
@@ -183,106 +195,62 @@ pub mod os {
     pub const WINDOWS: u32 = 2;
 }
 
-/// `HELLO` request payload.
-#[derive(
-    zerocopy_derive::FromBytes,
-    zerocopy_derive::IntoBytes,
-    zerocopy_derive::KnownLayout,
-    zerocopy_derive::Immutable,
-    zerocopy_derive::Unaligned,
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-)]
-#[repr(C)]
-pub struct Hello {
-    /// The lowest ABI version the guest speaks.
-    pub min_version: U32,
-    /// The highest.
-    pub max_version: U32,
-    /// The guest's capability bits.
-    pub capabilities: U64,
-    /// One of [`os`].
-    pub os: U32,
-    pub reserved: U32,
-    /// The driver's version, ASCII, NUL-padded.
-    pub driver_version: [u8; 16],
+wire_struct! {
+    /// `HELLO` request payload.
+    pub struct Hello {
+        /// The lowest ABI version the guest speaks.
+        pub min_version: U32,
+        /// The highest.
+        pub max_version: U32,
+        /// The guest's capability bits.
+        pub capabilities: U64,
+        /// One of [`os`].
+        pub os: U32,
+        pub reserved: U32,
+        /// The driver's version, ASCII, NUL-padded.
+        pub driver_version: [u8; 16],
+    }
 }
 
-/// `HELLO` response payload.
-#[derive(
-    zerocopy_derive::FromBytes,
-    zerocopy_derive::IntoBytes,
-    zerocopy_derive::KnownLayout,
-    zerocopy_derive::Immutable,
-    zerocopy_derive::Unaligned,
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-)]
-#[repr(C)]
-pub struct HelloReply {
-    /// The version both will use (0 when the status is `NoCommonVersion`).
-    pub version: U32,
-    /// The host's range, so a refused guest can say what the host speaks.
-    pub host_min_version: U32,
-    pub host_max_version: U32,
-    pub reserved: U32,
-    /// Capabilities both will use: the intersection.
-    pub capabilities: U64,
-    /// The guest sends a heartbeat this often...
-    pub heartbeat_interval_ms: U32,
-    /// ...and each side considers the other gone after this long without one.
-    pub heartbeat_timeout_ms: U32,
-    /// Changes whenever the host side of the channel restarts.
-    pub session: U64,
-    /// The host's version, ASCII, NUL-padded.
-    pub host_version: [u8; 16],
+wire_struct! {
+    /// `HELLO` response payload.
+    pub struct HelloReply {
+        /// The version both will use (0 when the status is `NoCommonVersion`).
+        pub version: U32,
+        /// The host's range, so a refused guest can say what the host speaks.
+        pub host_min_version: U32,
+        pub host_max_version: U32,
+        pub reserved: U32,
+        /// Capabilities both will use: the intersection.
+        pub capabilities: U64,
+        /// The guest sends a heartbeat this often...
+        pub heartbeat_interval_ms: U32,
+        /// ...and each side considers the other gone after this long without one.
+        pub heartbeat_timeout_ms: U32,
+        /// Changes whenever the host side of the channel restarts.
+        pub session: U64,
+        /// The host's version, ASCII, NUL-padded.
+        pub host_version: [u8; 16],
+    }
 }
 
-/// `HEARTBEAT` payload (request and response).
-#[derive(
-    zerocopy_derive::FromBytes,
-    zerocopy_derive::IntoBytes,
-    zerocopy_derive::KnownLayout,
-    zerocopy_derive::Immutable,
-    zerocopy_derive::Unaligned,
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-)]
-#[repr(C)]
-pub struct Heartbeat {
-    /// The sender's heartbeat counter.
-    pub seq: U64,
-    /// Milliseconds since the sender's side of the channel started.
-    pub uptime_ms: U64,
+wire_struct! {
+    /// `HEARTBEAT` payload (request and response).
+    pub struct Heartbeat {
+        /// The sender's heartbeat counter.
+        pub seq: U64,
+        /// Milliseconds since the sender's side of the channel started.
+        pub uptime_ms: U64,
+    }
 }
 
-/// `GOODBYE` event payload.
-#[derive(
-    zerocopy_derive::FromBytes,
-    zerocopy_derive::IntoBytes,
-    zerocopy_derive::KnownLayout,
-    zerocopy_derive::Immutable,
-    zerocopy_derive::Unaligned,
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-)]
-#[repr(C)]
-pub struct Goodbye {
-    /// One of [`goodbye`].
-    pub reason: U32,
-    pub reserved: U32,
+wire_struct! {
+    /// `GOODBYE` event payload.
+    pub struct Goodbye {
+        /// One of [`goodbye`].
+        pub reason: U32,
+        pub reserved: U32,
+    }
 }
 
 /// Reasons in [`Goodbye::reason`].
@@ -293,26 +261,15 @@ pub mod goodbye {
     pub const HOST_STOP: u32 = 2;
 }
 
-/// `EVENT` payload.
-#[derive(
-    zerocopy_derive::FromBytes,
-    zerocopy_derive::IntoBytes,
-    zerocopy_derive::KnownLayout,
-    zerocopy_derive::Immutable,
-    zerocopy_derive::Unaligned,
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-)]
-#[repr(C)]
-pub struct Event {
-    /// What happened; the meaning of `arg` depends on it. ABI 1.0 defines
-    /// only [`event::NOTICE`]; a receiver ignores codes it does not know.
-    pub code: U32,
-    pub reserved: U32,
-    pub arg: U64,
+wire_struct! {
+    /// `EVENT` payload.
+    pub struct Event {
+        /// What happened; the meaning of `arg` depends on it. ABI 1.0 defines
+        /// only [`event::NOTICE`]; a receiver ignores codes it does not know.
+        pub code: U32,
+        pub reserved: U32,
+        pub arg: U64,
+    }
 }
 
 /// Codes in [`Event::code`].

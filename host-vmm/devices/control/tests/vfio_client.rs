@@ -140,6 +140,27 @@ struct Guest {
 }
 
 impl Guest {
+    /// A fresh guest endpoint that has just sent its HELLO.
+    fn hello(rig: &mut Rig, name: &str) -> Guest {
+        let mut guest = Guest {
+            ep: Endpoint::new(
+                Role::Guest,
+                SUPPORTED,
+                caps::ALL_V1_0,
+                DEFAULT_HOST_PARAMS,
+                name,
+                0,
+            ),
+            g2h_producer: 0,
+            h2g_consumer: 0,
+        };
+        let (out, hello) = guest.ep.hello(os::LINUX, 0, 1000).unwrap();
+        let mut buf = [0u8; 512];
+        let n = encode(&mut buf, &out, hello.as_bytes()).unwrap();
+        guest.send(rig, &buf[..n]);
+        guest
+    }
+
     fn send(&mut self, rig: &mut Rig, bytes: &[u8]) {
         let g = DEFAULT_GEOMETRY;
         rig.gwrite(G2H + g.slot_offset(self.g2h_producer) as u64, bytes);
@@ -197,22 +218,7 @@ fn negotiation_pings_and_interrupts_through_the_rings() {
     assert_eq!(rig.reg(regs::STATUS) & status::ENABLED, status::ENABLED);
     assert!(rig.wait_irq(regs::VECTOR_STATUS as usize));
 
-    let mut guest = Guest {
-        ep: Endpoint::new(
-            Role::Guest,
-            SUPPORTED,
-            caps::ALL_V1_0,
-            DEFAULT_HOST_PARAMS,
-            "test-guest",
-            0,
-        ),
-        g2h_producer: 0,
-        h2g_consumer: 0,
-    };
-    let (out, hello) = guest.ep.hello(os::LINUX, 0, 1000).unwrap();
-    let mut buf = [0u8; 512];
-    let n = encode(&mut buf, &out, hello.as_bytes()).unwrap();
-    guest.send(&mut rig, &buf[..n]);
+    let mut guest = Guest::hello(&mut rig, "test-guest");
     assert!(
         rig.wait_irq(regs::VECTOR_RING as usize),
         "no interrupt for the HELLO reply"
@@ -313,22 +319,7 @@ fn no_bus_master_no_dma() {
     let mut rig = Rig::new();
     rig.enable(G2H, H2G, DEFAULT_GEOMETRY);
     // A HELLO sits in G2H, but bus mastering is off: nothing happens.
-    let mut guest = Guest {
-        ep: Endpoint::new(
-            Role::Guest,
-            SUPPORTED,
-            caps::ALL_V1_0,
-            DEFAULT_HOST_PARAMS,
-            "g",
-            0,
-        ),
-        g2h_producer: 0,
-        h2g_consumer: 0,
-    };
-    let (out, hello) = guest.ep.hello(os::LINUX, 0, 1000).unwrap();
-    let mut buf = [0u8; 512];
-    let n = encode(&mut buf, &out, hello.as_bytes()).unwrap();
-    guest.send(&mut rig, &buf[..n]);
+    let _guest = Guest::hello(&mut rig, "g");
     assert_eq!(rig.g32(G2H + ring::CONSUMER_OFFSET as u64), 0);
     // Turning it on lets the device catch up.
     rig.cfg_write32(0x04, 0x6);
