@@ -1,0 +1,2 @@
+//! An emulated SR-IOV NVMe controller served over vfio-user.
+#![forbid(unsafe_code)]

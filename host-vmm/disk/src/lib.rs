@@ -1,0 +1,2 @@
+//! Virtual disks: raw, qcow2 and VHDX backends, differencing chains and checkpoints.
+#![forbid(unsafe_code)]
