@@ -46,6 +46,31 @@ pub mod cap_id {
     pub const MSIX: u8 = 0x11;
 }
 
+pub mod ext_cap_id {
+    pub const SRIOV: u16 = 0x0010;
+}
+
+/// Offsets inside the SR-IOV extended capability (PCIe base spec 9.3.3).
+pub mod sriov {
+    pub const CAPS: usize = 0x04;
+    pub const CONTROL: usize = 0x08;
+    pub const STATUS: usize = 0x0a;
+    pub const INITIAL_VFS: usize = 0x0c;
+    pub const TOTAL_VFS: usize = 0x0e;
+    pub const NUM_VFS: usize = 0x10;
+    pub const FIRST_VF_OFFSET: usize = 0x14;
+    pub const VF_STRIDE: usize = 0x16;
+    pub const VF_DEVICE_ID: usize = 0x1a;
+    pub const SUPPORTED_PAGE_SIZES: usize = 0x1c;
+    pub const SYSTEM_PAGE_SIZE: usize = 0x20;
+    pub const VF_BAR0: usize = 0x24;
+    pub const SIZE: usize = 0x40;
+    /// Control: VF Enable.
+    pub const CTL_VF_ENABLE: u16 = 1 << 0;
+    /// Control: VF Memory Space Enable.
+    pub const CTL_VF_MSE: u16 = 1 << 3;
+}
+
 /// What a BAR decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BarKind {
@@ -79,6 +104,13 @@ pub enum ConfigEvent {
     Command { old: u16, new: u16 },
     /// The MSI-X enable or function-mask bit changed.
     MsixControl { enabled: bool, masked: bool },
+    /// The guest asked for a function-level reset (PCIe device control,
+    /// Initiate FLR). The bit itself always reads as zero.
+    FunctionLevelReset,
+    /// The SR-IOV control register or NumVFs changed.
+    Sriov { vf_enable: bool, num_vfs: u16 },
+    /// The power state in the PM control/status register changed (0..=3).
+    PowerState { old: u8, new: u8 },
 }
 
 /// Configuration space bytes and write rules.
@@ -91,8 +123,13 @@ pub struct ConfigSpace {
     w1c: Vec<u8>,
     bars: [Option<Bar>; 6],
     msix_cap: Option<usize>,
+    pcie_cap: Option<usize>,
+    pm_cap: Option<usize>,
+    sriov_cap: Option<usize>,
     next_cap: usize,
     last_cap: Option<usize>,
+    next_ext: usize,
+    last_ext: Option<usize>,
 }
 
 impl fmt::Debug for ConfigSpace {
@@ -131,8 +168,13 @@ impl ConfigSpace {
             w1c: vec![0; CONFIG_SIZE],
             bars: [None; 6],
             msix_cap: None,
+            pcie_cap: None,
+            pm_cap: None,
+            sriov_cap: None,
             next_cap: 0x40,
             last_cap: None,
+            next_ext: 0x100,
+            last_ext: None,
         };
         c.set16(reg::VENDOR_ID, id.vendor_id);
         c.set16(reg::DEVICE_ID, id.device_id);
@@ -271,7 +313,142 @@ impl ConfigSpace {
         body[10..14].copy_from_slice(&(0x1u32 | (1 << 4)).to_le_bytes());
         // Link status: 2.5 GT/s, x1.
         body[16..18].copy_from_slice(&(0x1u16 | (1 << 4)).to_le_bytes());
-        self.add_capability(cap_id::PCIE, &body, &wm)
+        let at = self.add_capability(cap_id::PCIE, &body, &wm)?;
+        self.pcie_cap = Some(at);
+        Ok(at)
+    }
+
+    /// Adds a power management capability (version 3, D0 and D3hot, No
+    /// Soft Reset set: D3hot to D0 keeps the function's state).
+    pub fn add_pm(&mut self) -> Result<usize, BuildError> {
+        // PMC: version 3. PMCSR: No_Soft_Reset (bit 3).
+        let body = [0x03, 0x00, 0x08, 0x00, 0x00, 0x00];
+        // PowerState (bits 1:0) is writable.
+        let wm = [0x00, 0x00, 0x03, 0x00, 0x00, 0x00];
+        let at = self.add_capability(cap_id::PM, &body, &wm)?;
+        self.pm_cap = Some(at);
+        Ok(at)
+    }
+
+    /// Appends an extended capability (offset 0x100 and up): `body` starts
+    /// after the 4-byte header. Returns the capability's offset.
+    pub fn add_ext_capability(
+        &mut self,
+        id: u16,
+        version: u8,
+        body: &[u8],
+        body_wmask: &[u8],
+    ) -> Result<usize, BuildError> {
+        let len = 4 + body.len();
+        let at = self.next_ext;
+        if at + len > CONFIG_SIZE {
+            return Err(BuildError::NoRoom(len));
+        }
+        let header = u32::from(id) | (u32::from(version & 0xf) << 16);
+        self.set32(at, header);
+        self.data[at + 4..at + len].copy_from_slice(body);
+        for (i, m) in body_wmask.iter().enumerate().take(body.len()) {
+            self.wmask[at + 4 + i] = *m;
+        }
+        if let Some(prev) = self.last_ext {
+            let h = self.read32(prev) & 0x000f_ffff;
+            self.set32(prev, h | ((at as u32) << 20));
+        }
+        self.last_ext = Some(at);
+        self.next_ext = (at + len + 3) & !3;
+        Ok(at)
+    }
+
+    /// Adds an SR-IOV capability for `total_vfs` VFs with device id
+    /// `vf_device_id` and the given VF BARs (VF BAR sizing works like a
+    /// normal BAR's). VF Enable, VF MSE, NumVFs and the system page size
+    /// are writable.
+    pub fn add_sriov(
+        &mut self,
+        total_vfs: u16,
+        first_vf_offset: u16,
+        vf_stride: u16,
+        vf_device_id: u16,
+        vf_bars: &[(usize, Bar)],
+    ) -> Result<usize, BuildError> {
+        let mut body = vec![0u8; sriov::SIZE - 4];
+        let mut wm = vec![0u8; sriov::SIZE - 4];
+        let put16 = |b: &mut Vec<u8>, off: usize, v: u16| {
+            b[off - 4..off - 2].copy_from_slice(&v.to_le_bytes());
+        };
+        let put32 = |b: &mut Vec<u8>, off: usize, v: u32| {
+            b[off - 4..off].copy_from_slice(&v.to_le_bytes());
+        };
+        put16(&mut wm, sriov::CONTROL, sriov::CTL_VF_ENABLE | sriov::CTL_VF_MSE);
+        put16(&mut body, sriov::INITIAL_VFS, total_vfs);
+        put16(&mut body, sriov::TOTAL_VFS, total_vfs);
+        put16(&mut wm, sriov::NUM_VFS, 0xffff);
+        put16(&mut body, sriov::FIRST_VF_OFFSET, first_vf_offset);
+        put16(&mut body, sriov::VF_STRIDE, vf_stride);
+        put16(&mut body, sriov::VF_DEVICE_ID, vf_device_id);
+        // 4 KiB pages only.
+        put32(&mut body, sriov::SUPPORTED_PAGE_SIZES, 1);
+        put32(&mut body, sriov::SYSTEM_PAGE_SIZE, 1);
+        for &(i, bar) in vf_bars {
+            if i >= 6 || (bar.kind == BarKind::Mem64 && i >= 5) {
+                return Err(BuildError::BarIndex(i));
+            }
+            if !bar.size.is_power_of_two() || bar.size < 16 {
+                return Err(BuildError::BarSize(i, bar.size));
+            }
+            let off = sriov::VF_BAR0 + 4 * i;
+            let mut low = 0u32;
+            if bar.kind == BarKind::Mem64 {
+                low |= 0b100;
+            }
+            if bar.prefetchable {
+                low |= 0b1000;
+            }
+            put32(&mut body, off, low);
+            let mask = !(bar.size - 1);
+            put32(&mut wm, off, (mask as u32) & !0xf);
+            if bar.kind == BarKind::Mem64 {
+                put32(&mut wm, off + 4, (mask >> 32) as u32);
+            }
+        }
+        let at = self.add_ext_capability(ext_cap_id::SRIOV, 1, &body, &wm)?;
+        self.sriov_cap = Some(at);
+        Ok(at)
+    }
+
+    /// Where the standard capability `id` is, if present.
+    pub fn capability(&self, id: u8) -> Option<usize> {
+        let mut at = usize::from(self.data[reg::CAPABILITIES]);
+        let mut hops = 0;
+        while at >= 0x40 && at < 0x100 && hops < 48 {
+            if self.data[at] == id {
+                return Some(at);
+            }
+            at = usize::from(self.data[at + 1]);
+            hops += 1;
+        }
+        None
+    }
+
+    /// Where the SR-IOV capability is, if present.
+    pub fn sriov_cap(&self) -> Option<usize> {
+        self.sriov_cap
+    }
+
+    /// The SR-IOV state: (VF Enable, NumVFs).
+    pub fn sriov_state(&self) -> Option<(bool, u16)> {
+        let at = self.sriov_cap?;
+        let ctl = self.read16(at + sriov::CONTROL);
+        Some((
+            ctl & sriov::CTL_VF_ENABLE != 0,
+            self.read16(at + sriov::NUM_VFS),
+        ))
+    }
+
+    /// The current power state (0 = D0 .. 3 = D3hot), if the function has
+    /// a PM capability.
+    pub fn power_state(&self) -> Option<u8> {
+        Some(self.data[self.pm_cap? + 4] & 3)
     }
 
     pub fn read(&self, offset: usize, buf: &mut [u8]) {
@@ -299,6 +476,17 @@ impl ConfigSpace {
     pub fn write(&mut self, offset: usize, data: &[u8]) -> Vec<ConfigEvent> {
         let old_cmd = self.read16(reg::COMMAND);
         let old_msix = self.msix_state();
+        let old_sriov = self.sriov_state();
+        let old_power = self.power_state();
+        // Initiate FLR is bit 15 of PCIe device control; it is not stored.
+        let flr = self.pcie_cap.is_some_and(|cap| {
+            let hi = cap + 9;
+            offset <= hi
+                && hi
+                    .checked_sub(offset)
+                    .and_then(|i| data.get(i))
+                    .is_some_and(|b| b & 0x80 != 0)
+        });
         for (i, &v) in data.iter().enumerate() {
             let Some(o) = offset.checked_add(i).filter(|o| *o < CONFIG_SIZE) else {
                 break;
@@ -321,6 +509,20 @@ impl ConfigSpace {
             if let Some((enabled, masked)) = new_msix {
                 events.push(ConfigEvent::MsixControl { enabled, masked });
             }
+        }
+        let new_sriov = self.sriov_state();
+        if new_sriov != old_sriov {
+            if let Some((vf_enable, num_vfs)) = new_sriov {
+                events.push(ConfigEvent::Sriov { vf_enable, num_vfs });
+            }
+        }
+        if let (Some(old), Some(new)) = (old_power, self.power_state()) {
+            if old != new {
+                events.push(ConfigEvent::PowerState { old, new });
+            }
+        }
+        if flr {
+            events.push(ConfigEvent::FunctionLevelReset);
         }
         events
     }
@@ -503,5 +705,49 @@ mod tests {
         let pristine = dev();
         c.reset(&pristine);
         assert_eq!(c.command(), 0);
+    }
+
+    #[test]
+    fn sriov_pm_and_flr() {
+        let mut c = dev();
+        let pm = c.add_pm().unwrap();
+        let vf_bar = Bar {
+            size: 0x4000,
+            kind: BarKind::Mem64,
+            prefetchable: false,
+        };
+        let at = c.add_sriov(4, 1, 1, 0x1234, &[(0, vf_bar)]).unwrap();
+        assert_eq!(at, 0x100);
+        assert_eq!(c.read32(at) & 0xffff, u32::from(ext_cap_id::SRIOV));
+        assert_eq!(c.read32(at) >> 20, 0, "last in the list");
+        assert_eq!(c.capability(cap_id::PM), Some(pm));
+        assert_eq!(c.read16(at + sriov::TOTAL_VFS), 4);
+        // VF BAR sizing: all ones reads back the size mask.
+        c.write(at + sriov::VF_BAR0, &[0xff; 4]);
+        c.write(at + sriov::VF_BAR0 + 4, &[0xff; 4]);
+        assert_eq!(c.read32(at + sriov::VF_BAR0), 0xffff_c004);
+        assert_eq!(c.read32(at + sriov::VF_BAR0 + 4), 0xffff_ffff);
+        let ev = c.write(at + sriov::NUM_VFS, &2u16.to_le_bytes());
+        assert_eq!(
+            ev,
+            vec![ConfigEvent::Sriov {
+                vf_enable: false,
+                num_vfs: 2
+            }]
+        );
+        let ev = c.write(at + sriov::CONTROL, &1u16.to_le_bytes());
+        assert_eq!(
+            ev,
+            vec![ConfigEvent::Sriov {
+                vf_enable: true,
+                num_vfs: 2
+            }]
+        );
+        let ev = c.write(pm + 4, &3u16.to_le_bytes());
+        assert_eq!(ev, vec![ConfigEvent::PowerState { old: 0, new: 3 }]);
+        let pcie = c.capability(cap_id::PCIE).unwrap();
+        let ev = c.write(pcie + 8, &0x8000u16.to_le_bytes());
+        assert_eq!(ev, vec![ConfigEvent::FunctionLevelReset]);
+        assert_eq!(c.read16(pcie + 8) & 0x8000, 0, "Initiate FLR reads as 0");
     }
 }
