@@ -119,6 +119,14 @@ impl DmaSpace {
         Ok(())
     }
 
+    /// Forgets every mapping (the client went away).
+    pub fn clear(&self) {
+        let mut regions = write(&self.regions);
+        regions.clear();
+        write(&self.opaque).clear();
+        *write(&self.snapshot) = None;
+    }
+
     /// Whether `len` bytes at `address` are all inside mapped memory.
     pub fn contains(&self, address: u64, len: usize) -> bool {
         self.memory().is_some_and(|m| {
