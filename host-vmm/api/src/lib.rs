@@ -24,6 +24,9 @@ pub mod routes {
     pub const CHANNEL_INFO: &str = "/api/v1/channel.info";
     pub const CHANNEL_PING: &str = "/api/v1/channel.ping";
     pub const CHANNEL_INJECT: &str = "/api/v1/channel.inject";
+    pub const DEVICE_LIST: &str = "/api/v1/device.list";
+    pub const DEVICE_ATTACH: &str = "/api/v1/device.attach";
+    pub const DEVICE_DETACH: &str = "/api/v1/device.detach";
     /// Every route with its method, for the OpenAPI check.
     pub const ALL: &[(&str, &str)] = &[
         ("get", PING),
@@ -34,5 +37,8 @@ pub mod routes {
         ("get", CHANNEL_INFO),
         ("put", CHANNEL_PING),
         ("put", CHANNEL_INJECT),
+        ("get", DEVICE_LIST),
+        ("put", DEVICE_ATTACH),
+        ("put", DEVICE_DETACH),
     ];
 }

@@ -100,3 +100,54 @@ pub struct ShutdownResponse {
 pub struct ApiError {
     pub error: String,
 }
+
+/// Attach a PCI function served over vfio-user (for example an NVMe VF
+/// from `tandem device-server nvme`) to a free hot-plug root port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceAttachRequest {
+    /// QEMU device id; must be unique in the VM.
+    pub id: String,
+    /// The function's vfio-user socket.
+    pub socket: String,
+    /// The device server's own API socket, if it has one: `device show`
+    /// asks it for the function's state (the host proxy view).
+    #[serde(default)]
+    pub server_api: Option<String>,
+    /// The VF number on that server (0: the PF).
+    #[serde(default)]
+    pub vf: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDetachRequest {
+    pub id: String,
+    /// How long the guest gets to release the function.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// A function attached to the VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttachedDevice {
+    pub id: String,
+    pub socket: String,
+    pub port: String,
+    pub server_api: Option<String>,
+    pub vf: u16,
+    /// Milliseconds since the VM started when it was attached.
+    pub attached_at_ms: u64,
+    /// The device server's view of the function (enabled, queues, power
+    /// state, in-flight commands); absent when it cannot be asked.
+    #[serde(default)]
+    pub state: Option<serde_json::Value>,
+    /// Why `state` is absent.
+    #[serde(default)]
+    pub state_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceList {
+    pub devices: Vec<AttachedDevice>,
+    /// Hot-plug root ports not in use.
+    pub free_ports: Vec<String>,
+}

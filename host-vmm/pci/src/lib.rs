@@ -302,8 +302,10 @@ impl ConfigSpace {
         let mut body = vec![0u8; 0x3a];
         // Capabilities register: version 2, device/port type 0 (endpoint).
         body[0] = 0x02;
-        // Device capabilities: max payload 128 bytes, function-level reset.
-        body[2..6].copy_from_slice(&(1u32 << 28).to_le_bytes());
+        // Device capabilities: max payload 128 bytes, role-based error
+        // reporting (mandatory since PCIe 1.1; without it Linux treats the
+        // function as pre-1.1), function-level reset.
+        body[2..6].copy_from_slice(&((1u32 << 15) | (1u32 << 28)).to_le_bytes());
         // Device control (0x08 in the cap): relaxed ordering, no snoop,
         // max payload/read request bits are the guest's to set.
         let mut wm = vec![0u8; 0x3a];
@@ -379,7 +381,11 @@ impl ConfigSpace {
         let put32 = |b: &mut Vec<u8>, off: usize, v: u32| {
             b[off - 4..off].copy_from_slice(&v.to_le_bytes());
         };
-        put16(&mut wm, sriov::CONTROL, sriov::CTL_VF_ENABLE | sriov::CTL_VF_MSE);
+        put16(
+            &mut wm,
+            sriov::CONTROL,
+            sriov::CTL_VF_ENABLE | sriov::CTL_VF_MSE,
+        );
         put16(&mut body, sriov::INITIAL_VFS, total_vfs);
         put16(&mut body, sriov::TOTAL_VFS, total_vfs);
         put16(&mut wm, sriov::NUM_VFS, 0xffff);

@@ -5,6 +5,7 @@
 //! runs VMs, `tandem-api` talks to them, `tandem-image` builds images).
 
 mod channel;
+mod device;
 mod host;
 mod run;
 
@@ -78,6 +79,16 @@ enum Cmd {
         #[command(subcommand)]
         command: channel::ChannelCmd,
     },
+    /// Functions assigned to a VM: attach, detach, show (host proxy view).
+    Device {
+        #[command(subcommand)]
+        command: device::DeviceCmd,
+    },
+    /// The SR-IOV NVMe device server: serve, enable VFs, show, policy.
+    Nvme {
+        #[command(subcommand)]
+        command: device::NvmeCmd,
+    },
     /// Run a device server (started by `tandem run`, not by hand).
     #[command(hide = true)]
     DeviceServer {
@@ -126,7 +137,9 @@ impl Target {
 
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,tandem_vmm=info,tandem_control_device=info")
+        tracing_subscriber::EnvFilter::new(
+            "warn,tandem_vmm=info,tandem_control_device=info,tandem_nvme_device=info",
+        )
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -155,6 +168,8 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Run(args) => runtime()?.block_on(run::run(*args)),
         Cmd::Channel { command } => runtime()?.block_on(channel::channel(command)),
         Cmd::DeviceServer { kind } => channel::device_server(kind),
+        Cmd::Device { command } => runtime()?.block_on(device::device(command)),
+        Cmd::Nvme { command } => device::nvme(command),
         other => runtime()?.block_on(control(other)),
     }
 }
@@ -294,7 +309,9 @@ async fn control(cmd: Cmd) -> Result<i32> {
         | Cmd::Host(_)
         | Cmd::Image { .. }
         | Cmd::Channel { .. }
-        | Cmd::DeviceServer { .. } => {
+        | Cmd::DeviceServer { .. }
+        | Cmd::Device { .. }
+        | Cmd::Nvme { .. } => {
             unreachable!("dispatched in real_main")
         }
     }

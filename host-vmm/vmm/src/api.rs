@@ -58,6 +58,9 @@ pub fn router(vm: Arc<Vm>) -> Router {
         .route(routes::CHANNEL_INFO, get(channel_info))
         .route(routes::CHANNEL_PING, put(channel_ping))
         .route(routes::CHANNEL_INJECT, put(channel_inject))
+        .route(routes::DEVICE_LIST, get(device_list))
+        .route(routes::DEVICE_ATTACH, put(device_attach))
+        .route(routes::DEVICE_DETACH, put(device_detach))
         .fallback(|| async {
             Error(
                 StatusCode::NOT_FOUND,
@@ -227,4 +230,57 @@ async fn channel_inject(
             "unexpected answer".into(),
         )),
     }
+}
+
+fn device_error(e: crate::devices::DeviceError) -> Error {
+    use crate::devices::DeviceError as D;
+    let status = match &e {
+        D::BadId(_) | D::Duplicate(_) | D::NoSocket(_) => StatusCode::BAD_REQUEST,
+        D::NoPort(_) => StatusCode::CONFLICT,
+        D::NotFound(_) => StatusCode::NOT_FOUND,
+        D::Qemu(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        D::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+    };
+    Error(status, e.to_string())
+}
+
+fn body<T: serde::de::DeserializeOwned>(b: &Bytes) -> Result<T, Error> {
+    serde_json::from_slice(b)
+        .map_err(|e| Error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+async fn device_list(State(vm): State<Arc<Vm>>) -> Json<tandem_api::DeviceList> {
+    Json(crate::devices::list(&vm).await)
+}
+
+async fn device_attach(
+    State(vm): State<Arc<Vm>>,
+    b: Bytes,
+) -> Result<Json<tandem_api::AttachedDevice>, Error> {
+    if !matches!(vm.state(), VmState::Running | VmState::Paused) {
+        return Err(Error(
+            StatusCode::CONFLICT,
+            format!("the VM is {}", vm.state()),
+        ));
+    }
+    let req: tandem_api::DeviceAttachRequest = body(&b)?;
+    crate::devices::attach(&vm, req)
+        .await
+        .map(Json)
+        .map_err(device_error)
+}
+
+async fn device_detach(
+    State(vm): State<Arc<Vm>>,
+    b: Bytes,
+) -> Result<Json<serde_json::Value>, Error> {
+    let req: tandem_api::DeviceDetachRequest = body(&b)?;
+    let timeout = req
+        .timeout_s
+        .map(Duration::from_secs)
+        .unwrap_or(crate::devices::DEFAULT_DETACH_TIMEOUT);
+    crate::devices::detach(&vm, &req.id, timeout)
+        .await
+        .map_err(device_error)?;
+    Ok(Json(serde_json::json!({})))
 }

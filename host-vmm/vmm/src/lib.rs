@@ -11,6 +11,7 @@
 pub mod api;
 pub mod config;
 pub mod control;
+pub mod devices;
 pub mod lifecycle;
 pub mod probe;
 pub mod socket;

@@ -32,7 +32,7 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of QEMU's stderr kept for error reports.
 const STDERR_TAIL: usize = 20;
 /// Hot-plug root ports every machine gets.
-const ROOT_PORTS: u32 = 2;
+pub(crate) const ROOT_PORTS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -70,6 +70,8 @@ pub struct Vm {
     state_tx: watch::Sender<VmState>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     control: Option<Arc<ControlServer>>,
+    /// Functions hot-plugged through the API, by id.
+    pub(crate) assigned: Mutex<std::collections::BTreeMap<String, tandem_api::AttachedDevice>>,
 }
 
 /// A started VM and the handle to wait for its end.
@@ -193,6 +195,7 @@ impl Vm {
             state_tx,
             stderr_tail,
             control,
+            assigned: Mutex::new(Default::default()),
         });
         if let Err(source) = vm.qmp.execute("cont", None).await {
             if let Ok(Some(status)) = child.try_wait() {
@@ -205,6 +208,10 @@ impl Vm {
         }
         vm.observe(Observed::Started).await;
         Ok(Running { vm, child })
+    }
+
+    pub fn uptime_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     pub fn state(&self) -> VmState {

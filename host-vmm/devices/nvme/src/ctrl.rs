@@ -596,6 +596,16 @@ impl Controller {
                 (Some(self.io(mem, &cmd)), 0)
             };
             if let Some(st) = st {
+                if st & 0x3fff != status::SUCCESS {
+                    debug!(
+                        cntlid = self.params.controller_id,
+                        qid,
+                        opcode = cmd.opcode,
+                        cdw10 = cmd.cdw10,
+                        status = format_args!("{st:#x}"),
+                        "command failed"
+                    );
+                }
                 self.complete(mem, qid, head as u16, cmd.cid, st, dw0, cmd.nsid, fx);
             }
         }

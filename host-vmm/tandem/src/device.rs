@@ -1,0 +1,299 @@
+//! `tandem device ...` (functions assigned to a VM) and `tandem nvme ...`
+//! (the SR-IOV NVMe device server: the host's stand-in adapter).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use serde_json::Value;
+use tandem_api::{routes, AttachedDevice, DeviceAttachRequest, DeviceDetachRequest, DeviceList};
+use tandem_nvme_device::ctrl::HostPolicy;
+use tandem_nvme_device::server::{self, Request, Response};
+
+use crate::Target;
+
+#[derive(Subcommand)]
+pub enum DeviceCmd {
+    /// Hot-plug a function served over vfio-user into the VM.
+    Attach {
+        /// Device id in the VM (e.g. nvme-vf1).
+        id: String,
+        /// The function's vfio-user socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// An NVMe device server's socket directory: attach its VF `--vf`.
+        #[arg(long, conflicts_with = "socket")]
+        nvme_dir: Option<PathBuf>,
+        /// VF number on that server (0: the PF).
+        #[arg(long, default_value_t = 1)]
+        vf: u16,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Hot-remove a function (the guest releases it first).
+    Detach {
+        id: String,
+        /// Seconds the guest gets to release it.
+        #[arg(long, default_value_t = 15)]
+        timeout: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Attached functions and what their guest drivers did with them.
+    Show {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NvmeCmd {
+    /// Run the SR-IOV NVMe device server in the foreground.
+    Serve {
+        /// Directory for its sockets (pf.sock, vf<N>.sock, api.sock).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Raw disk of the PF's namespace.
+        #[arg(long)]
+        pf_disk: Option<PathBuf>,
+        /// Raw disk of each VF's namespace, in VF order; their number is
+        /// TotalVFs.
+        #[arg(long)]
+        vf_disk: Vec<PathBuf>,
+        #[arg(long, default_value = "TANDEM0001")]
+        serial: String,
+    },
+    /// Enable `count` VFs (0 disables them all).
+    Vfs {
+        count: u16,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// The PF and its VFs, as the device sees them.
+    Show {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The host policy of one function, enforced by the device.
+    Policy {
+        #[arg(long)]
+        dir: PathBuf,
+        /// VF number (0: the PF).
+        #[arg(long)]
+        vf: u16,
+        /// Stop fetching I/O and refuse controller resets.
+        #[arg(long)]
+        frozen: bool,
+        /// Ceiling on the I/O queues the guest may create.
+        #[arg(long)]
+        max_io_queues: Option<u16>,
+    },
+}
+
+fn nvme_request(dir: &std::path::Path, req: &Request) -> Result<Response> {
+    let path = server::api_socket(dir);
+    let mut s = UnixStream::connect(&path)
+        .with_context(|| format!("cannot reach the NVMe device server at {}", path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    let r: Response = serde_json::from_str(&answer).context("bad answer from the device server")?;
+    if let Response::Error { message } = &r {
+        bail!("{message}");
+    }
+    Ok(r)
+}
+
+fn print_function(f: &Value, indent: &str) {
+    let c = &f["controller"];
+    let yes = |v: &Value| {
+        if v.as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        }
+    };
+    println!(
+        "{indent}enabled {} ready {} fatal {} | bus master {} memory {} msi-x {} | power D{}",
+        yes(&c["enabled"]),
+        yes(&c["ready"]),
+        yes(&c["fatal"]),
+        yes(&f["bus_master"]),
+        yes(&f["memory_enable"]),
+        yes(&f["msix_enabled"]),
+        f["power_state"]
+            .as_u64()
+            .map_or("-".into(), |p| p.to_string())
+    );
+    let queues = c["queues"].as_array().map_or(0, Vec::len);
+    println!(
+        "{indent}I/O queues granted {} | queues {} | in flight {} (AERs {}) | frozen {} | queue ceiling {}",
+        c["io_queues_granted"],
+        queues,
+        c["in_flight"],
+        c["aers_outstanding"],
+        yes(&c["policy"]["frozen"]),
+        c["policy"]["max_io_queues"].as_u64().map_or("none".into(), |v| v.to_string())
+    );
+    let s = &c["stats"];
+    println!(
+        "{indent}reads {} writes {} flushes {} | dma faults {} | bad doorbells {} | resets {} (FLR {}) | policy refusals {} | errors {}",
+        s["reads"], s["writes"], s["flushes"], s["dma_faults"], s["invalid_doorbells"],
+        s["controller_resets"], f["function_resets"], s["policy_refusals"], s["error_completions"]
+    );
+    if let Some(ns) = f["namespaces"].as_array() {
+        for (i, n) in ns.iter().enumerate() {
+            println!("{indent}namespace {}: {}", i + 1, n.as_str().unwrap_or("?"));
+        }
+    }
+}
+
+pub fn nvme(cmd: NvmeCmd) -> Result<i32> {
+    match cmd {
+        NvmeCmd::Serve {
+            dir,
+            pf_disk,
+            vf_disk,
+            serial,
+        } => {
+            server::run(server::ServerConfig {
+                dir,
+                pf_disk,
+                vf_disks: vf_disk,
+                serial,
+            })
+            .context("NVMe device server")?;
+            Ok(0)
+        }
+        NvmeCmd::Vfs { count, dir } => {
+            nvme_request(&dir, &Request::SetVfs { count })?;
+            for n in 1..=count {
+                println!("VF {n}: {}", server::vf_socket(&dir, n).display());
+            }
+            Ok(0)
+        }
+        NvmeCmd::Show { dir, json } => {
+            let Response::Info(info) = nvme_request(&dir, &Request::Info)? else {
+                bail!("unexpected answer");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+                return Ok(0);
+            }
+            println!(
+                "PF ({}), {} VFs possible",
+                info.pf_socket.display(),
+                info.total_vfs
+            );
+            print_function(&info.pf, "  ");
+            for vf in &info.vfs {
+                println!(
+                    "VF {} ({}){}",
+                    vf.vf,
+                    vf.socket.display(),
+                    if vf.connected { ", attached" } else { "" }
+                );
+                print_function(&vf.function, "  ");
+            }
+            Ok(0)
+        }
+        NvmeCmd::Policy {
+            dir,
+            vf,
+            frozen,
+            max_io_queues,
+        } => {
+            nvme_request(
+                &dir,
+                &Request::SetPolicy {
+                    vf,
+                    policy: HostPolicy {
+                        frozen,
+                        max_io_queues,
+                    },
+                },
+            )?;
+            Ok(0)
+        }
+    }
+}
+
+pub async fn device(cmd: DeviceCmd) -> Result<i32> {
+    match cmd {
+        DeviceCmd::Attach {
+            id,
+            socket,
+            nvme_dir,
+            vf,
+            target,
+        } => {
+            let (socket, server_api) = match (socket, nvme_dir) {
+                (Some(s), None) => (s, None),
+                (None, Some(d)) => {
+                    let s = if vf == 0 {
+                        server::pf_socket(&d)
+                    } else {
+                        server::vf_socket(&d, vf)
+                    };
+                    (s, Some(server::api_socket(&d).display().to_string()))
+                }
+                _ => bail!("name the function with --socket or --nvme-dir"),
+            };
+            let req = DeviceAttachRequest {
+                id,
+                socket: socket.display().to_string(),
+                server_api,
+                vf,
+            };
+            let d: AttachedDevice = target.client().put(routes::DEVICE_ATTACH, &req).await?;
+            println!("attached {} at {} ({})", d.id, d.port, d.socket);
+            Ok(0)
+        }
+        DeviceCmd::Detach {
+            id,
+            timeout,
+            target,
+        } => {
+            let req = DeviceDetachRequest {
+                id: id.clone(),
+                timeout_s: Some(timeout),
+            };
+            let client = target
+                .client()
+                .with_timeout(Duration::from_secs(timeout + 10));
+            let _: Value = client.put(routes::DEVICE_DETACH, &req).await?;
+            println!("detached {id}");
+            Ok(0)
+        }
+        DeviceCmd::Show { json, target } => {
+            let l: DeviceList = target.client().get(routes::DEVICE_LIST).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+                return Ok(0);
+            }
+            if l.devices.is_empty() {
+                println!("no functions attached");
+            }
+            for d in &l.devices {
+                println!("{} at {} ({}, VF {})", d.id, d.port, d.socket, d.vf);
+                match (&d.state, &d.state_error) {
+                    (Some(s), _) => print_function(&s["function"], "  "),
+                    (None, Some(e)) => println!("  state unknown: {e}"),
+                    (None, None) => println!("  state unknown: no device server API"),
+                }
+            }
+            println!("free root ports: {}", l.free_ports.join(", "));
+            Ok(0)
+        }
+    }
+}

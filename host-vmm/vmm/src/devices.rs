@@ -1,0 +1,214 @@
+//! Functions assigned to a running VM: hot-plug into a free root port,
+//! hot-remove, and the host proxy view (what the function's device server
+//! reports about what the guest driver did with it).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tandem_api::{AttachedDevice, DeviceAttachRequest, DeviceList};
+use tandem_engine::cmdline::root_port_id;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tracing::info;
+
+use crate::control::CONTROL_ID;
+use crate::vm::{Vm, ROOT_PORTS};
+
+/// How long a device server gets to answer a state query.
+const SERVER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default time the guest gets to release a function on detach.
+pub const DEFAULT_DETACH_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device id {0:?} is not usable: ids are 1-64 letters, digits, '-' or '_'")]
+    BadId(String),
+    #[error("a device with id {0:?} is already attached")]
+    Duplicate(String),
+    #[error("socket {0} does not exist (is the device server running, and the VF enabled?)")]
+    NoSocket(String),
+    #[error("no free hot-plug root port (the VM has {0})")]
+    NoPort(u32),
+    #[error("no device with id {0:?} is attached")]
+    NotFound(String),
+    #[error("QEMU refused: {0}")]
+    Qemu(String),
+    #[error("the guest did not release {id} within {after:?}")]
+    Timeout { id: String, after: Duration },
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && id != CONTROL_ID
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn free_ports(vm: &Vm) -> Vec<String> {
+    let used: Vec<String> = lock(&vm.assigned)
+        .values()
+        .map(|d| d.port.clone())
+        .collect();
+    // Port 0 carries the control device.
+    (1..ROOT_PORTS)
+        .map(root_port_id)
+        .filter(|p| !used.contains(p))
+        .collect()
+}
+
+pub async fn attach(vm: &Arc<Vm>, req: DeviceAttachRequest) -> Result<AttachedDevice, DeviceError> {
+    if !valid_id(&req.id) {
+        return Err(DeviceError::BadId(req.id));
+    }
+    if !Path::new(&req.socket).exists() {
+        return Err(DeviceError::NoSocket(req.socket));
+    }
+    let port = {
+        let assigned = lock(&vm.assigned);
+        if assigned.contains_key(&req.id) {
+            return Err(DeviceError::Duplicate(req.id));
+        }
+        drop(assigned);
+        free_ports(vm)
+            .into_iter()
+            .next()
+            .ok_or(DeviceError::NoPort(ROOT_PORTS))?
+    };
+    let dev = AttachedDevice {
+        id: req.id.clone(),
+        socket: req.socket.clone(),
+        port: port.clone(),
+        server_api: req.server_api.clone(),
+        vf: req.vf,
+        attached_at_ms: vm.uptime_ms(),
+        state: None,
+        state_error: None,
+    };
+    // Reserve the port before the (slow) device_add.
+    lock(&vm.assigned).insert(req.id.clone(), dev.clone());
+    let args = json!({
+        "driver": "vfio-user-pci",
+        "id": req.id,
+        "bus": port,
+        "socket": {"type": "unix", "path": req.socket},
+    });
+    if let Err(e) = vm.qmp().execute("device_add", Some(args)).await {
+        lock(&vm.assigned).remove(&req.id);
+        return Err(DeviceError::Qemu(e.to_string()));
+    }
+    info!(id = %req.id, port = %port, socket = %req.socket, "function attached");
+    Ok(dev)
+}
+
+pub async fn detach(vm: &Arc<Vm>, id: &str, timeout: Duration) -> Result<(), DeviceError> {
+    if !lock(&vm.assigned).contains_key(id) {
+        return Err(DeviceError::NotFound(id.into()));
+    }
+    let mut events = vm.qmp().subscribe();
+    match vm
+        .qmp()
+        .execute("device_del", Some(json!({"id": id})))
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.to_string().contains("not found") => {
+            lock(&vm.assigned).remove(id);
+            return Ok(());
+        }
+        Err(e) => return Err(DeviceError::Qemu(e.to_string())),
+    }
+    let gone = tokio::time::timeout(timeout, async {
+        while let Ok(ev) = events.recv().await {
+            if ev.name == "DEVICE_DELETED"
+                && ev.data.get("device").and_then(Value::as_str) == Some(id)
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if !matches!(gone, Ok(true)) {
+        return Err(DeviceError::Timeout {
+            id: id.into(),
+            after: timeout,
+        });
+    }
+    lock(&vm.assigned).remove(id);
+    info!(id, "function detached");
+    Ok(())
+}
+
+/// Asks a device server (JSON lines) for its state.
+pub async fn server_info(api: &str) -> Result<Value, String> {
+    let q = async {
+        let mut s = UnixStream::connect(api)
+            .await
+            .map_err(|e| format!("connect {api}: {e}"))?;
+        s.write_all(b"{\"op\":\"info\"}\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str::<Value>(&line).map_err(|e| format!("bad answer from {api}: {e}"))
+    };
+    tokio::time::timeout(SERVER_TIMEOUT, q)
+        .await
+        .map_err(|_| format!("{api} did not answer within {SERVER_TIMEOUT:?}"))?
+}
+
+pub async fn list(vm: &Arc<Vm>) -> DeviceList {
+    let mut devices: Vec<AttachedDevice> = lock(&vm.assigned).values().cloned().collect();
+    for d in &mut devices {
+        let Some(api) = &d.server_api else { continue };
+        match server_info(api).await {
+            Ok(v) => {
+                let f = if d.vf == 0 {
+                    v.get("pf").cloned()
+                } else {
+                    v.get("vfs")
+                        .and_then(Value::as_array)
+                        .and_then(|a| {
+                            a.iter().find(|x| {
+                                x.get("vf").and_then(Value::as_u64) == Some(u64::from(d.vf))
+                            })
+                        })
+                        .cloned()
+                };
+                match f {
+                    Some(f) => d.state = Some(f),
+                    None => d.state_error = Some(format!("the server no longer has VF {}", d.vf)),
+                }
+            }
+            Err(e) => d.state_error = Some(e),
+        }
+    }
+    DeviceList {
+        devices,
+        free_ports: free_ports(vm),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_id;
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("nvme-vf1"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("a,b"));
+        assert!(!valid_id("tandem-ctl"));
+        assert!(!valid_id(&"x".repeat(65)));
+    }
+}
