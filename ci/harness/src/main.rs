@@ -6,6 +6,7 @@
 mod boot;
 mod channel;
 mod guest;
+mod nvme;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -53,7 +54,8 @@ fn main() {
             What::E2e { scenario } => match scenario.as_str() {
                 "boot" => boot::e2e().await,
                 "channel" => channel::e2e().await,
-                other => bail!("unknown scenario {other:?} (known: boot, channel)"),
+                "nvme" => nvme::e2e().await,
+                other => bail!("unknown scenario {other:?} (known: boot, channel, nvme)"),
             },
             What::Bench { scenario, runs } => match scenario.as_str() {
                 "boot" => boot::bench(runs).await,

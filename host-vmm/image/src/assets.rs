@@ -62,7 +62,10 @@ pub const ROOTFS: &[Asset] = &[
 ];
 
 /// Small C tools built static into the guest image.
-pub const GUEST_TOOL_SOURCES: &[Asset] = &[asset!("guest-linux/tools/mmio-bench.c")];
+pub const GUEST_TOOL_SOURCES: &[Asset] = &[
+    asset!("guest-linux/tools/mmio-bench.c"),
+    asset!("guest-linux/tools/nvme-hostile.c"),
+];
 
 /// Writes assets under `dir`, keeping their repository-relative paths.
 pub fn write_all(assets: &[Asset], dir: &std::path::Path) -> std::io::Result<()> {

@@ -192,7 +192,10 @@ fn le_put(buf: &mut [u8], at: usize, bytes: &[u8]) {
 
 fn ascii(buf: &mut [u8], at: usize, len: usize, s: &str) {
     let mut field = vec![b' '; len];
-    for (d, c) in field.iter_mut().zip(s.bytes().filter(u8::is_ascii_graphic)) {
+    for (d, c) in field
+        .iter_mut()
+        .zip(s.bytes().filter(|b| b.is_ascii_graphic() || *b == b' '))
+    {
         *d = c;
     }
     le_put(buf, at, &field);
