@@ -1,0 +1,244 @@
+//! The operations behind `tandem disk`: create, info, check, checkpoint,
+//! commit, convert, compare. Long ones report progress through a callback
+//! `(done, total)` in bytes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::chain::{open_layer, probe, Chain, ChainOptions, LayerOptions};
+use crate::checkpoint::{dir_of, fsync_dir, temp_name};
+use crate::error::{DiskError, Result};
+use crate::fault::FaultHook;
+use crate::layer::{BlockDevice, Format, Layer, Status};
+use crate::qcow2::Qcow2Layer;
+use crate::raw::RawLayer;
+use crate::vhdx::{VhdxCreateOptions, VhdxLayer, VhdxParent};
+
+/// Progress callback: bytes done, bytes total.
+pub type Progress<'a> = &'a dyn Fn(u64, u64);
+
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// Creates an image. With a parent, the size defaults to the parent's.
+pub fn create(path: &Path, format: Format, size: Option<u64>, parent: Option<&Path>) -> Result<()> {
+    let parent_info = match parent {
+        Some(p) => {
+            let pf = probe(p)?;
+            let layer = open_layer(p, pf, &LayerOptions::default())?;
+            Some((p, pf, layer.size(), layer.identity()))
+        }
+        None => None,
+    };
+    let size = match (size, &parent_info) {
+        (Some(s), _) => s,
+        (None, Some((_, _, s, _))) => *s,
+        (None, None) => return Err(DiskError::Invalid("a size is needed when there is no parent".into())),
+    };
+    let parent_name = |p: &Path| -> String {
+        // Same directory: store the bare name, so the pair can be moved together.
+        if dir_of(p) == dir_of(path) || fs::canonicalize(dir_of(p)).ok() == fs::canonicalize(dir_of(path)).ok() {
+            p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        } else {
+            fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).to_string_lossy().into_owned()
+        }
+    };
+    match (format, parent_info) {
+        (Format::Raw, None) => RawLayer::create(path, size)?,
+        (Format::Raw, Some(_)) => {
+            return Err(DiskError::Unsupported { path: path.into(), what: "a raw image cannot have a parent".into() })
+        }
+        (Format::Qcow2, p) => {
+            let backing = p.map(|(p, f, _, _)| (parent_name(p), f));
+            Qcow2Layer::create(path, size, backing.as_ref().map(|(n, f)| (n.as_str(), *f)))?
+        }
+        (Format::Vhdx, None) => VhdxLayer::create(path, &VhdxCreateOptions { size, block_size: None, parent: None })?,
+        (Format::Vhdx, Some((p, pf, psize, identity))) => {
+            let Some(linkage) = identity.filter(|_| pf == Format::Vhdx) else {
+                return Err(DiskError::ParentFormat { child: path.into(), parent: p.into(), format: pf.name() });
+            };
+            if psize != size {
+                return Err(DiskError::ParentSize { child: path.into(), parent: p.into(), parent_size: psize, child_size: size });
+            }
+            VhdxLayer::create(path, &VhdxCreateOptions { size, block_size: None, parent: Some(VhdxParent { relative_path: parent_name(p), linkage }) })?
+        }
+    }
+    fsync_dir(&dir_of(path))
+}
+
+/// One layer as `info` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerInfo {
+    pub path: PathBuf,
+    pub format: Format,
+    pub virtual_size: u64,
+    pub allocated_bytes: u64,
+    /// Every layer below the top is sealed (opened read-only, never written).
+    pub sealed: bool,
+}
+
+pub fn info(path: &Path) -> Result<Vec<LayerInfo>> {
+    let chain = Chain::open(path, ChainOptions::default())?;
+    chain
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            Ok(LayerInfo { path: l.path().into(), format: l.format(), virtual_size: l.size(), allocated_bytes: l.allocated_bytes()?, sealed: i > 0 })
+        })
+        .collect()
+}
+
+/// What `check` found.
+#[derive(Clone, Debug, Default)]
+pub struct CheckReport {
+    /// Per layer (top first): its path and the problems found (empty: clean).
+    pub layers: Vec<(PathBuf, Vec<String>)>,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.layers.iter().all(|(_, issues)| issues.is_empty())
+    }
+}
+
+/// Opens the chain (which validates headers, tables, checksums, the log,
+/// every parent link) and runs each layer's own structural check. A chain
+/// that does not open is an `Err` naming the fault.
+pub fn check(path: &Path) -> Result<CheckReport> {
+    let chain = Chain::open(path, ChainOptions::default())?;
+    let mut report = CheckReport::default();
+    for l in chain.layers() {
+        let mut issues = l.check()?;
+        let tmp = temp_name(l.path());
+        if tmp.exists() {
+            issues.push(format!("{} is left from an interrupted checkpoint (harmless; removed by the next one)", tmp.display()));
+        }
+        report.layers.push((l.path().into(), issues));
+    }
+    Ok(report)
+}
+
+/// Checkpoints the chain whose top is `path`. Returns the sealed layer's path.
+pub fn checkpoint(path: &Path, faults: FaultHook) -> Result<PathBuf> {
+    Chain::open(path, ChainOptions { writable: true, format: None, faults })?.checkpoint()
+}
+
+/// Merges the top layer of the chain at `path` into its parent, which then
+/// takes the top's path. Returns the path of the parent's old name (gone now).
+///
+/// Crash safety: while copying, the parent only changes where the top has
+/// data (written with that same data), so the chain still reads the same;
+/// a VHDX parent keeps its DataWriteGuid during the copy so the top's
+/// `parent_linkage` stays valid. After the parent is flushed and closed, one
+/// atomic rename replaces the top with it.
+pub fn commit(path: &Path, faults: FaultHook, progress: Progress) -> Result<PathBuf> {
+    let chain = Chain::open(path, ChainOptions::default())?;
+    let layers = chain.layers();
+    let (Some(top), Some(parent)) = (layers.first().cloned(), layers.get(1).cloned()) else {
+        return Err(DiskError::Invalid(format!("{}: nothing to commit, the image has no parent", path.display())));
+    };
+    let parent_path = parent.path().to_path_buf();
+    if fs::canonicalize(dir_of(&parent_path)).ok() != fs::canonicalize(dir_of(path)).ok() {
+        return Err(DiskError::Unsupported { path: path.into(), what: "commit into a parent in another directory".into() });
+    }
+    let parent_format = parent.format();
+    drop(parent);
+    drop(chain);
+    {
+        let writable_parent = open_layer(
+            &parent_path,
+            parent_format,
+            &LayerOptions { writable: true, keep_data_write_guid: true, faults: faults.clone() },
+        )?;
+        let mut below: Vec<Arc<dyn Layer>> = vec![writable_parent];
+        below.extend(layers.iter().skip(2).cloned());
+        let target = Chain::from_layers(below)?;
+        let size = top.size().min(target.size());
+        let mut pos = 0;
+        while pos < size {
+            let (st, n) = top.status(pos, (size - pos).min(COPY_CHUNK))?;
+            let n = n.min(size - pos);
+            match st {
+                Status::Data => {
+                    let mut buf = vec![0u8; n as usize];
+                    top.read_data(&mut buf, pos)?;
+                    target.write_at(&buf, pos)?;
+                }
+                Status::Zero => target.write_at(&vec![0u8; n as usize], pos)?,
+                Status::Unallocated => {}
+            }
+            pos += n;
+            progress(pos, size);
+            faults.check("commit.copying")?;
+        }
+        target.flush()?;
+        faults.check("commit.parent-flushed")?;
+    }
+    drop(layers);
+    drop(top);
+    fs::rename(&parent_path, path).map_err(|source| DiskError::Io { path: parent_path.clone(), op: "rename parent over the top", source })?;
+    faults.check("commit.renamed")?;
+    fsync_dir(&dir_of(path))?;
+    tracing::info!(top = %path.display(), parent = %parent_path.display(), "commit");
+    Ok(parent_path)
+}
+
+/// Copies the whole chain at `src` into a new single-layer image `dst`.
+/// Only ranges the chain holds are written, so the output stays sparse.
+pub fn convert(src: &Path, dst: &Path, format: Format, progress: Progress) -> Result<()> {
+    let chain = Chain::open(src, ChainOptions::default())?;
+    let size = chain.size();
+    create(dst, format, Some(size), None)?;
+    let out = Chain::open(dst, ChainOptions { writable: true, format: Some(format), faults: FaultHook::default() })?;
+    let mut buf = vec![0u8; COPY_CHUNK as usize];
+    let mut pos = 0;
+    while pos < size {
+        let (allocated, n) = chain.block_status(pos, (size - pos).min(COPY_CHUNK))?;
+        let n = n.clamp(1, size - pos);
+        if allocated {
+            let b = &mut buf[..n as usize];
+            chain.read_at(b, pos)?;
+            if b.iter().any(|&x| x != 0) {
+                out.write_at(b, pos)?;
+            }
+        }
+        pos += n;
+        progress(pos, size);
+    }
+    out.flush()
+}
+
+/// Result of comparing two chains.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Comparison {
+    pub size_a: u64,
+    pub size_b: u64,
+    /// First byte offset whose content differs (past the shorter disk's end,
+    /// the longer one is compared with zeros). `None`: identical.
+    pub first_difference: Option<u64>,
+}
+
+pub fn compare(a: &Path, b: &Path, progress: Progress) -> Result<Comparison> {
+    let ca = Chain::open(a, ChainOptions::default())?;
+    let cb = Chain::open(b, ChainOptions::default())?;
+    let (size_a, size_b) = (ca.size(), cb.size());
+    let total = size_a.max(size_b);
+    let mut ba = vec![0u8; COPY_CHUNK as usize];
+    let mut bb = vec![0u8; COPY_CHUNK as usize];
+    let mut pos = 0;
+    while pos < total {
+        let n = (total - pos).min(COPY_CHUNK) as usize;
+        for (c, buf, size) in [(&ca, &mut ba, size_a), (&cb, &mut bb, size_b)] {
+            let have = size.saturating_sub(pos).min(n as u64) as usize;
+            c.read_at(&mut buf[..have], pos)?;
+            buf[have..n].fill(0);
+        }
+        if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
+            return Ok(Comparison { size_a, size_b, first_difference: Some(pos + i as u64) });
+        }
+        pos += n as u64;
+        progress(pos, total);
+    }
+    Ok(Comparison { size_a, size_b, first_difference: None })
+}
