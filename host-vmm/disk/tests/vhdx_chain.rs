@@ -1,0 +1,183 @@
+//! VHDX differencing chains: reads go down, writes go to the top,
+//! checkpoint and commit survive a crash at every step.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use tandem_disk::ops;
+use tandem_disk::vhdx::{VhdxCreateOptions, VhdxLayer};
+use tandem_disk::{BlockDevice, Chain, ChainOptions, DiskError, FaultHook, Format};
+
+const SIZE: u64 = 160 << 20;
+
+fn writable(p: &Path) -> Chain {
+    Chain::open(p, ChainOptions { writable: true, ..Default::default() }).unwrap()
+}
+
+/// Writes a second pattern set (shifted) so layers differ.
+fn write_more(chain: &Chain, mirror: &Path, seed: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(mirror).unwrap();
+    for (off, len, s) in write_set(chain.size()) {
+        let len = len.min(64 * 1024);
+        let off = (off + 1024).min(chain.size() - len as u64);
+        let data = pattern(len, off, s.wrapping_add(seed));
+        chain.write_at(&data, off).unwrap();
+        f.write_all_at(&data, off).unwrap();
+    }
+    // And one range no earlier layer holds (a block the parent has not allocated).
+    let off = (120 << 20) + 4096 * u64::from(seed % 7);
+    let data = pattern(70 * 1024, off, seed);
+    chain.write_at(&data, off).unwrap();
+    f.write_all_at(&data, off).unwrap();
+    chain.flush().unwrap();
+}
+
+fn setup(dir: &Path, format: Format) -> (std::path::PathBuf, std::path::PathBuf) {
+    let top = dir.join(format!("disk.{}", format.extension()));
+    let mirror = dir.join("mirror.raw");
+    ops::create(&top, format, Some(SIZE), None).unwrap();
+    raw_file(&mirror, SIZE);
+    write_both(&writable(&top), &mirror);
+    (top, mirror)
+}
+
+#[test]
+fn differencing_reads_go_down_and_writes_go_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (top, mirror) = setup(dir.path(), Format::Vhdx);
+    let sealed = ops::checkpoint(&top, FaultHook::default()).unwrap();
+    write_more(&writable(&top), &mirror, 50);
+    assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap());
+    let info = ops::info(&top).unwrap();
+    assert_eq!(info.len(), 2);
+    assert_eq!((info[0].sealed, info[1].sealed), (false, true));
+    assert_eq!(info[1].path, sealed);
+    assert!(info.iter().all(|l| l.format == Format::Vhdx && l.virtual_size == SIZE));
+    // The sealed base is untouched by the child's writes and still passes qemu-img check.
+    assert_qemu_check_clean("vhdx", &sealed);
+    // Flattened, the chain matches the mirror in qemu's eyes too.
+    let flat = dir.path().join("flat.vhdx");
+    ops::convert(&top, &flat, Format::Vhdx, &|_, _| {}).unwrap();
+    assert_qemu_check_clean("vhdx", &flat);
+    assert_qemu_compare(("vhdx", &flat), ("raw", &mirror));
+    assert!(ops::check(&top).unwrap().is_clean());
+}
+
+#[test]
+fn checkpoint_survives_a_crash_at_every_step() {
+    for format in [Format::Vhdx, Format::Qcow2, Format::Raw] {
+        for step in ["checkpoint.child-created", "checkpoint.linked", "checkpoint.renamed", "none"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (top, mirror) = setup(dir.path(), format);
+            let faults = FaultHook::new(move |s| s == step);
+            let r = ops::checkpoint(&top, faults);
+            assert_eq!(r.is_err(), step != "none", "{format} {step}: {r:?}");
+            // Reopen from the files: same content, and it takes writes.
+            assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap(), "{format} after crash at {step}");
+            write_more(&writable(&top), &mirror, 7);
+            assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap(), "{format} writes after crash at {step}");
+            // A later checkpoint completes and the content is unchanged.
+            ops::checkpoint(&top, FaultHook::default()).unwrap();
+            assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap());
+            assert!(ops::check(&top).unwrap().is_clean(), "{format} {step}: {:?}", ops::check(&top));
+        }
+    }
+}
+
+#[test]
+fn commit_survives_a_crash_at_every_step() {
+    let steps = ["vhdx.before-log", "vhdx.log-written", "vhdx.applied", "commit.copying", "commit.parent-flushed", "commit.renamed", "none"];
+    for format in [Format::Vhdx, Format::Qcow2] {
+        for step in steps {
+            let dir = tempfile::tempdir().unwrap();
+            let (top, mirror) = setup(dir.path(), format);
+            ops::checkpoint(&top, FaultHook::default()).unwrap();
+            write_more(&writable(&top), &mirror, 90);
+            let r = ops::commit(&top, FaultHook::new(move |s| s == step), &|_, _| {});
+            let expect_err = step.starts_with("commit") || (format == Format::Vhdx && step != "none");
+            assert_eq!(r.is_err(), expect_err, "{format} {step}: {r:?}");
+            assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap(), "{format} after crash at {step}");
+            // Finish (or redo) the commit; the chain is then one layer with the same content.
+            if ops::info(&top).unwrap().len() > 1 {
+                ops::commit(&top, FaultHook::default(), &|_, _| {}).unwrap();
+            }
+            assert_eq!(ops::info(&top).unwrap().len(), 1, "{format} {step}");
+            assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap(), "{format} committed after {step}");
+            assert_qemu_check_clean(format.name(), &top);
+            assert_qemu_compare((format.name(), &top), ("raw", &mirror));
+        }
+    }
+}
+
+#[test]
+fn parent_with_wrong_identity_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let child = dir.path().join("child.vhdx");
+    ops::create(&base, Format::Vhdx, Some(SIZE), None).unwrap();
+    ops::create(&child, Format::Vhdx, None, Some(&base)).unwrap();
+    assert_eq!(read_all(&child).len() as u64, SIZE);
+    // Writing to the parent gives it a new DataWriteGuid: the child no longer matches.
+    writable(&base).write_at(&[1; 512], 0).unwrap();
+    match Chain::open(&child, ChainOptions::default()) {
+        Err(DiskError::ParentIdentity { .. }) => {}
+        other => panic!("expected ParentIdentity, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn looping_vhdx_chain_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.vhdx");
+    let y = dir.path().join("y.vhdx");
+    let x2 = dir.path().join("x2.vhdx");
+    ops::create(&x, Format::Vhdx, Some(SIZE), None).unwrap();
+    ops::create(&y, Format::Vhdx, None, Some(&x)).unwrap();
+    ops::create(&x2, Format::Vhdx, None, Some(&y)).unwrap();
+    std::fs::rename(&x2, &x).unwrap();
+    match Chain::open(&x, ChainOptions::default()) {
+        Err(DiskError::ChainLoop { .. }) => {}
+        other => panic!("expected ChainLoop, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn concurrent_writers_and_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.vhdx");
+    ops::create(&img, Format::Vhdx, Some(SIZE), None).unwrap();
+    ops::checkpoint(&img, FaultHook::default()).unwrap();
+    let chain = std::sync::Arc::new(writable(&img));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let c = chain.clone();
+            std::thread::spawn(move || {
+                for i in 0..64u64 {
+                    // Interleaved sectors of the same blocks from every thread.
+                    let off = (i * 4 + t) * 512 + (i % 3) * (2 << 20);
+                    c.write_at(&pattern(512, off, t as u8), off).unwrap();
+                    let mut b = vec![0u8; 512];
+                    c.read_at(&mut b, off).unwrap();
+                    assert_eq!(b, pattern(512, off, t as u8));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    chain.flush().unwrap();
+    drop(chain);
+    let data = read_all(&img);
+    for t in 0..4u64 {
+        for i in 0..64u64 {
+            let off = (i * 4 + t) * 512 + (i % 3) * (2 << 20);
+            assert_eq!(&data[off as usize..off as usize + 512], pattern(512, off, t as u8).as_slice());
+        }
+    }
+    let _ = VhdxCreateOptions { size: 0, block_size: None, parent: None };
+    let _ = VhdxLayer::open;
+}
