@@ -60,7 +60,8 @@ fn main() {
             What::Bench { scenario, runs } => match scenario.as_str() {
                 "boot" => boot::bench(runs).await,
                 "channel" => channel::bench(runs).await,
-                other => bail!("unknown benchmark {other:?} (known: boot, channel)"),
+                "nvme" => nvme::bench(runs).await,
+                other => bail!("unknown benchmark {other:?} (known: boot, channel, nvme)"),
             },
         }
     });

@@ -317,3 +317,113 @@ pub async fn e2e() -> Result<()> {
     drop(srv);
     Ok(())
 }
+
+/// One fio job; returns IOPS.
+async fn fio_iops_of(c: &mut Console, dev: &str, rw: &str, qd: u32, secs: u32) -> Result<f64> {
+    let cmd = format!(
+        "fio --name=b --filename={dev} --rw={rw} --bs=4k --size=128M --ioengine=libaio \
+         --direct=1 --iodepth={qd} --time_based --runtime={secs} --ramp_time=1 2>&1"
+    );
+    let (out, st) = c
+        .run(&cmd, Duration::from_secs(u64::from(secs) + 120))
+        .await?;
+    ensure!(
+        st == 0 && out.contains("err= 0"),
+        "fio {rw} QD{qd} on {dev} failed:\n{}",
+        tail(&out, 20)
+    );
+    let key = if rw.contains("read") { "read" } else { "write" };
+    fio_iops(&out, key).with_context(|| format!("no IOPS in fio output:\n{out}"))
+}
+
+/// Finds the block device of the disk with serial `serial` (virtio-blk) or
+/// model (nvme).
+async fn find_dev(c: &mut Console, probe: &str) -> Result<String> {
+    let out = c.check(probe).await?;
+    let d = out.lines().last().unwrap_or("").trim().to_string();
+    ensure!(!d.is_empty(), "no device from {probe:?}");
+    Ok(d)
+}
+
+pub async fn bench(runs: usize) -> Result<()> {
+    let work = tempdir()?;
+    let w = work.path();
+    let vf_disk = w.join("vf1.raw");
+    let srv = start_server(w, std::slice::from_ref(&vf_disk)).await?;
+    tandem_ok(&["nvme", "vfs", "1", "--dir", &srv.dir.display().to_string()]).await?;
+    // Same kind of backing for all three: a sparse raw file of the same size
+    // on the same filesystem, host page cache in use (QEMU: cache=writeback
+    // is what `direct=off` gives).
+    let qemu_nvme = w.join("qemu-nvme.raw");
+    let virtio = w.join("virtio.raw");
+    for p in [&qemu_nvme, &virtio] {
+        std::fs::File::create(p)?.set_len(DISK_BYTES)?;
+    }
+    let d1 = format!("path={},if=nvme,direct=off", qemu_nvme.display());
+    let d2 = format!("path={},if=virtio-blk,direct=off", virtio.display());
+    let mut vm = boot_tandem(
+        w,
+        "bench-nvme",
+        &[
+            "--cpus", "2", "--memory", "1G", "--disk", &d1, "--disk", &d2,
+        ],
+    )
+    .await?;
+    let (ctrl, _) = attach(&mut vm, &srv.dir, 1).await?;
+    let tandem_dev = format!("/dev/{ctrl}n1");
+    let qemu_dev = find_dev(
+        &mut vm.console,
+        "for c in /sys/class/nvme/*; do if grep -q QEMU $c/model; then echo /dev/$(basename $c)n1; fi; done",
+    )
+    .await?;
+    let virtio_dev = find_dev(&mut vm.console, "ls /dev/vd* | head -1").await?;
+    println!("devices: tandem VF {tandem_dev}, QEMU nvme {qemu_dev}, virtio-blk {virtio_dev}");
+    // Fill each once so reads hit allocated blocks everywhere.
+    for d in [&tandem_dev, &qemu_dev, &virtio_dev] {
+        vm.console
+            .run(
+                &format!("dd if=/dev/zero of={d} bs=1M count=128 oflag=direct 2>/dev/null"),
+                Duration::from_secs(300),
+            )
+            .await?;
+    }
+    let secs = 8;
+    println!("fio 4k, {secs} s per run, median of {runs}; IOPS");
+    println!(
+        "{:<14} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "workload", "tandem-vf", "qemu-nvme", "virtio-blk", "vs nvme", "vs virtio"
+    );
+    let mut ratios = Vec::new();
+    for (rw, qd) in [
+        ("randread", 1),
+        ("randwrite", 1),
+        ("randread", 32),
+        ("randwrite", 32),
+    ] {
+        let mut fig = Vec::new();
+        for d in [&tandem_dev, &qemu_dev, &virtio_dev] {
+            let mut v = Vec::new();
+            for _ in 0..runs {
+                v.push(fio_iops_of(&mut vm.console, d, rw, qd, secs).await?);
+            }
+            fig.push(crate::median(&mut v));
+        }
+        let (t, q, v) = (fig[0], fig[1], fig[2]);
+        println!(
+            "{:<14} {:>10.0} {:>10.0} {:>10.0} {:>8.2}x {:>8.2}x",
+            format!("{rw} QD{qd}"),
+            t,
+            q,
+            v,
+            t / q,
+            t / v
+        );
+        ratios.push(t / q);
+    }
+    let geo = ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64;
+    println!(
+        "tandem VF vs QEMU nvme, geometric mean: {:.2}x (goal >= 1.0x, aim 1.5x)",
+        geo.exp()
+    );
+    Ok(())
+}
