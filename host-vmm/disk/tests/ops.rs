@@ -1,0 +1,86 @@
+//! convert and compare across every format pair.
+
+mod common;
+
+use common::*;
+use tandem_disk::{ops, BlockDevice, Chain, ChainOptions, FaultHook, Format};
+
+const SIZE: u64 = 80 << 20;
+
+#[test]
+fn convert_every_format_to_every_format() {
+    let formats = [Format::Raw, Format::Qcow2, Format::Vhdx];
+    for src_format in formats {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join(format!("src.{}", src_format.extension()));
+        let mirror = dir.path().join("mirror.raw");
+        ops::create(&src, src_format, Some(SIZE), None).unwrap();
+        raw_file(&mirror, SIZE);
+        write_both(&Chain::open(&src, ChainOptions { writable: true, ..Default::default() }).unwrap(), &mirror);
+        if src_format != Format::Raw {
+            // A two-layer chain, flattened by convert.
+            ops::checkpoint(&src, FaultHook::default()).unwrap();
+            let c = Chain::open(&src, ChainOptions { writable: true, ..Default::default() }).unwrap();
+            let d = pattern(8192, 50 << 20, 3);
+            c.write_at(&d, 50 << 20).unwrap();
+            c.flush().unwrap();
+            use std::os::unix::fs::FileExt;
+            std::fs::OpenOptions::new().write(true).open(&mirror).unwrap().write_all_at(&d, 50 << 20).unwrap();
+        }
+        for dst_format in formats {
+            let dst = dir.path().join(format!("dst.{}", dst_format.extension()));
+            let _ = std::fs::remove_file(&dst);
+            let last = std::cell::Cell::new(0);
+            ops::convert(&src, &dst, dst_format, &|done, total| {
+                assert!(done <= total && done >= last.get());
+                last.set(done);
+            })
+            .unwrap();
+            assert_eq!(last.get(), SIZE);
+            assert_eq!(ops::info(&dst).unwrap().len(), 1);
+            if dst_format != Format::Raw {
+                assert_qemu_check_clean(dst_format.name(), &dst);
+            }
+            assert_qemu_compare((dst_format.name(), &dst), ("raw", &mirror));
+            let cmp = ops::compare(&src, &dst, &|_, _| {}).unwrap();
+            assert_eq!(cmp.first_difference, None, "{src_format} -> {dst_format}");
+        }
+    }
+}
+
+#[test]
+fn compare_reports_the_first_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.vhdx");
+    let b = dir.path().join("b.qcow2");
+    ops::create(&a, Format::Vhdx, Some(SIZE), None).unwrap();
+    ops::create(&b, Format::Qcow2, Some(SIZE), None).unwrap();
+    assert_eq!(ops::compare(&a, &b, &|_, _| {}).unwrap().first_difference, None);
+    let mut d = vec![0u8; 4096];
+    d[1234] = 1;
+    Chain::open(&b, ChainOptions { writable: true, ..Default::default() }).unwrap().write_at(&d, 40 << 20).unwrap();
+    let cmp = ops::compare(&a, &b, &|_, _| {}).unwrap();
+    assert_eq!(cmp.first_difference, Some((40 << 20) + 1234));
+    // A longer disk whose tail is zero compares equal over the common part.
+    let c = dir.path().join("c.img");
+    ops::create(&c, Format::Raw, Some(SIZE + 4096), None).unwrap();
+    let cmp = ops::compare(&a, &c, &|_, _| {}).unwrap();
+    assert_eq!((cmp.first_difference, cmp.size_b), (None, SIZE + 4096));
+}
+
+#[test]
+fn create_with_parent_and_info() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let child = dir.path().join("child.vhdx");
+    ops::create(&base, Format::Vhdx, Some(SIZE), None).unwrap();
+    ops::create(&child, Format::Vhdx, None, Some(&base)).unwrap();
+    let info = ops::info(&child).unwrap();
+    assert_eq!(info.len(), 2);
+    assert_eq!(info[0].virtual_size, SIZE);
+    assert!(info[0].allocated_bytes > 0 && !info[0].sealed && info[1].sealed);
+    let q = dir.path().join("child.qcow2");
+    ops::create(&q, Format::Qcow2, None, Some(&base)).unwrap();
+    assert_eq!(ops::info(&q).unwrap().iter().map(|l| l.format).collect::<Vec<_>>(), vec![Format::Qcow2, Format::Vhdx]);
+    assert!(ops::create(&dir.path().join("r.img"), Format::Raw, None, Some(&base)).is_err());
+}
