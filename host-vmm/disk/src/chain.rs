@@ -49,7 +49,11 @@ pub fn open_layer(path: &Path, format: Format, opts: &LayerOptions) -> Result<Ar
         Format::Qcow2 => Arc::new(Qcow2Layer::open(path, opts.writable)?),
         Format::Vhdx => Arc::new(VhdxLayer::open(
             path,
-            VhdxOpenOptions { writable: opts.writable, keep_data_write_guid: opts.keep_data_write_guid, faults: opts.faults.clone() },
+            VhdxOpenOptions {
+                writable: opts.writable,
+                keep_data_write_guid: opts.keep_data_write_guid,
+                faults: opts.faults.clone(),
+            },
         )?),
     })
 }
@@ -70,7 +74,10 @@ pub fn open_parents(top: Arc<dyn Layer>) -> Result<Vec<Arc<dyn Layer>>> {
     seen.insert(fs::canonicalize(top.path()).ctx(top.path(), "resolve path")?);
     let mut layers = vec![top];
     loop {
-        let child = layers.last().cloned().ok_or_else(|| DiskError::Invalid("empty chain".into()))?;
+        let child = layers
+            .last()
+            .cloned()
+            .ok_or_else(|| DiskError::Invalid("empty chain".into()))?;
         let Some(parent) = child.parent() else { break };
         let canonical = fs::canonicalize(&parent.path).ctx(&parent.path, "open parent")?;
         if !seen.insert(canonical) {
@@ -84,7 +91,11 @@ pub fn open_parents(top: Arc<dyn Layer>) -> Result<Vec<Arc<dyn Layer>>> {
             None => probe(&parent.path)?,
         };
         if child.format() == Format::Vhdx && format != Format::Vhdx {
-            return Err(DiskError::ParentFormat { child: child.path().into(), parent: parent.path, format: format.name() });
+            return Err(DiskError::ParentFormat {
+                child: child.path().into(),
+                parent: parent.path,
+                format: format.name(),
+            });
         }
         let p = open_layer(&parent.path, format, &LayerOptions::default())?;
         if !parent.identity.is_empty() {
@@ -93,13 +104,23 @@ pub fn open_parents(top: Arc<dyn Layer>) -> Result<Vec<Arc<dyn Layer>>> {
                 return Err(DiskError::ParentIdentity {
                     child: child.path().into(),
                     parent: parent.path,
-                    expected: parent.identity.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(" or "),
+                    expected: parent
+                        .identity
+                        .iter()
+                        .map(|g| g.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or "),
                     found: found.map_or_else(|| "none".into(), |g| g.to_string()),
                 });
             }
         }
         if child.format() == Format::Vhdx && p.size() != child.size() {
-            return Err(DiskError::ParentSize { child: child.path().into(), parent: parent.path, parent_size: p.size(), child_size: child.size() });
+            return Err(DiskError::ParentSize {
+                child: child.path().into(),
+                parent: parent.path,
+                parent_size: p.size(),
+                child_size: child.size(),
+            });
         }
         layers.push(p);
     }
@@ -118,7 +139,12 @@ pub struct Chain {
 impl Chain {
     pub fn open(path: &Path, opts: ChainOptions) -> Result<Chain> {
         let layers = Self::open_layers(path, &opts)?;
-        Ok(Chain { layers: RwLock::new(layers), cow: Mutex::new(()), opts, top_path: path.to_path_buf() })
+        Ok(Chain {
+            layers: RwLock::new(layers),
+            cow: Mutex::new(()),
+            opts,
+            top_path: path.to_path_buf(),
+        })
     }
 
     fn open_layers(path: &Path, opts: &ChainOptions) -> Result<Vec<Arc<dyn Layer>>> {
@@ -126,14 +152,31 @@ impl Chain {
             Some(f) => f,
             None => probe(path)?,
         };
-        let top = open_layer(path, format, &LayerOptions { writable: opts.writable, keep_data_write_guid: false, faults: opts.faults.clone() })?;
+        let top = open_layer(
+            path,
+            format,
+            &LayerOptions {
+                writable: opts.writable,
+                keep_data_write_guid: false,
+                faults: opts.faults.clone(),
+            },
+        )?;
         open_parents(top)
     }
 
     /// A chain over layers opened by the caller (top first).
     pub fn from_layers(layers: Vec<Arc<dyn Layer>>) -> Result<Chain> {
-        let top_path = layers.first().ok_or_else(|| DiskError::Invalid("empty chain".into()))?.path().to_path_buf();
-        Ok(Chain { layers: RwLock::new(layers), cow: Mutex::new(()), opts: ChainOptions::default(), top_path })
+        let top_path = layers
+            .first()
+            .ok_or_else(|| DiskError::Invalid("empty chain".into()))?
+            .path()
+            .to_path_buf();
+        Ok(Chain {
+            layers: RwLock::new(layers),
+            cow: Mutex::new(()),
+            opts: ChainOptions::default(),
+            top_path,
+        })
     }
 
     fn read_layers(&self) -> RwLockReadGuard<'_, Vec<Arc<dyn Layer>>> {
@@ -156,8 +199,15 @@ impl Chain {
         Self::status_from(&layers, 0, offset, len)
     }
 
-    fn status_from(layers: &[Arc<dyn Layer>], idx: usize, offset: u64, len: u64) -> Result<(bool, u64)> {
-        let Some(layer) = layers.get(idx) else { return Ok((false, len)) };
+    fn status_from(
+        layers: &[Arc<dyn Layer>],
+        idx: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<(bool, u64)> {
+        let Some(layer) = layers.get(idx) else {
+            return Ok((false, len));
+        };
         if offset >= layer.size() {
             return Ok((false, len));
         }
@@ -202,8 +252,12 @@ impl Chain {
         if offset.checked_add(len).is_none_or(|e| e > size) {
             return Err(DiskError::OutOfBounds { offset, len, size });
         }
-        if aligned && (offset % SECTOR != 0 || len % SECTOR != 0) {
-            return Err(DiskError::Unaligned { offset, len, align: SECTOR });
+        if aligned && (!offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR)) {
+            return Err(DiskError::Unaligned {
+                offset,
+                len,
+                align: SECTOR,
+            });
         }
         Ok(())
     }
@@ -211,9 +265,13 @@ impl Chain {
     /// Writes `buf` at `offset` into the top layer; partial clusters the top
     /// does not hold yet are first filled from the layers below.
     fn write_top(&self, layers: &[Arc<dyn Layer>], buf: &[u8], offset: u64) -> Result<()> {
-        let top = layers.first().ok_or_else(|| DiskError::Invalid("empty chain".into()))?;
+        let top = layers
+            .first()
+            .ok_or_else(|| DiskError::Invalid("empty chain".into()))?;
         if !top.writable() {
-            return Err(DiskError::ReadOnly { path: top.path().into() });
+            return Err(DiskError::ReadOnly {
+                path: top.path().into(),
+            });
         }
         let g = top.granularity();
         if g <= SECTOR || layers.len() == 1 {
@@ -235,7 +293,8 @@ impl Chain {
                 if st == Status::Unallocated {
                     let mut full = vec![0u8; (gend - gstart) as usize];
                     Self::read_from(layers, 1, &mut full, gstart)?;
-                    full[(pos - gstart) as usize..(pos - gstart + n) as usize].copy_from_slice(piece);
+                    full[(pos - gstart) as usize..(pos - gstart + n) as usize]
+                        .copy_from_slice(piece);
                     top.write(&full, gstart)?;
                 } else {
                     top.write(piece, pos)?;
@@ -250,16 +309,26 @@ impl Chain {
     /// same path (see [`crate::checkpoint`]). Returns the sealed layer's path.
     pub fn checkpoint(&self) -> Result<PathBuf> {
         let mut layers = self.layers.write().unwrap_or_else(|p| p.into_inner());
-        let top = layers.first().cloned().ok_or_else(|| DiskError::Invalid("empty chain".into()))?;
+        let top = layers
+            .first()
+            .cloned()
+            .ok_or_else(|| DiskError::Invalid("empty chain".into()))?;
         top.flush()?;
         let (format, size) = (top.format(), top.size());
         drop(top);
         // Dropping the layers closes the top cleanly (VHDX: log GUID cleared),
         // so the identity the child records is final.
         layers.clear();
-        let result = crate::checkpoint::seal_and_branch(&self.top_path, format, size, &self.opts.faults);
+        let result =
+            crate::checkpoint::seal_and_branch(&self.top_path, format, size, &self.opts.faults);
         // Whatever happened, the files form a valid chain: reopen it.
-        *layers = Self::open_layers(&self.top_path, &ChainOptions { format: None, ..self.opts.clone() })?;
+        *layers = Self::open_layers(
+            &self.top_path,
+            &ChainOptions {
+                format: None,
+                ..self.opts.clone()
+            },
+        )?;
         result
     }
 }
@@ -290,7 +359,9 @@ impl BlockDevice for Chain {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_request(offset, len, true)?;
         let layers = self.read_layers();
-        let top = layers.first().ok_or_else(|| DiskError::Invalid("empty chain".into()))?;
+        let top = layers
+            .first()
+            .ok_or_else(|| DiskError::Invalid("empty chain".into()))?;
         let g = top.granularity().max(SECTOR);
         let size = top.size();
         let end = offset + len;

@@ -24,12 +24,17 @@ use crate::vhdx::{VhdxCreateOptions, VhdxLayer, VhdxOpenOptions, VhdxParent};
 
 /// Temporary name of a child being created for `top`.
 pub fn temp_name(top: &Path) -> PathBuf {
-    let name = top.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = top
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     top.with_file_name(format!(".{name}.tandem-new"))
 }
 
 pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).ctx(dir, "fsync directory")
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(dir, "fsync directory")
 }
 
 pub(crate) fn dir_of(path: &Path) -> PathBuf {
@@ -43,8 +48,14 @@ pub(crate) fn dir_of(path: &Path) -> PathBuf {
 /// already a link to `top` (left by an interrupted checkpoint).
 fn sealed_name(top: &Path) -> Result<PathBuf> {
     let ino = fs::metadata(top).ctx(top, "stat")?.ino();
-    let stem = top.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let ext = top.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    let stem = top
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = top
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
     for n in 1..10_000 {
         let candidate = top.with_file_name(format!("{stem}.ckpt{n}{ext}"));
         match fs::metadata(&candidate) {
@@ -53,27 +64,54 @@ fn sealed_name(top: &Path) -> Result<PathBuf> {
             _ => {}
         }
     }
-    Err(DiskError::Invalid(format!("{}: no free checkpoint name", top.display())))
+    Err(DiskError::Invalid(format!(
+        "{}: no free checkpoint name",
+        top.display()
+    )))
 }
 
 /// Performs the checkpoint steps on closed files. `format` and `size` are
 /// the top layer's. Returns the sealed layer's path.
-pub fn seal_and_branch(top: &Path, format: Format, size: u64, faults: &FaultHook) -> Result<PathBuf> {
+pub fn seal_and_branch(
+    top: &Path,
+    format: Format,
+    size: u64,
+    faults: &FaultHook,
+) -> Result<PathBuf> {
     let dir = dir_of(top);
     let sealed = sealed_name(top)?;
-    let sealed_file = sealed.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let sealed_file = sealed
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = temp_name(top);
     match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).ctx(&tmp, "remove stale temporary file"),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).ctx(&tmp, "remove stale temporary file")
+        }
         _ => {}
     }
     match format {
         Format::Vhdx => {
-            let identity = VhdxLayer::open(top, VhdxOpenOptions::default())?.header().data_write_guid;
-            VhdxLayer::create(&tmp, &VhdxCreateOptions { size, block_size: None, parent: Some(VhdxParent { relative_path: sealed_file, linkage: identity }) })?;
+            let identity = VhdxLayer::open(top, VhdxOpenOptions::default())?
+                .header()
+                .data_write_guid;
+            VhdxLayer::create(
+                &tmp,
+                &VhdxCreateOptions {
+                    size,
+                    block_size: None,
+                    parent: Some(VhdxParent {
+                        relative_path: sealed_file,
+                        linkage: identity,
+                    }),
+                },
+            )?;
         }
         // A raw layer cannot record a parent, so its child is qcow2.
-        Format::Qcow2 | Format::Raw => Qcow2Layer::create(&tmp, size, Some((&sealed_file, format)))?,
+        Format::Qcow2 | Format::Raw => {
+            Qcow2Layer::create(&tmp, size, Some((&sealed_file, format)))?
+        }
     }
     faults.check("checkpoint.child-created")?;
     if !sealed.exists() {

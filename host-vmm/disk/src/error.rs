@@ -41,11 +41,25 @@ pub enum DiskError {
     #[error("backing chain is deeper than {max} layers")]
     ChainTooDeep { max: usize },
     #[error("{child}: parent {parent} has the wrong identity (expected DataWriteGuid {expected}, found {found})")]
-    ParentIdentity { child: PathBuf, parent: PathBuf, expected: String, found: String },
+    ParentIdentity {
+        child: PathBuf,
+        parent: PathBuf,
+        expected: String,
+        found: String,
+    },
     #[error("{child}: parent {parent} is {parent_size} bytes but the child is {child_size}")]
-    ParentSize { child: PathBuf, parent: PathBuf, parent_size: u64, child_size: u64 },
+    ParentSize {
+        child: PathBuf,
+        parent: PathBuf,
+        parent_size: u64,
+        child_size: u64,
+    },
     #[error("{child}: a VHDX differencing disk needs a VHDX parent, {parent} is {format}")]
-    ParentFormat { child: PathBuf, parent: PathBuf, format: &'static str },
+    ParentFormat {
+        child: PathBuf,
+        parent: PathBuf,
+        format: &'static str,
+    },
     #[error("{path}: {what}")]
     Unsupported { path: PathBuf, what: String },
     #[error("{0}")]
@@ -63,6 +77,10 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, path: &std::path::Path, op: &'static str) -> Result<T> {
-        self.map_err(|source| DiskError::Io { path: path.to_path_buf(), op, source })
+        self.map_err(|source| DiskError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        })
     }
 }

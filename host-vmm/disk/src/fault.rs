@@ -28,6 +28,10 @@ impl FaultHook {
 
 impl fmt::Debug for FaultHook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_some() { "FaultHook(set)" } else { "FaultHook(none)" })
+        f.write_str(if self.0.is_some() {
+            "FaultHook(set)"
+        } else {
+            "FaultHook(none)"
+        })
     }
 }

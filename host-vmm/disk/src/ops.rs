@@ -33,34 +33,74 @@ pub fn create(path: &Path, format: Format, size: Option<u64>, parent: Option<&Pa
     let size = match (size, &parent_info) {
         (Some(s), _) => s,
         (None, Some((_, _, s, _))) => *s,
-        (None, None) => return Err(DiskError::Invalid("a size is needed when there is no parent".into())),
+        (None, None) => {
+            return Err(DiskError::Invalid(
+                "a size is needed when there is no parent".into(),
+            ))
+        }
     };
     let parent_name = |p: &Path| -> String {
         // Same directory: store the bare name, so the pair can be moved together.
-        if dir_of(p) == dir_of(path) || fs::canonicalize(dir_of(p)).ok() == fs::canonicalize(dir_of(path)).ok() {
-            p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        if dir_of(p) == dir_of(path)
+            || fs::canonicalize(dir_of(p)).ok() == fs::canonicalize(dir_of(path)).ok()
+        {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         } else {
-            fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).to_string_lossy().into_owned()
+            fs::canonicalize(p)
+                .unwrap_or_else(|_| p.to_path_buf())
+                .to_string_lossy()
+                .into_owned()
         }
     };
     match (format, parent_info) {
         (Format::Raw, None) => RawLayer::create(path, size)?,
         (Format::Raw, Some(_)) => {
-            return Err(DiskError::Unsupported { path: path.into(), what: "a raw image cannot have a parent".into() })
+            return Err(DiskError::Unsupported {
+                path: path.into(),
+                what: "a raw image cannot have a parent".into(),
+            })
         }
         (Format::Qcow2, p) => {
             let backing = p.map(|(p, f, _, _)| (parent_name(p), f));
             Qcow2Layer::create(path, size, backing.as_ref().map(|(n, f)| (n.as_str(), *f)))?
         }
-        (Format::Vhdx, None) => VhdxLayer::create(path, &VhdxCreateOptions { size, block_size: None, parent: None })?,
+        (Format::Vhdx, None) => VhdxLayer::create(
+            path,
+            &VhdxCreateOptions {
+                size,
+                block_size: None,
+                parent: None,
+            },
+        )?,
         (Format::Vhdx, Some((p, pf, psize, identity))) => {
             let Some(linkage) = identity.filter(|_| pf == Format::Vhdx) else {
-                return Err(DiskError::ParentFormat { child: path.into(), parent: p.into(), format: pf.name() });
+                return Err(DiskError::ParentFormat {
+                    child: path.into(),
+                    parent: p.into(),
+                    format: pf.name(),
+                });
             };
             if psize != size {
-                return Err(DiskError::ParentSize { child: path.into(), parent: p.into(), parent_size: psize, child_size: size });
+                return Err(DiskError::ParentSize {
+                    child: path.into(),
+                    parent: p.into(),
+                    parent_size: psize,
+                    child_size: size,
+                });
             }
-            VhdxLayer::create(path, &VhdxCreateOptions { size, block_size: None, parent: Some(VhdxParent { relative_path: parent_name(p), linkage }) })?
+            VhdxLayer::create(
+                path,
+                &VhdxCreateOptions {
+                    size,
+                    block_size: None,
+                    parent: Some(VhdxParent {
+                        relative_path: parent_name(p),
+                        linkage,
+                    }),
+                },
+            )?
         }
     }
     fsync_dir(&dir_of(path))
@@ -84,7 +124,13 @@ pub fn info(path: &Path) -> Result<Vec<LayerInfo>> {
         .iter()
         .enumerate()
         .map(|(i, l)| {
-            Ok(LayerInfo { path: l.path().into(), format: l.format(), virtual_size: l.size(), allocated_bytes: l.allocated_bytes()?, sealed: i > 0 })
+            Ok(LayerInfo {
+                path: l.path().into(),
+                format: l.format(),
+                virtual_size: l.size(),
+                allocated_bytes: l.allocated_bytes()?,
+                sealed: i > 0,
+            })
         })
         .collect()
 }
@@ -112,7 +158,10 @@ pub fn check(path: &Path) -> Result<CheckReport> {
         let mut issues = l.check()?;
         let tmp = temp_name(l.path());
         if tmp.exists() {
-            issues.push(format!("{} is left from an interrupted checkpoint (harmless; removed by the next one)", tmp.display()));
+            issues.push(format!(
+                "{} is left from an interrupted checkpoint (harmless; removed by the next one)",
+                tmp.display()
+            ));
         }
         report.layers.push((l.path().into(), issues));
     }
@@ -121,7 +170,15 @@ pub fn check(path: &Path) -> Result<CheckReport> {
 
 /// Checkpoints the chain whose top is `path`. Returns the sealed layer's path.
 pub fn checkpoint(path: &Path, faults: FaultHook) -> Result<PathBuf> {
-    Chain::open(path, ChainOptions { writable: true, format: None, faults })?.checkpoint()
+    Chain::open(
+        path,
+        ChainOptions {
+            writable: true,
+            format: None,
+            faults,
+        },
+    )?
+    .checkpoint()
 }
 
 /// Merges the top layer of the chain at `path` into its parent, which then
@@ -136,11 +193,17 @@ pub fn commit(path: &Path, faults: FaultHook, progress: Progress) -> Result<Path
     let chain = Chain::open(path, ChainOptions::default())?;
     let layers = chain.layers();
     let (Some(top), Some(parent)) = (layers.first().cloned(), layers.get(1).cloned()) else {
-        return Err(DiskError::Invalid(format!("{}: nothing to commit, the image has no parent", path.display())));
+        return Err(DiskError::Invalid(format!(
+            "{}: nothing to commit, the image has no parent",
+            path.display()
+        )));
     };
     let parent_path = parent.path().to_path_buf();
     if fs::canonicalize(dir_of(&parent_path)).ok() != fs::canonicalize(dir_of(path)).ok() {
-        return Err(DiskError::Unsupported { path: path.into(), what: "commit into a parent in another directory".into() });
+        return Err(DiskError::Unsupported {
+            path: path.into(),
+            what: "commit into a parent in another directory".into(),
+        });
     }
     let parent_format = parent.format();
     drop(parent);
@@ -149,7 +212,11 @@ pub fn commit(path: &Path, faults: FaultHook, progress: Progress) -> Result<Path
         let writable_parent = open_layer(
             &parent_path,
             parent_format,
-            &LayerOptions { writable: true, keep_data_write_guid: true, faults: faults.clone() },
+            &LayerOptions {
+                writable: true,
+                keep_data_write_guid: true,
+                faults: faults.clone(),
+            },
         )?;
         let mut below: Vec<Arc<dyn Layer>> = vec![writable_parent];
         below.extend(layers.iter().skip(2).cloned());
@@ -177,7 +244,11 @@ pub fn commit(path: &Path, faults: FaultHook, progress: Progress) -> Result<Path
     }
     drop(layers);
     drop(top);
-    fs::rename(&parent_path, path).map_err(|source| DiskError::Io { path: parent_path.clone(), op: "rename parent over the top", source })?;
+    fs::rename(&parent_path, path).map_err(|source| DiskError::Io {
+        path: parent_path.clone(),
+        op: "rename parent over the top",
+        source,
+    })?;
     faults.check("commit.renamed")?;
     fsync_dir(&dir_of(path))?;
     tracing::info!(top = %path.display(), parent = %parent_path.display(), "commit");
@@ -190,7 +261,14 @@ pub fn convert(src: &Path, dst: &Path, format: Format, progress: Progress) -> Re
     let chain = Chain::open(src, ChainOptions::default())?;
     let size = chain.size();
     create(dst, format, Some(size), None)?;
-    let out = Chain::open(dst, ChainOptions { writable: true, format: Some(format), faults: FaultHook::default() })?;
+    let out = Chain::open(
+        dst,
+        ChainOptions {
+            writable: true,
+            format: Some(format),
+            faults: FaultHook::default(),
+        },
+    )?;
     let mut buf = vec![0u8; COPY_CHUNK as usize];
     let mut pos = 0;
     while pos < size {
@@ -235,10 +313,18 @@ pub fn compare(a: &Path, b: &Path, progress: Progress) -> Result<Comparison> {
             buf[have..n].fill(0);
         }
         if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
-            return Ok(Comparison { size_a, size_b, first_difference: Some(pos + i as u64) });
+            return Ok(Comparison {
+                size_a,
+                size_b,
+                first_difference: Some(pos + i as u64),
+            });
         }
         pos += n as u64;
         progress(pos, total);
     }
-    Ok(Comparison { size_a, size_b, first_difference: None })
+    Ok(Comparison {
+        size_a,
+        size_b,
+        first_difference: None,
+    })
 }

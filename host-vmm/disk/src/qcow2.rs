@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
-use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, ShallowMapping, Storage, StorageCreateOptions, StorageOpenOptions};
+use imago::{
+    DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, ShallowMapping,
+    Storage, StorageCreateOptions, StorageOpenOptions,
+};
 
 use crate::error::{DiskError, IoContext, Result};
 use crate::layer::{Format, Layer, ParentRef, Status};
@@ -27,7 +30,12 @@ pub enum Qcow2Error {
     #[error("cannot open: {0}")]
     Open(#[source] std::io::Error),
     #[error("I/O at {offset:#x}+{len:#x}: {source}")]
-    Io { offset: u64, len: u64, #[source] source: std::io::Error },
+    Io {
+        offset: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create: {0}")]
     Create(#[source] std::io::Error),
     #[error("header: {0}")]
@@ -44,19 +52,26 @@ pub struct Qcow2Layer {
 }
 
 fn qerr(path: &Path, source: Qcow2Error) -> DiskError {
-    DiskError::Qcow2 { path: path.to_path_buf(), source }
+    DiskError::Qcow2 {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Reads the cluster size from the header (imago does not expose it).
 fn cluster_size(path: &Path, file: &std::fs::File) -> Result<u64> {
     let mut h = [0u8; 24];
-    file.read_exact_at(&mut h, 0).ctx(path, "read qcow2 header")?;
+    file.read_exact_at(&mut h, 0)
+        .ctx(path, "read qcow2 header")?;
     if &h[..4] != MAGIC {
         return Err(qerr(path, Qcow2Error::Header("bad magic".into())));
     }
     let bits = u32::from_be_bytes([h[20], h[21], h[22], h[23]]);
     if !(9..=21).contains(&bits) {
-        return Err(qerr(path, Qcow2Error::Header(format!("cluster_bits {bits} outside 9..=21"))));
+        return Err(qerr(
+            path,
+            Qcow2Error::Header(format!("cluster_bits {bits} outside 9..=21")),
+        ));
     }
     Ok(1 << bits)
 }
@@ -76,28 +91,53 @@ impl Qcow2Layer {
             let dir = path.parent().unwrap_or(Path::new("."));
             ParentRef {
                 path: dir.join(name),
-                format: qcow2.implicit_backing_format().and_then(|f| Format::parse(f)),
+                format: qcow2
+                    .implicit_backing_format()
+                    .and_then(|f| Format::parse(f)),
                 identity: Vec::new(),
             }
         });
-        Ok(Qcow2Layer { path: path.to_path_buf(), access: FormatAccess::new(qcow2), writable, cluster_size, parent, stat })
+        Ok(Qcow2Layer {
+            path: path.to_path_buf(),
+            access: FormatAccess::new(qcow2),
+            writable,
+            cluster_size,
+            parent,
+            stat,
+        })
     }
 
     /// Creates a qcow2 v3 image (64 KiB clusters), optionally naming a backing file
     /// (`backing` is written as given: relative names resolve against this file's directory).
     pub fn create(path: &Path, size: u64, backing: Option<(&str, Format)>) -> Result<()> {
-        let storage = ImagoFile::create_open(StorageCreateOptions::new().filename(path).overwrite(false))
-            .map_err(|e| qerr(path, Qcow2Error::Create(e)))?;
+        let storage =
+            ImagoFile::create_open(StorageCreateOptions::new().filename(path).overwrite(false))
+                .map_err(|e| qerr(path, Qcow2Error::Create(e)))?;
         let mut builder = Qcow2::<ImagoFile>::create_builder(storage).size(size);
         if let Some((name, format)) = backing {
             builder = builder.backing(name.to_string(), format.name().to_string());
         }
-        builder.create().map_err(|e| qerr(path, Qcow2Error::Create(e)))?;
-        OpenOptions::new().write(true).open(path).and_then(|f| f.sync_all()).ctx(path, "fsync")
+        builder
+            .create()
+            .map_err(|e| qerr(path, Qcow2Error::Create(e)))?;
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.sync_all())
+            .ctx(path, "fsync")
     }
 
     fn io(&self, offset: u64, len: u64) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
-        move |source| qerr(&self.path, Qcow2Error::Io { offset, len, source })
+        move |source| {
+            qerr(
+                &self.path,
+                Qcow2Error::Io {
+                    offset,
+                    len,
+                    source,
+                },
+            )
+        }
     }
 
     fn check_bounds(&self, offset: u64, len: u64) -> Result<()> {
@@ -127,7 +167,10 @@ impl Layer for Qcow2Layer {
     }
     fn status(&self, offset: u64, len: u64) -> Result<(Status, u64)> {
         self.check_bounds(offset, len.min(1))?;
-        let (mapping, n) = self.access.get_shallow_mapping(offset, len).map_err(self.io(offset, len))?;
+        let (mapping, n) = self
+            .access
+            .get_shallow_mapping(offset, len)
+            .map_err(self.io(offset, len))?;
         let status = match mapping {
             ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Status::Data,
             ShallowMapping::Zero { explicit: true, .. } => Status::Zero,
@@ -142,10 +185,14 @@ impl Layer for Qcow2Layer {
     }
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         if !self.writable {
-            return Err(DiskError::ReadOnly { path: self.path.clone() });
+            return Err(DiskError::ReadOnly {
+                path: self.path.clone(),
+            });
         }
         self.check_bounds(offset, buf.len() as u64)?;
-        self.access.write(buf, offset).map_err(self.io(offset, buf.len() as u64))
+        self.access
+            .write(buf, offset)
+            .map_err(self.io(offset, buf.len() as u64))
     }
     fn flush(&self) -> Result<()> {
         if !self.writable {
@@ -157,10 +204,14 @@ impl Layer for Qcow2Layer {
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         if !self.writable {
-            return Err(DiskError::ReadOnly { path: self.path.clone() });
+            return Err(DiskError::ReadOnly {
+                path: self.path.clone(),
+            });
         }
         self.check_bounds(offset, len)?;
-        self.access.write_zeroes(offset, len).map_err(self.io(offset, len))
+        self.access
+            .write_zeroes(offset, len)
+            .map_err(self.io(offset, len))
     }
     fn allocated_bytes(&self) -> Result<u64> {
         Ok(self.stat.metadata().ctx(&self.path, "stat")?.blocks() * 512)

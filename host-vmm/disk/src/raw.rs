@@ -18,14 +18,27 @@ pub struct RawLayer {
 
 impl RawLayer {
     pub fn open(path: &Path, writable: bool) -> Result<RawLayer> {
-        let file = OpenOptions::new().read(true).write(writable).open(path).ctx(path, "open")?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .ctx(path, "open")?;
         let size = file.metadata().ctx(path, "stat")?.len();
-        Ok(RawLayer { path: path.to_path_buf(), file, size, writable })
+        Ok(RawLayer {
+            path: path.to_path_buf(),
+            file,
+            size,
+            writable,
+        })
     }
 
     /// Creates a sparse raw file of `size` bytes (refuses to overwrite).
     pub fn create(path: &Path, size: u64) -> Result<()> {
-        let file = OpenOptions::new().write(true).create_new(true).open(path).ctx(path, "create")?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .ctx(path, "create")?;
         file.set_len(size).ctx(path, "set length")?;
         file.sync_all().ctx(path, "fsync")?;
         Ok(())
@@ -49,14 +62,19 @@ impl Layer for RawLayer {
         512
     }
     fn status(&self, offset: u64, len: u64) -> Result<(Status, u64)> {
-        Ok((Status::Data, len.min(self.size.saturating_sub(offset)).max(1)))
+        Ok((
+            Status::Data,
+            len.min(self.size.saturating_sub(offset)).max(1),
+        ))
     }
     fn read_data(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         read_at_zero_tail(&self.file, buf, offset).ctx(&self.path, "read")
     }
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         if !self.writable {
-            return Err(DiskError::ReadOnly { path: self.path.clone() });
+            return Err(DiskError::ReadOnly {
+                path: self.path.clone(),
+            });
         }
         self.file.write_all_at(buf, offset).ctx(&self.path, "write")
     }

@@ -15,7 +15,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
             let mut c = i as u32;
             let mut k = 0;
             while k < 8 {
-                c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
                 k += 1;
             }
             table[i] = c;
@@ -77,7 +81,14 @@ impl Guid {
         let s = s.trim().trim_start_matches('{').trim_end_matches('}');
         let parts: Vec<&str> = s.split('-').collect();
         if parts.len() != 5
-            || [8, 4, 4, 4, 12] != [parts[0].len(), parts[1].len(), parts[2].len(), parts[3].len(), parts[4].len()]
+            || [8, 4, 4, 4, 12]
+                != [
+                    parts[0].len(),
+                    parts[1].len(),
+                    parts[2].len(),
+                    parts[3].len(),
+                    parts[4].len(),
+                ]
         {
             return None;
         }
@@ -123,10 +134,12 @@ impl fmt::Debug for Guid {
 /// Little-endian reads from a buffer the caller has already sized; out of
 /// range reads give zero rather than panic (callers check lengths first).
 pub fn le16(b: &[u8], at: usize) -> u16 {
-    b.get(at..at + 2).map_or(0, |s| u16::from_le_bytes([s[0], s[1]]))
+    b.get(at..at + 2)
+        .map_or(0, |s| u16::from_le_bytes([s[0], s[1]]))
 }
 pub fn le32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4).map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(at..at + 4)
+        .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 pub fn le64(b: &[u8], at: usize) -> u64 {
     b.get(at..at + 8).map_or(0, |s| {
@@ -179,7 +192,10 @@ pub fn utf16le(s: &str) -> Vec<u8> {
 
 /// Decodes UTF-16LE bytes (lossy; odd trailing byte ignored).
 pub fn from_utf16le(b: &[u8]) -> String {
-    let units: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+    let units: Vec<u16> = b
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
     String::from_utf16_lossy(&units)
 }
 
@@ -196,10 +212,18 @@ mod tests {
 
     #[test]
     fn guid_text_round_trip() {
-        let g = Guid::from_fields(0x2DC2_7766, 0xF623, 0x4200, [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08]);
+        let g = Guid::from_fields(
+            0x2DC2_7766,
+            0xF623,
+            0x4200,
+            [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08],
+        );
         assert_eq!(g.0[..4], [0x66, 0x77, 0xC2, 0x2D]);
         assert_eq!(g.to_string(), "{2dc27766-f623-4200-9d64-115e9bfd4a08}");
-        assert_eq!(Guid::parse("{2DC27766-F623-4200-9D64-115E9BFD4A08}"), Some(g));
+        assert_eq!(
+            Guid::parse("{2DC27766-F623-4200-9D64-115E9BFD4A08}"),
+            Some(g)
+        );
         assert_eq!(Guid::parse("nonsense"), None);
     }
 }

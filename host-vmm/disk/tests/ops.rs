@@ -1,4 +1,5 @@
 //! convert and compare across every format pair.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
 
 mod common;
 
@@ -16,16 +17,38 @@ fn convert_every_format_to_every_format() {
         let mirror = dir.path().join("mirror.raw");
         ops::create(&src, src_format, Some(SIZE), None).unwrap();
         raw_file(&mirror, SIZE);
-        write_both(&Chain::open(&src, ChainOptions { writable: true, ..Default::default() }).unwrap(), &mirror);
+        write_both(
+            &Chain::open(
+                &src,
+                ChainOptions {
+                    writable: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+            &mirror,
+        );
         if src_format != Format::Raw {
             // A two-layer chain, flattened by convert.
             ops::checkpoint(&src, FaultHook::default()).unwrap();
-            let c = Chain::open(&src, ChainOptions { writable: true, ..Default::default() }).unwrap();
+            let c = Chain::open(
+                &src,
+                ChainOptions {
+                    writable: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             let d = pattern(8192, 50 << 20, 3);
             c.write_at(&d, 50 << 20).unwrap();
             c.flush().unwrap();
             use std::os::unix::fs::FileExt;
-            std::fs::OpenOptions::new().write(true).open(&mirror).unwrap().write_all_at(&d, 50 << 20).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&mirror)
+                .unwrap()
+                .write_all_at(&d, 50 << 20)
+                .unwrap();
         }
         for dst_format in formats {
             let dst = dir.path().join(format!("dst.{}", dst_format.extension()));
@@ -55,10 +78,22 @@ fn compare_reports_the_first_difference() {
     let b = dir.path().join("b.qcow2");
     ops::create(&a, Format::Vhdx, Some(SIZE), None).unwrap();
     ops::create(&b, Format::Qcow2, Some(SIZE), None).unwrap();
-    assert_eq!(ops::compare(&a, &b, &|_, _| {}).unwrap().first_difference, None);
+    assert_eq!(
+        ops::compare(&a, &b, &|_, _| {}).unwrap().first_difference,
+        None
+    );
     let mut d = vec![0u8; 4096];
     d[1234] = 1;
-    Chain::open(&b, ChainOptions { writable: true, ..Default::default() }).unwrap().write_at(&d, 40 << 20).unwrap();
+    Chain::open(
+        &b,
+        ChainOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .write_at(&d, 40 << 20)
+    .unwrap();
     let cmp = ops::compare(&a, &b, &|_, _| {}).unwrap();
     assert_eq!(cmp.first_difference, Some((40 << 20) + 1234));
     // A longer disk whose tail is zero compares equal over the common part.
@@ -81,6 +116,13 @@ fn create_with_parent_and_info() {
     assert!(info[0].allocated_bytes > 0 && !info[0].sealed && info[1].sealed);
     let q = dir.path().join("child.qcow2");
     ops::create(&q, Format::Qcow2, None, Some(&base)).unwrap();
-    assert_eq!(ops::info(&q).unwrap().iter().map(|l| l.format).collect::<Vec<_>>(), vec![Format::Qcow2, Format::Vhdx]);
+    assert_eq!(
+        ops::info(&q)
+            .unwrap()
+            .iter()
+            .map(|l| l.format)
+            .collect::<Vec<_>>(),
+        vec![Format::Qcow2, Format::Vhdx]
+    );
     assert!(ops::create(&dir.path().join("r.img"), Format::Raw, None, Some(&base)).is_err());
 }

@@ -1,5 +1,6 @@
 //! VHDX differencing chains: reads go down, writes go to the top,
 //! checkpoint and commit survive a crash at every step.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
 
 mod common;
 
@@ -13,13 +14,23 @@ use tandem_disk::{BlockDevice, Chain, ChainOptions, DiskError, FaultHook, Format
 const SIZE: u64 = 160 << 20;
 
 fn writable(p: &Path) -> Chain {
-    Chain::open(p, ChainOptions { writable: true, ..Default::default() }).unwrap()
+    Chain::open(
+        p,
+        ChainOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Writes a second pattern set (shifted) so layers differ.
 fn write_more(chain: &Chain, mirror: &Path, seed: u8) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(mirror).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mirror)
+        .unwrap();
     for (off, len, s) in write_set(chain.size()) {
         let len = len.min(64 * 1024);
         let off = (off + 1024).min(chain.size() - len as u64);
@@ -55,7 +66,9 @@ fn differencing_reads_go_down_and_writes_go_up() {
     assert_eq!(info.len(), 2);
     assert_eq!((info[0].sealed, info[1].sealed), (false, true));
     assert_eq!(info[1].path, sealed);
-    assert!(info.iter().all(|l| l.format == Format::Vhdx && l.virtual_size == SIZE));
+    assert!(info
+        .iter()
+        .all(|l| l.format == Format::Vhdx && l.virtual_size == SIZE));
     // The sealed base is untouched by the child's writes and still passes qemu-img check.
     assert_qemu_check_clean("vhdx", &sealed);
     // Flattened, the chain matches the mirror in qemu's eyes too.
@@ -69,27 +82,52 @@ fn differencing_reads_go_down_and_writes_go_up() {
 #[test]
 fn checkpoint_survives_a_crash_at_every_step() {
     for format in [Format::Vhdx, Format::Qcow2, Format::Raw] {
-        for step in ["checkpoint.child-created", "checkpoint.linked", "checkpoint.renamed", "none"] {
+        for step in [
+            "checkpoint.child-created",
+            "checkpoint.linked",
+            "checkpoint.renamed",
+            "none",
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let (top, mirror) = setup(dir.path(), format);
             let faults = FaultHook::new(move |s| s == step);
             let r = ops::checkpoint(&top, faults);
             assert_eq!(r.is_err(), step != "none", "{format} {step}: {r:?}");
             // Reopen from the files: same content, and it takes writes.
-            assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap(), "{format} after crash at {step}");
+            assert_eq!(
+                read_all(&top),
+                std::fs::read(&mirror).unwrap(),
+                "{format} after crash at {step}"
+            );
             write_more(&writable(&top), &mirror, 7);
-            assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap(), "{format} writes after crash at {step}");
+            assert_eq!(
+                read_all(&top),
+                std::fs::read(&mirror).unwrap(),
+                "{format} writes after crash at {step}"
+            );
             // A later checkpoint completes and the content is unchanged.
             ops::checkpoint(&top, FaultHook::default()).unwrap();
             assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap());
-            assert!(ops::check(&top).unwrap().is_clean(), "{format} {step}: {:?}", ops::check(&top));
+            assert!(
+                ops::check(&top).unwrap().is_clean(),
+                "{format} {step}: {:?}",
+                ops::check(&top)
+            );
         }
     }
 }
 
 #[test]
 fn commit_survives_a_crash_at_every_step() {
-    let steps = ["vhdx.before-log", "vhdx.log-written", "vhdx.applied", "commit.copying", "commit.parent-flushed", "commit.renamed", "none"];
+    let steps = [
+        "vhdx.before-log",
+        "vhdx.log-written",
+        "vhdx.applied",
+        "commit.copying",
+        "commit.parent-flushed",
+        "commit.renamed",
+        "none",
+    ];
     for format in [Format::Vhdx, Format::Qcow2] {
         for step in steps {
             let dir = tempfile::tempdir().unwrap();
@@ -97,15 +135,24 @@ fn commit_survives_a_crash_at_every_step() {
             ops::checkpoint(&top, FaultHook::default()).unwrap();
             write_more(&writable(&top), &mirror, 90);
             let r = ops::commit(&top, FaultHook::new(move |s| s == step), &|_, _| {});
-            let expect_err = step.starts_with("commit") || (format == Format::Vhdx && step != "none");
+            let expect_err =
+                step.starts_with("commit") || (format == Format::Vhdx && step != "none");
             assert_eq!(r.is_err(), expect_err, "{format} {step}: {r:?}");
-            assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap(), "{format} after crash at {step}");
+            assert_eq!(
+                read_all(&top),
+                std::fs::read(&mirror).unwrap(),
+                "{format} after crash at {step}"
+            );
             // Finish (or redo) the commit; the chain is then one layer with the same content.
             if ops::info(&top).unwrap().len() > 1 {
                 ops::commit(&top, FaultHook::default(), &|_, _| {}).unwrap();
             }
             assert_eq!(ops::info(&top).unwrap().len(), 1, "{format} {step}");
-            assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap(), "{format} committed after {step}");
+            assert_eq!(
+                read_all(&top),
+                std::fs::read(&mirror).unwrap(),
+                "{format} committed after {step}"
+            );
             assert_qemu_check_clean(format.name(), &top);
             assert_qemu_compare((format.name(), &top), ("raw", &mirror));
         }
@@ -175,9 +222,16 @@ fn concurrent_writers_and_readers() {
     for t in 0..4u64 {
         for i in 0..64u64 {
             let off = (i * 4 + t) * 512 + (i % 3) * (2 << 20);
-            assert_eq!(&data[off as usize..off as usize + 512], pattern(512, off, t as u8).as_slice());
+            assert_eq!(
+                &data[off as usize..off as usize + 512],
+                pattern(512, off, t as u8).as_slice()
+            );
         }
     }
-    let _ = VhdxCreateOptions { size: 0, block_size: None, parent: None };
+    let _ = VhdxCreateOptions {
+        size: 0,
+        block_size: None,
+        parent: None,
+    };
     let _ = VhdxLayer::open;
 }

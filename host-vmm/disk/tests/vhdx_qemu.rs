@@ -1,5 +1,6 @@
 //! VHDX against qemu-img: images qemu makes open and read back in Tandem,
 //! images Tandem writes pass `qemu-img check` and `qemu-img compare`.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
 
 mod common;
 
@@ -37,7 +38,14 @@ fn tandem_writes_into_qemu_made_vhdx_pass_check_and_compare() {
     raw_file(&mirror, SIZE);
     mirror_write(&mirror, 0, &[0xab; 65536]);
     {
-        let chain = Chain::open(&img, ChainOptions { writable: true, ..Default::default() }).unwrap();
+        let chain = Chain::open(
+            &img,
+            ChainOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         write_both(&chain, &mirror);
     }
     assert_qemu_check_clean("vhdx", &img);
@@ -52,11 +60,26 @@ fn tandem_made_vhdx_passes_qemu_check_and_compare() {
     let mirror = dir.path().join("mirror.raw");
     for block in [None, Some(1 << 20)] {
         let _ = std::fs::remove_file(&img);
-        VhdxLayer::create(&img, &VhdxCreateOptions { size: SIZE, block_size: block, parent: None }).unwrap();
+        VhdxLayer::create(
+            &img,
+            &VhdxCreateOptions {
+                size: SIZE,
+                block_size: block,
+                parent: None,
+            },
+        )
+        .unwrap();
         assert_qemu_check_clean("vhdx", &img);
         raw_file(&mirror, SIZE);
         {
-            let chain = Chain::open(&img, ChainOptions { writable: true, ..Default::default() }).unwrap();
+            let chain = Chain::open(
+                &img,
+                ChainOptions {
+                    writable: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             write_both(&chain, &mirror);
             // Overwrite part of an allocated block, and discard a whole one.
             let d = pattern(4096, 8192, 9);
@@ -80,11 +103,20 @@ fn qemu_log_entries_replay_in_tandem() {
     let img = dir.path().join("q.vhdx");
     qemu_img(&["create", "-q", "-f", "vhdx", s(&img), "96M"]);
     qemu_io("vhdx", &img, "write -P 0x5a 0 64k");
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
-    let hdr = VhdxLayer::open(&img, VhdxOpenOptions::default()).unwrap().header();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let hdr = VhdxLayer::open(&img, VhdxOpenOptions::default())
+        .unwrap()
+        .header();
     let mut log = vec![0u8; hdr.log_length as usize];
     f.read_exact_at(&mut log, hdr.log_offset).unwrap();
-    let pos = (0..log.len()).step_by(4096).find(|&p| &log[p..p + 4] == b"loge").expect("qemu left a log entry");
+    let pos = (0..log.len())
+        .step_by(4096)
+        .find(|&p| &log[p..p + 4] == b"loge")
+        .expect("qemu left a log entry");
     let mut guid = [0u8; 16];
     guid.copy_from_slice(&log[pos + 32..pos + 48]);
     // First data descriptor's target sector.
@@ -99,8 +131,15 @@ fn qemu_log_entries_replay_in_tandem() {
     }
     drop(f);
     let data = read_all(&img);
-    assert!(data[..65536].iter().all(|&b| b == 0x5a), "replayed BAT does not map the data");
-    assert!(VhdxLayer::open(&img, VhdxOpenOptions::default()).unwrap().header().log_guid.is_zero());
+    assert!(
+        data[..65536].iter().all(|&b| b == 0x5a),
+        "replayed BAT does not map the data"
+    );
+    assert!(VhdxLayer::open(&img, VhdxOpenOptions::default())
+        .unwrap()
+        .header()
+        .log_guid
+        .is_zero());
     assert_qemu_check_clean("vhdx", &img);
 }
 
@@ -108,10 +147,26 @@ fn qemu_log_entries_replay_in_tandem() {
 fn tandem_log_replays_after_crash_between_log_and_apply() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("t.vhdx");
-    VhdxLayer::create(&img, &VhdxCreateOptions { size: SIZE, block_size: Some(1 << 20), parent: None }).unwrap();
+    VhdxLayer::create(
+        &img,
+        &VhdxCreateOptions {
+            size: SIZE,
+            block_size: Some(1 << 20),
+            parent: None,
+        },
+    )
+    .unwrap();
     {
         let faults = tandem_disk::FaultHook::new(|step| step == "vhdx.log-written");
-        let l = VhdxLayer::open(&img, VhdxOpenOptions { writable: true, keep_data_write_guid: false, faults }).unwrap();
+        let l = VhdxLayer::open(
+            &img,
+            VhdxOpenOptions {
+                writable: true,
+                keep_data_write_guid: false,
+                faults,
+            },
+        )
+        .unwrap();
         l.write(&[0x77; 4096], 3 << 20).unwrap();
         assert!(l.flush().is_err(), "the injected crash stops the flush");
     }
@@ -125,5 +180,10 @@ fn tandem_log_replays_after_crash_between_log_and_apply() {
 }
 
 fn mirror_write(mirror: &std::path::Path, off: u64, data: &[u8]) {
-    std::fs::OpenOptions::new().write(true).open(mirror).unwrap().write_all_at(data, off).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(mirror)
+        .unwrap()
+        .write_all_at(data, off)
+        .unwrap();
 }

@@ -47,14 +47,23 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    pub fn new(block_size: u64, logical_sector: u64, virtual_size: u64, has_parent: bool) -> Result<Geometry, VhdxError> {
+    pub fn new(
+        block_size: u64,
+        logical_sector: u64,
+        virtual_size: u64,
+        has_parent: bool,
+    ) -> Result<Geometry, VhdxError> {
         if !block_size.is_power_of_two() || !(MB..=256 * MB).contains(&block_size) {
-            return Err(VhdxError::Invalid(format!("block size {block_size} is not a power of two between 1 MiB and 256 MiB")));
+            return Err(VhdxError::Invalid(format!(
+                "block size {block_size} is not a power of two between 1 MiB and 256 MiB"
+            )));
         }
         if logical_sector != 512 && logical_sector != 4096 {
-            return Err(VhdxError::Invalid(format!("logical sector size {logical_sector} is neither 512 nor 4096")));
+            return Err(VhdxError::Invalid(format!(
+                "logical sector size {logical_sector} is neither 512 nor 4096"
+            )));
         }
-        if virtual_size > MAX_VIRTUAL_SIZE || virtual_size % logical_sector != 0 {
+        if virtual_size > MAX_VIRTUAL_SIZE || !virtual_size.is_multiple_of(logical_sector) {
             return Err(VhdxError::Invalid(format!(
                 "virtual size {virtual_size} is over 64 TiB or not a multiple of the {logical_sector}-byte sector"
             )));
@@ -69,7 +78,15 @@ impl Geometry {
         } else {
             data_blocks + (data_blocks - 1) / chunk_ratio
         };
-        Ok(Geometry { block_size, logical_sector, virtual_size, has_parent, chunk_ratio, data_blocks, total_entries })
+        Ok(Geometry {
+            block_size,
+            logical_sector,
+            virtual_size,
+            has_parent,
+            chunk_ratio,
+            data_blocks,
+            total_entries,
+        })
     }
 
     /// BAT index of payload block `block`.
@@ -83,7 +100,7 @@ impl Geometry {
     }
 
     pub fn is_bitmap_index(&self, index: u64) -> bool {
-        (index + 1) % (self.chunk_ratio + 1) == 0
+        (index + 1).is_multiple_of(self.chunk_ratio + 1)
     }
 
     pub fn sectors_per_block(&self) -> u64 {

@@ -2,7 +2,9 @@
 //! (MS-VHDX 2.2.1 to 2.2.3): parsing with checksum validation, and encoding.
 
 use super::VhdxError;
-use crate::util::{crc32c, crc32c_with_zeroed_field, guid_at, le16, le32, le64, put16, put32, put64, utf16le, Guid};
+use crate::util::{
+    crc32c, crc32c_with_zeroed_field, guid_at, le16, le32, le64, put16, put32, put64, utf16le, Guid,
+};
 
 pub const MB: u64 = 1 << 20;
 pub const FILE_SIGNATURE: &[u8; 8] = b"vhdxfile";
@@ -14,10 +16,18 @@ pub const HEADER_SIZE: usize = 4096;
 pub const REGION_TABLE_SIZE: usize = 64 * 1024;
 pub const MAX_REGION_ENTRIES: u32 = 2047;
 
-pub const BAT_REGION: Guid =
-    Guid::from_fields(0x2DC2_7766, 0xF623, 0x4200, [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08]);
-pub const METADATA_REGION: Guid =
-    Guid::from_fields(0x8B7C_A206, 0x4790, 0x4B9A, [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E]);
+pub const BAT_REGION: Guid = Guid::from_fields(
+    0x2DC2_7766,
+    0xF623,
+    0x4200,
+    [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08],
+);
+pub const METADATA_REGION: Guid = Guid::from_fields(
+    0x8B7C_A206,
+    0x4790,
+    0x4B9A,
+    [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E],
+);
 
 /// One of the two VHDX headers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +54,11 @@ impl Header {
         let stored = le32(b, 4);
         let computed = crc32c_with_zeroed_field(b, 4);
         if stored != computed {
-            return Err(VhdxError::BadChecksum { what: "header", stored, computed });
+            return Err(VhdxError::BadChecksum {
+                what: "header",
+                stored,
+                computed,
+            });
         }
         let h = Header {
             sequence: le64(b, 8),
@@ -57,10 +71,16 @@ impl Header {
             log_offset: le64(b, 72),
         };
         if h.version != 1 {
-            return Err(VhdxError::Unsupported(format!("header version {}", h.version)));
+            return Err(VhdxError::Unsupported(format!(
+                "header version {}",
+                h.version
+            )));
         }
         if h.log_version != 0 {
-            return Err(VhdxError::Unsupported(format!("log version {}", h.log_version)));
+            return Err(VhdxError::Unsupported(format!(
+                "log version {}",
+                h.log_version
+            )));
         }
         Ok(h)
     }
@@ -87,10 +107,17 @@ impl Header {
 pub fn current_header(slots: [&[u8]; 2]) -> Result<(Header, usize), VhdxError> {
     let parsed = [Header::parse(slots[0]), Header::parse(slots[1])];
     match parsed {
-        [Ok(a), Ok(b)] => Ok(if b.sequence > a.sequence { (b, 1) } else { (a, 0) }),
+        [Ok(a), Ok(b)] => Ok(if b.sequence > a.sequence {
+            (b, 1)
+        } else {
+            (a, 0)
+        }),
         [Ok(a), Err(_)] => Ok((a, 0)),
         [Err(_), Ok(b)] => Ok((b, 1)),
-        [Err(a), Err(b)] => Err(VhdxError::NoValidHeader { first: Box::new(a), second: Box::new(b) }),
+        [Err(a), Err(b)] => Err(VhdxError::NoValidHeader {
+            first: Box::new(a),
+            second: Box::new(b),
+        }),
     }
 }
 
@@ -105,20 +132,30 @@ pub struct RegionEntry {
 
 pub fn parse_region_table(b: &[u8]) -> Result<Vec<RegionEntry>, VhdxError> {
     if b.len() < REGION_TABLE_SIZE {
-        return Err(VhdxError::Truncated { what: "region table" });
+        return Err(VhdxError::Truncated {
+            what: "region table",
+        });
     }
     let b = &b[..REGION_TABLE_SIZE];
     if le32(b, 0) != REGION_SIGNATURE {
-        return Err(VhdxError::BadSignature { what: "region table" });
+        return Err(VhdxError::BadSignature {
+            what: "region table",
+        });
     }
     let stored = le32(b, 4);
     let computed = crc32c_with_zeroed_field(b, 4);
     if stored != computed {
-        return Err(VhdxError::BadChecksum { what: "region table", stored, computed });
+        return Err(VhdxError::BadChecksum {
+            what: "region table",
+            stored,
+            computed,
+        });
     }
     let count = le32(b, 8);
     if count > MAX_REGION_ENTRIES {
-        return Err(VhdxError::Invalid(format!("region table has {count} entries (max {MAX_REGION_ENTRIES})")));
+        return Err(VhdxError::Invalid(format!(
+            "region table has {count} entries (max {MAX_REGION_ENTRIES})"
+        )));
     }
     Ok((0..count as usize)
         .map(|i| {
@@ -181,9 +218,15 @@ mod tests {
         let mut b = h.encode();
         assert_eq!(Header::parse(&b).unwrap(), h);
         b[100] ^= 1;
-        assert!(matches!(Header::parse(&b), Err(VhdxError::BadChecksum { what: "header", .. })));
+        assert!(matches!(
+            Header::parse(&b),
+            Err(VhdxError::BadChecksum { what: "header", .. })
+        ));
         b[0] = b'x';
-        assert!(matches!(Header::parse(&b), Err(VhdxError::BadSignature { what: "header" })));
+        assert!(matches!(
+            Header::parse(&b),
+            Err(VhdxError::BadSignature { what: "header" })
+        ));
     }
 
     #[test]
@@ -196,18 +239,34 @@ mod tests {
         let mut broken = eb.clone();
         broken[200] ^= 0xff;
         assert_eq!(current_header([&ea, &broken]).unwrap().1, 0);
-        assert!(matches!(current_header([&broken, &broken]), Err(VhdxError::NoValidHeader { .. })));
+        assert!(matches!(
+            current_header([&broken, &broken]),
+            Err(VhdxError::NoValidHeader { .. })
+        ));
     }
 
     #[test]
     fn region_table_round_trip() {
         let e = vec![
-            RegionEntry { guid: BAT_REGION, offset: 3 * MB, length: MB as u32, required: true },
-            RegionEntry { guid: METADATA_REGION, offset: 2 * MB, length: MB as u32, required: true },
+            RegionEntry {
+                guid: BAT_REGION,
+                offset: 3 * MB,
+                length: MB as u32,
+                required: true,
+            },
+            RegionEntry {
+                guid: METADATA_REGION,
+                offset: 2 * MB,
+                length: MB as u32,
+                required: true,
+            },
         ];
         let mut b = encode_region_table(&e);
         assert_eq!(parse_region_table(&b).unwrap(), e);
         b[40] ^= 1;
-        assert!(matches!(parse_region_table(&b), Err(VhdxError::BadChecksum { .. })));
+        assert!(matches!(
+            parse_region_table(&b),
+            Err(VhdxError::BadChecksum { .. })
+        ));
     }
 }

@@ -57,7 +57,14 @@ pub fn max_sectors_per_entry(log_length: u64) -> usize {
 }
 
 /// Encodes an entry writing `sectors` (offset, 4 KiB data) with the tail at `tail`.
-pub fn encode(sequence: u64, tail: u32, log_guid: Guid, flushed: u64, last: u64, sectors: &[(u64, &[u8])]) -> Vec<u8> {
+pub fn encode(
+    sequence: u64,
+    tail: u32,
+    log_guid: Guid,
+    flushed: u64,
+    last: u64,
+    sectors: &[(u64, &[u8])],
+) -> Vec<u8> {
     let ha = header_area(sectors.len());
     let length = ha + sectors.len() * SECTOR;
     let mut b = vec![0u8; length];
@@ -106,7 +113,7 @@ pub fn parse_at(log: &[u8], pos: usize, guid: Guid) -> Option<Entry> {
         return None;
     }
     let length = le32(&head, 8) as usize;
-    if length == 0 || length % SECTOR != 0 || length > log.len() {
+    if length == 0 || !length.is_multiple_of(SECTOR) || length > log.len() {
         return None;
     }
     let b = circular(log, pos, length);
@@ -116,7 +123,10 @@ pub fn parse_at(log: &[u8], pos: usize, guid: Guid) -> Option<Entry> {
     let sequence = le64(&b, 16);
     let tail = le32(&b, 12);
     let count = le32(&b, 24) as usize;
-    if tail as usize % SECTOR != 0 || tail as usize >= log.len() || count > length / DESCRIPTOR {
+    if !(tail as usize).is_multiple_of(SECTOR)
+        || tail as usize >= log.len()
+        || count > length / DESCRIPTOR
+    {
         return None;
     }
     let ha = header_area(count);
@@ -131,15 +141,18 @@ pub fn parse_at(log: &[u8], pos: usize, guid: Guid) -> Option<Entry> {
         match le32(&b, d) {
             ZERO_DESCRIPTOR => {
                 let len = le64(&b, d + 8);
-                if offset % SECTOR as u64 != 0 || len % SECTOR as u64 != 0 {
+                if !offset.is_multiple_of(SECTOR as u64) || !len.is_multiple_of(SECTOR as u64) {
                     return None;
                 }
-                ops.push(Op::Zero { offset, length: len });
+                ops.push(Op::Zero {
+                    offset,
+                    length: len,
+                });
             }
             DATA_DESCRIPTOR => {
                 let s = ha + data_index * SECTOR;
                 data_index += 1;
-                if offset % SECTOR as u64 != 0
+                if !offset.is_multiple_of(SECTOR as u64)
                     || s + SECTOR > length
                     || le32(&b, s) != DATA_SECTOR
                     || le32(&b, s + 4) != (sequence >> 32) as u32
@@ -170,8 +183,11 @@ pub fn parse_at(log: &[u8], pos: usize, guid: Guid) -> Option<Entry> {
 /// from the newest valid entry's tail up to that entry, in order. Empty if
 /// the log holds no valid entry of that GUID.
 pub fn active_sequence(log: &[u8], guid: Guid) -> Result<Vec<Entry>, VhdxError> {
-    if log.is_empty() || log.len() % SECTOR != 0 {
-        return Err(VhdxError::LogReplay(format!("log length {} is not a multiple of 4 KiB", log.len())));
+    if log.is_empty() || !log.len().is_multiple_of(SECTOR) {
+        return Err(VhdxError::LogReplay(format!(
+            "log length {} is not a multiple of 4 KiB",
+            log.len()
+        )));
     }
     let mut valid: HashMap<usize, Entry> = HashMap::new();
     for pos in (0..log.len()).step_by(SECTOR) {
@@ -204,7 +220,9 @@ pub fn active_sequence(log: &[u8], guid: Guid) -> Result<Vec<Entry>, VhdxError> 
             return Ok(seq);
         }
         if seq.len() > valid.len() {
-            return Err(VhdxError::LogReplay("the sequence from the tail never reaches the newest entry".into()));
+            return Err(VhdxError::LogReplay(
+                "the sequence from the tail never reaches the newest entry".into(),
+            ));
         }
         pos = (pos + e.length as usize) % log.len();
     }
@@ -225,12 +243,31 @@ mod tests {
     fn entry_round_trip() {
         let g = Guid([3; 16]);
         let (a, b) = (sector(1), sector(2));
-        let e = encode(5, 0, g, 1 << 30, 1 << 30, &[(3 << 20, &a), (3 << 20 | 4096, &b)]);
+        let e = encode(
+            5,
+            0,
+            g,
+            1 << 30,
+            1 << 30,
+            &[(3 << 20, &a), (3 << 20 | 4096, &b)],
+        );
         let mut log = vec![0u8; 1 << 20];
         log[..e.len()].copy_from_slice(&e);
         let seq = active_sequence(&log, g).unwrap();
         assert_eq!(seq.len(), 1);
-        assert_eq!(seq[0].ops, vec![Op::Data { offset: 3 << 20, sector: a }, Op::Data { offset: 3 << 20 | 4096, sector: b }]);
+        assert_eq!(
+            seq[0].ops,
+            vec![
+                Op::Data {
+                    offset: 3 << 20,
+                    sector: a
+                },
+                Op::Data {
+                    offset: 3 << 20 | 4096,
+                    sector: b
+                }
+            ]
+        );
         // Another GUID sees an empty log.
         assert!(active_sequence(&log, Guid([4; 16])).unwrap().is_empty());
     }
@@ -247,7 +284,10 @@ mod tests {
         // A valid entry whose tail points at garbage does not replay.
         let e = encode(6, 8192, g, 0, 0, &[(1 << 20, &a)]);
         log[..e.len()].copy_from_slice(&e);
-        assert!(matches!(active_sequence(&log, g), Err(VhdxError::LogReplay(_))));
+        assert!(matches!(
+            active_sequence(&log, g),
+            Err(VhdxError::LogReplay(_))
+        ));
     }
 
     #[test]
@@ -260,7 +300,10 @@ mod tests {
         log[..e1.len()].copy_from_slice(&e1);
         log[e1.len()..e1.len() + e2.len()].copy_from_slice(&e2);
         let seq = active_sequence(&log, g).unwrap();
-        assert_eq!(seq.iter().map(|e| e.sequence).collect::<Vec<_>>(), vec![10, 11]);
+        assert_eq!(
+            seq.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            vec![10, 11]
+        );
     }
 
     #[test]

@@ -12,20 +12,48 @@ const TABLE_SIZE: u64 = 64 * 1024;
 const FLAG_VIRTUAL_DISK: u32 = 2;
 const FLAG_REQUIRED: u32 = 4;
 
-pub const FILE_PARAMETERS: Guid =
-    Guid::from_fields(0xCAA1_6737, 0xFA36, 0x4D43, [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B]);
-pub const VIRTUAL_DISK_SIZE: Guid =
-    Guid::from_fields(0x2FA5_4224, 0xCD1B, 0x4876, [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8]);
-pub const VIRTUAL_DISK_ID: Guid =
-    Guid::from_fields(0xBECA_12AB, 0xB2E6, 0x4523, [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46]);
-pub const LOGICAL_SECTOR_SIZE: Guid =
-    Guid::from_fields(0x8141_BF1D, 0xA96F, 0x4709, [0xBA, 0x47, 0xF2, 0x33, 0xA8, 0xFA, 0xAB, 0x5F]);
-pub const PHYSICAL_SECTOR_SIZE: Guid =
-    Guid::from_fields(0xCDA3_48C7, 0x445D, 0x4471, [0x9C, 0xC9, 0xE9, 0x88, 0x52, 0x51, 0xC5, 0x56]);
-pub const PARENT_LOCATOR: Guid =
-    Guid::from_fields(0xA8D3_5F2D, 0xB30B, 0x454D, [0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C]);
-pub const VHDX_LOCATOR_TYPE: Guid =
-    Guid::from_fields(0xB04A_EFB7, 0xD19E, 0x4A81, [0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13]);
+pub const FILE_PARAMETERS: Guid = Guid::from_fields(
+    0xCAA1_6737,
+    0xFA36,
+    0x4D43,
+    [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
+);
+pub const VIRTUAL_DISK_SIZE: Guid = Guid::from_fields(
+    0x2FA5_4224,
+    0xCD1B,
+    0x4876,
+    [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8],
+);
+pub const VIRTUAL_DISK_ID: Guid = Guid::from_fields(
+    0xBECA_12AB,
+    0xB2E6,
+    0x4523,
+    [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46],
+);
+pub const LOGICAL_SECTOR_SIZE: Guid = Guid::from_fields(
+    0x8141_BF1D,
+    0xA96F,
+    0x4709,
+    [0xBA, 0x47, 0xF2, 0x33, 0xA8, 0xFA, 0xAB, 0x5F],
+);
+pub const PHYSICAL_SECTOR_SIZE: Guid = Guid::from_fields(
+    0xCDA3_48C7,
+    0x445D,
+    0x4471,
+    [0x9C, 0xC9, 0xE9, 0x88, 0x52, 0x51, 0xC5, 0x56],
+);
+pub const PARENT_LOCATOR: Guid = Guid::from_fields(
+    0xA8D3_5F2D,
+    0xB30B,
+    0x454D,
+    [0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C],
+);
+pub const VHDX_LOCATOR_TYPE: Guid = Guid::from_fields(
+    0xB04A_EFB7,
+    0xD19E,
+    0x4A81,
+    [0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13],
+);
 
 /// The parsed system metadata.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,7 +71,10 @@ pub struct Params {
 
 impl Params {
     pub fn locator(&self, key: &str) -> Option<&str> {
-        self.parent_locator.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.parent_locator
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -57,11 +88,15 @@ struct Item {
 /// Parses and validates the metadata region (`region` is all of it).
 pub fn parse(region: &[u8]) -> Result<Params, VhdxError> {
     if region.len() < TABLE_SIZE as usize || &region[..8] != SIGNATURE {
-        return Err(VhdxError::BadSignature { what: "metadata table" });
+        return Err(VhdxError::BadSignature {
+            what: "metadata table",
+        });
     }
     let count = usize::from(le16(region, 10));
     if count > MAX_ENTRIES {
-        return Err(VhdxError::Invalid(format!("metadata table has {count} entries (max {MAX_ENTRIES})")));
+        return Err(VhdxError::Invalid(format!(
+            "metadata table has {count} entries (max {MAX_ENTRIES})"
+        )));
     }
     let mut items: Vec<Item> = (0..count)
         .map(|i| {
@@ -88,22 +123,44 @@ pub fn parse(region: &[u8]) -> Result<Params, VhdxError> {
     items.sort_by_key(|it| it.offset);
     for w in items.windows(2) {
         if w[0].length != 0 && w[1].length != 0 && w[0].offset + w[0].length > w[1].offset {
-            return Err(VhdxError::Overlap { first: format!("metadata item {}", w[0].id), second: format!("metadata item {}", w[1].id) });
+            return Err(VhdxError::Overlap {
+                first: format!("metadata item {}", w[0].id),
+                second: format!("metadata item {}", w[1].id),
+            });
         }
     }
-    let known = [FILE_PARAMETERS, VIRTUAL_DISK_SIZE, VIRTUAL_DISK_ID, LOGICAL_SECTOR_SIZE, PHYSICAL_SECTOR_SIZE, PARENT_LOCATOR];
+    let known = [
+        FILE_PARAMETERS,
+        VIRTUAL_DISK_SIZE,
+        VIRTUAL_DISK_ID,
+        LOGICAL_SECTOR_SIZE,
+        PHYSICAL_SECTOR_SIZE,
+        PARENT_LOCATOR,
+    ];
     for (i, it) in items.iter().enumerate() {
         if items[..i].iter().any(|o| o.id == it.id) {
-            return Err(VhdxError::Invalid(format!("metadata item {} appears twice", it.id)));
+            return Err(VhdxError::Invalid(format!(
+                "metadata item {} appears twice",
+                it.id
+            )));
         }
         if it.flags & FLAG_REQUIRED != 0 && !known.contains(&it.id) {
-            return Err(VhdxError::Unsupported(format!("required metadata item {}", it.id)));
+            return Err(VhdxError::Unsupported(format!(
+                "required metadata item {}",
+                it.id
+            )));
         }
     }
     let get = |id: Guid, min_len: u64, name: &'static str| -> Result<&[u8], VhdxError> {
-        let it = items.iter().find(|it| it.id == id).ok_or(VhdxError::MissingMetadata(name))?;
+        let it = items
+            .iter()
+            .find(|it| it.id == id)
+            .ok_or(VhdxError::MissingMetadata(name))?;
         if it.length < min_len {
-            return Err(VhdxError::Invalid(format!("metadata item {name} is {} bytes, needs {min_len}", it.length)));
+            return Err(VhdxError::Invalid(format!(
+                "metadata item {name} is {} bytes, needs {min_len}",
+                it.length
+            )));
         }
         Ok(&region[it.offset as usize..(it.offset + it.length) as usize])
     };
@@ -111,9 +168,14 @@ pub fn parse(region: &[u8]) -> Result<Params, VhdxError> {
     let flags = le32(fp, 4);
     let params_block = u64::from(le32(fp, 0));
     let logical = u64::from(le32(get(LOGICAL_SECTOR_SIZE, 4, "logical sector size")?, 0));
-    let physical = u64::from(le32(get(PHYSICAL_SECTOR_SIZE, 4, "physical sector size")?, 0));
+    let physical = u64::from(le32(
+        get(PHYSICAL_SECTOR_SIZE, 4, "physical sector size")?,
+        0,
+    ));
     if physical != 512 && physical != 4096 {
-        return Err(VhdxError::Invalid(format!("physical sector size {physical} is neither 512 nor 4096")));
+        return Err(VhdxError::Invalid(format!(
+            "physical sector size {physical} is neither 512 nor 4096"
+        )));
     }
     let has_parent = flags & 2 != 0;
     let parent_locator = if has_parent {
@@ -135,22 +197,33 @@ pub fn parse(region: &[u8]) -> Result<Params, VhdxError> {
 
 fn parse_locator(b: &[u8]) -> Result<Vec<(String, String)>, VhdxError> {
     if guid_at(b, 0) != VHDX_LOCATOR_TYPE {
-        return Err(VhdxError::Unsupported(format!("parent locator type {}", guid_at(b, 0))));
+        return Err(VhdxError::Unsupported(format!(
+            "parent locator type {}",
+            guid_at(b, 0)
+        )));
     }
     let count = usize::from(le16(b, 18));
     if 20 + count * 12 > b.len() {
-        return Err(VhdxError::Invalid(format!("parent locator claims {count} entries but is {} bytes", b.len())));
+        return Err(VhdxError::Invalid(format!(
+            "parent locator claims {count} entries but is {} bytes",
+            b.len()
+        )));
     }
     let field = |off: u32, len: u16, what: &str| -> Result<String, VhdxError> {
         let (off, len) = (off as usize, usize::from(len));
-        b.get(off..off + len)
-            .map(from_utf16le)
-            .ok_or_else(|| VhdxError::Invalid(format!("parent locator {what} at {off:#x}+{len:#x} is outside the item")))
+        b.get(off..off + len).map(from_utf16le).ok_or_else(|| {
+            VhdxError::Invalid(format!(
+                "parent locator {what} at {off:#x}+{len:#x} is outside the item"
+            ))
+        })
     };
     (0..count)
         .map(|i| {
             let at = 20 + i * 12;
-            Ok((field(le32(b, at), le16(b, at + 8), "key")?, field(le32(b, at + 4), le16(b, at + 10), "value")?))
+            Ok((
+                field(le32(b, at), le16(b, at + 8), "key")?,
+                field(le32(b, at + 4), le16(b, at + 10), "value")?,
+            ))
         })
         .collect()
 }
@@ -162,14 +235,38 @@ pub fn encode(p: &Params) -> Vec<u8> {
     let mut items: Vec<(Guid, Vec<u8>, u32)> = Vec::new();
     let mut fp = vec![0u8; 8];
     put32(&mut fp, 0, p.block_size as u32);
-    put32(&mut fp, 4, u32::from(p.leave_blocks_allocated) | (u32::from(p.has_parent) << 1));
+    put32(
+        &mut fp,
+        4,
+        u32::from(p.leave_blocks_allocated) | (u32::from(p.has_parent) << 1),
+    );
     items.push((FILE_PARAMETERS, fp, FLAG_REQUIRED));
-    items.push((VIRTUAL_DISK_SIZE, p.virtual_size.to_le_bytes().to_vec(), FLAG_REQUIRED | FLAG_VIRTUAL_DISK));
-    items.push((VIRTUAL_DISK_ID, p.disk_id.0.to_vec(), FLAG_REQUIRED | FLAG_VIRTUAL_DISK));
-    items.push((LOGICAL_SECTOR_SIZE, (p.logical_sector as u32).to_le_bytes().to_vec(), FLAG_REQUIRED | FLAG_VIRTUAL_DISK));
-    items.push((PHYSICAL_SECTOR_SIZE, (p.physical_sector as u32).to_le_bytes().to_vec(), FLAG_REQUIRED | FLAG_VIRTUAL_DISK));
+    items.push((
+        VIRTUAL_DISK_SIZE,
+        p.virtual_size.to_le_bytes().to_vec(),
+        FLAG_REQUIRED | FLAG_VIRTUAL_DISK,
+    ));
+    items.push((
+        VIRTUAL_DISK_ID,
+        p.disk_id.0.to_vec(),
+        FLAG_REQUIRED | FLAG_VIRTUAL_DISK,
+    ));
+    items.push((
+        LOGICAL_SECTOR_SIZE,
+        (p.logical_sector as u32).to_le_bytes().to_vec(),
+        FLAG_REQUIRED | FLAG_VIRTUAL_DISK,
+    ));
+    items.push((
+        PHYSICAL_SECTOR_SIZE,
+        (p.physical_sector as u32).to_le_bytes().to_vec(),
+        FLAG_REQUIRED | FLAG_VIRTUAL_DISK,
+    ));
     if p.has_parent {
-        items.push((PARENT_LOCATOR, encode_locator(&p.parent_locator), FLAG_REQUIRED));
+        items.push((
+            PARENT_LOCATOR,
+            encode_locator(&p.parent_locator),
+            FLAG_REQUIRED,
+        ));
     }
     put16(&mut region, 10, items.len() as u16);
     let mut next = TABLE_SIZE as usize;
@@ -224,7 +321,13 @@ mod tests {
             logical_sector: 512,
             physical_sector: 4096,
             parent_locator: if parent {
-                vec![("parent_linkage".into(), "{01020304-0506-0708-090a-0b0c0d0e0f10}".into()), ("relative_path".into(), ".\\base.vhdx".into())]
+                vec![
+                    (
+                        "parent_linkage".into(),
+                        "{01020304-0506-0708-090a-0b0c0d0e0f10}".into(),
+                    ),
+                    ("relative_path".into(), ".\\base.vhdx".into()),
+                ]
             } else {
                 Vec::new()
             },

@@ -39,19 +39,36 @@ pub enum VhdxError {
     #[error("bad {what} signature")]
     BadSignature { what: &'static str },
     #[error("{what} checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
-    BadChecksum { what: &'static str, stored: u32, computed: u32 },
+    BadChecksum {
+        what: &'static str,
+        stored: u32,
+        computed: u32,
+    },
     #[error("no valid header (first copy: {first}; second copy: {second})")]
-    NoValidHeader { first: Box<VhdxError>, second: Box<VhdxError> },
+    NoValidHeader {
+        first: Box<VhdxError>,
+        second: Box<VhdxError>,
+    },
     #[error("no valid region table (first copy: {first}; second copy: {second})")]
-    NoValidRegionTable { first: Box<VhdxError>, second: Box<VhdxError> },
+    NoValidRegionTable {
+        first: Box<VhdxError>,
+        second: Box<VhdxError>,
+    },
     #[error("unsupported: {0}")]
     Unsupported(String),
     #[error("invalid: {0}")]
     Invalid(String),
     #[error("{first} overlaps {second}")]
     Overlap { first: String, second: String },
-    #[error("{what} at {offset:#x}+{length:#x} extends past the end of the file ({file_len:#x} bytes)")]
-    PastEof { what: String, offset: u64, length: u64, file_len: u64 },
+    #[error(
+        "{what} at {offset:#x}+{length:#x} extends past the end of the file ({file_len:#x} bytes)"
+    )]
+    PastEof {
+        what: String,
+        offset: u64,
+        length: u64,
+        file_len: u64,
+    },
     #[error("missing required metadata item: {0}")]
     MissingMetadata(&'static str),
     #[error("missing required region: {0}")]
@@ -59,7 +76,12 @@ pub enum VhdxError {
     #[error("BAT entry {index} has invalid state {state}")]
     BadBatState { index: u64, state: u8 },
     #[error("BAT entry {index} points past the end of the file: block at {offset:#x}+{length:#x}, file is {file_len:#x} bytes")]
-    BatPastEof { index: u64, offset: u64, length: u64, file_len: u64 },
+    BatPastEof {
+        index: u64,
+        offset: u64,
+        length: u64,
+        file_len: u64,
+    },
     #[error("log does not replay: {0}")]
     LogReplay(String),
     #[error("the log needs replaying but the file cannot be opened for writing")]
@@ -129,11 +151,19 @@ pub struct VhdxLayer {
 }
 
 fn verr(path: &Path, source: VhdxError) -> DiskError {
-    DiskError::Vhdx { path: path.to_path_buf(), source }
+    DiskError::Vhdx {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn read_vec(file: &File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
-    let mut b = vec![0u8; usize::try_from(len).map_err(|_| DiskError::Invalid(format!("{len} bytes do not fit in memory")))?];
+    let mut b = vec![
+        0u8;
+        usize::try_from(len).map_err(|_| DiskError::Invalid(format!(
+            "{len} bytes do not fit in memory"
+        )))?
+    ];
     read_at_zero_tail(file, &mut b, offset).ctx(path, "read")?;
     Ok(b)
 }
@@ -141,17 +171,35 @@ fn read_vec(file: &File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> 
 impl VhdxLayer {
     pub fn open(path: &Path, opts: VhdxOpenOptions) -> Result<VhdxLayer> {
         let e = |s| verr(path, s);
-        let file = OpenOptions::new().read(true).write(opts.writable).open(path).ctx(path, "open")?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(opts.writable)
+            .open(path)
+            .ctx(path, "open")?;
         let mut file_len = file.metadata().ctx(path, "stat")?.len();
         if file_len < 4 * MB {
             // Identifier, headers and region tables fill the first MiB; the log, metadata and BAT are MiB-aligned after it.
-            return Err(e(VhdxError::Truncated { what: "file (under 4 MiB)" }));
+            return Err(e(VhdxError::Truncated {
+                what: "file (under 4 MiB)",
+            }));
         }
         if read_vec(&file, path, 0, 8)? != header::FILE_SIGNATURE {
-            return Err(e(VhdxError::BadSignature { what: "file identifier" }));
+            return Err(e(VhdxError::BadSignature {
+                what: "file identifier",
+            }));
         }
-        let h0 = read_vec(&file, path, header::HEADER_OFFSETS[0], header::HEADER_SIZE as u64)?;
-        let h1 = read_vec(&file, path, header::HEADER_OFFSETS[1], header::HEADER_SIZE as u64)?;
+        let h0 = read_vec(
+            &file,
+            path,
+            header::HEADER_OFFSETS[0],
+            header::HEADER_SIZE as u64,
+        )?;
+        let h1 = read_vec(
+            &file,
+            path,
+            header::HEADER_OFFSETS[1],
+            header::HEADER_SIZE as u64,
+        )?;
         let (mut hdr, mut slot) = header::current_header([&h0, &h1]).map_err(e)?;
         let mut warnings = Vec::new();
         for (i, h) in [&h0, &h1].iter().enumerate() {
@@ -161,21 +209,38 @@ impl VhdxLayer {
         }
         let (log_offset, log_length) = (hdr.log_offset, u64::from(hdr.log_length));
         if log_length > 0 {
-            if log_offset % MB != 0 || log_length % MB != 0 || log_offset < MB || log_length > log::MAX_LOG_LENGTH {
-                return Err(e(VhdxError::Invalid(format!("log at {log_offset:#x}+{log_length:#x} is not MiB-aligned or too large"))));
+            if log_offset % MB != 0
+                || log_length % MB != 0
+                || log_offset < MB
+                || log_length > log::MAX_LOG_LENGTH
+            {
+                return Err(e(VhdxError::Invalid(format!(
+                    "log at {log_offset:#x}+{log_length:#x} is not MiB-aligned or too large"
+                ))));
             }
             if log_offset + log_length > file_len {
-                return Err(e(VhdxError::PastEof { what: "log".into(), offset: log_offset, length: log_length, file_len }));
+                return Err(e(VhdxError::PastEof {
+                    what: "log".into(),
+                    offset: log_offset,
+                    length: log_length,
+                    file_len,
+                }));
             }
         }
         if !hdr.log_guid.is_zero() {
             let rw = if opts.writable {
                 file.try_clone().ctx(path, "dup")?
             } else {
-                OpenOptions::new().read(true).write(true).open(path).map_err(|_| e(VhdxError::DirtyLogReadOnly))?
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(|_| e(VhdxError::DirtyLogReadOnly))?
             };
             if log_length == 0 {
-                return Err(e(VhdxError::LogReplay("the header names a log GUID but the log is empty".into())));
+                return Err(e(VhdxError::LogReplay(
+                    "the header names a log GUID but the log is empty".into(),
+                )));
             }
             let log_bytes = read_vec(&rw, path, log_offset, log_length)?;
             let seq = log::active_sequence(&log_bytes, hdr.log_guid).map_err(e)?;
@@ -185,7 +250,8 @@ impl VhdxLayer {
             for _ in 0..2 {
                 new.sequence = hdr.sequence.wrapping_add(1);
                 slot = 1 - slot;
-                rw.write_all_at(&new.encode(), header::HEADER_OFFSETS[slot]).ctx(path, "write header")?;
+                rw.write_all_at(&new.encode(), header::HEADER_OFFSETS[slot])
+                    .ctx(path, "write header")?;
                 rw.sync_data().ctx(path, "fdatasync")?;
                 hdr = new.clone();
             }
@@ -193,9 +259,22 @@ impl VhdxLayer {
             file_len = rw.metadata().ctx(path, "stat")?.len();
         }
 
-        let r0 = read_vec(&file, path, header::REGION_TABLE_OFFSETS[0], header::REGION_TABLE_SIZE as u64)?;
-        let r1 = read_vec(&file, path, header::REGION_TABLE_OFFSETS[1], header::REGION_TABLE_SIZE as u64)?;
-        let regions = match (header::parse_region_table(&r0), header::parse_region_table(&r1)) {
+        let r0 = read_vec(
+            &file,
+            path,
+            header::REGION_TABLE_OFFSETS[0],
+            header::REGION_TABLE_SIZE as u64,
+        )?;
+        let r1 = read_vec(
+            &file,
+            path,
+            header::REGION_TABLE_OFFSETS[1],
+            header::REGION_TABLE_SIZE as u64,
+        )?;
+        let regions = match (
+            header::parse_region_table(&r0),
+            header::parse_region_table(&r1),
+        ) {
             (Ok(t), Ok(_)) => t,
             (Ok(t), Err(err)) => {
                 warnings.push(format!("region table copy 2 is invalid: {err}"));
@@ -205,12 +284,29 @@ impl VhdxLayer {
                 warnings.push(format!("region table copy 1 is invalid: {err}"));
                 t
             }
-            (Err(a), Err(b)) => return Err(e(VhdxError::NoValidRegionTable { first: Box::new(a), second: Box::new(b) })),
+            (Err(a), Err(b)) => {
+                return Err(e(VhdxError::NoValidRegionTable {
+                    first: Box::new(a),
+                    second: Box::new(b),
+                }))
+            }
         };
-        let (bat_region, meta_region) = validate_regions(&regions, log_offset, log_length, file_len).map_err(e)?;
-        let meta = read_vec(&file, path, meta_region.offset, u64::from(meta_region.length))?;
+        let (bat_region, meta_region) =
+            validate_regions(&regions, log_offset, log_length, file_len).map_err(e)?;
+        let meta = read_vec(
+            &file,
+            path,
+            meta_region.offset,
+            u64::from(meta_region.length),
+        )?;
         let params = metadata::parse(&meta).map_err(e)?;
-        let geo = Geometry::new(params.block_size, params.logical_sector, params.virtual_size, params.has_parent).map_err(e)?;
+        let geo = Geometry::new(
+            params.block_size,
+            params.logical_sector,
+            params.virtual_size,
+            params.has_parent,
+        )
+        .map_err(e)?;
         if geo.total_entries * 8 > u64::from(bat_region.length) {
             return Err(e(VhdxError::Invalid(format!(
                 "BAT region holds {} bytes but the disk needs {} entries",
@@ -218,11 +314,22 @@ impl VhdxLayer {
             ))));
         }
         let raw_bat = read_vec(&file, path, bat_region.offset, geo.total_entries * 8)?;
-        let bat: Vec<u64> = raw_bat.chunks_exact(8).map(|c| crate::util::le64(c, 0)).collect();
+        let bat: Vec<u64> = raw_bat
+            .chunks_exact(8)
+            .map(|c| crate::util::le64(c, 0))
+            .collect();
         let mut used = vec![
             (0, MB, "file header area".to_string()),
-            (meta_region.offset, u64::from(meta_region.length), "metadata region".to_string()),
-            (bat_region.offset, u64::from(bat_region.length), "BAT region".to_string()),
+            (
+                meta_region.offset,
+                u64::from(meta_region.length),
+                "metadata region".to_string(),
+            ),
+            (
+                bat_region.offset,
+                u64::from(bat_region.length),
+                "BAT region".to_string(),
+            ),
         ];
         if log_length > 0 {
             used.push((log_offset, log_length, "log".into()));
@@ -240,7 +347,10 @@ impl VhdxLayer {
                 }
             } else {
                 match st {
-                    bat::PAYLOAD_NOT_PRESENT | bat::PAYLOAD_UNDEFINED | bat::PAYLOAD_ZERO | bat::PAYLOAD_UNMAPPED => false,
+                    bat::PAYLOAD_NOT_PRESENT
+                    | bat::PAYLOAD_UNDEFINED
+                    | bat::PAYLOAD_ZERO
+                    | bat::PAYLOAD_UNMAPPED => false,
                     bat::PAYLOAD_FULLY_PRESENT => true,
                     bat::PAYLOAD_PARTIALLY_PRESENT if params.has_parent => true,
                     _ => return Err(e(VhdxError::BadBatState { index, state: st })),
@@ -248,9 +358,18 @@ impl VhdxLayer {
             };
             if present {
                 let offset = bat::offset(entry);
-                let length = if is_bitmap { bat::SECTOR_BITMAP_BLOCK } else { geo.block_size };
+                let length = if is_bitmap {
+                    bat::SECTOR_BITMAP_BLOCK
+                } else {
+                    geo.block_size
+                };
                 if offset < MB || offset.checked_add(length).is_none_or(|x| x > file_len) {
-                    return Err(e(VhdxError::BatPastEof { index, offset, length, file_len }));
+                    return Err(e(VhdxError::BatPastEof {
+                        index,
+                        offset,
+                        length,
+                        file_len,
+                    }));
                 }
                 end = end.max(offset + length);
                 used.push((offset, length, format!("block of BAT entry {index}")));
@@ -259,11 +378,19 @@ impl VhdxLayer {
         used.sort_by_key(|u| u.0);
         for w in used.windows(2) {
             if w[0].0 + w[0].1 > w[1].0 {
-                return Err(e(VhdxError::Overlap { first: w[0].2.clone(), second: w[1].2.clone() }));
+                return Err(e(VhdxError::Overlap {
+                    first: w[0].2.clone(),
+                    second: w[1].2.clone(),
+                }));
             }
         }
-        let parent = if params.has_parent { Some(parent_ref(path, &params).map_err(e)?) } else { None };
-        let file_end = round_up(end, MB).ok_or_else(|| e(VhdxError::Invalid("file size overflows".into())))?;
+        let parent = if params.has_parent {
+            Some(parent_ref(path, &params).map_err(e)?)
+        } else {
+            None
+        };
+        let file_end =
+            round_up(end, MB).ok_or_else(|| e(VhdxError::Invalid("file size overflows".into())))?;
         Ok(VhdxLayer {
             path: path.to_path_buf(),
             file,
@@ -296,12 +423,19 @@ impl VhdxLayer {
     /// overwrite an existing file. The file is synced before returning.
     pub fn create(path: &Path, opts: &VhdxCreateOptions) -> Result<()> {
         let e = |s| verr(path, s);
-        let block_size = opts.block_size.unwrap_or(if opts.parent.is_some() { 2 * MB } else { 32 * MB });
+        let block_size = opts.block_size.unwrap_or(if opts.parent.is_some() {
+            2 * MB
+        } else {
+            32 * MB
+        });
         let geo = Geometry::new(block_size, 512, opts.size, opts.parent.is_some()).map_err(e)?;
         let mut locator = Vec::new();
         if let Some(p) = &opts.parent {
             locator.push(("parent_linkage".to_string(), p.linkage.to_string()));
-            locator.push(("relative_path".to_string(), p.relative_path.replace('/', "\\")));
+            locator.push((
+                "relative_path".to_string(),
+                p.relative_path.replace('/', "\\"),
+            ));
         }
         let params = Params {
             block_size,
@@ -326,20 +460,38 @@ impl VhdxLayer {
             log_offset,
         };
         let regions = header::encode_region_table(&[
-            RegionEntry { guid: header::BAT_REGION, offset: bat_offset, length: bat_len as u32, required: true },
-            RegionEntry { guid: header::METADATA_REGION, offset: meta_offset, length: MB as u32, required: true },
+            RegionEntry {
+                guid: header::BAT_REGION,
+                offset: bat_offset,
+                length: bat_len as u32,
+                required: true,
+            },
+            RegionEntry {
+                guid: header::METADATA_REGION,
+                offset: meta_offset,
+                length: MB as u32,
+                required: true,
+            },
         ]);
-        let file = OpenOptions::new().write(true).create_new(true).open(path).ctx(path, "create")?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .ctx(path, "create")?;
         file.set_len(bat_offset + bat_len).ctx(path, "set length")?;
-        file.write_all_at(&header::encode_file_identifier(), 0).ctx(path, "write")?;
+        file.write_all_at(&header::encode_file_identifier(), 0)
+            .ctx(path, "write")?;
         let mut h2 = hdr.clone();
         h2.sequence = 1;
-        file.write_all_at(&hdr.encode(), header::HEADER_OFFSETS[0]).ctx(path, "write")?;
-        file.write_all_at(&h2.encode(), header::HEADER_OFFSETS[1]).ctx(path, "write")?;
+        file.write_all_at(&hdr.encode(), header::HEADER_OFFSETS[0])
+            .ctx(path, "write")?;
+        file.write_all_at(&h2.encode(), header::HEADER_OFFSETS[1])
+            .ctx(path, "write")?;
         for off in header::REGION_TABLE_OFFSETS {
             file.write_all_at(&regions, off).ctx(path, "write")?;
         }
-        file.write_all_at(&metadata::encode(&params), meta_offset).ctx(path, "write")?;
+        file.write_all_at(&metadata::encode(&params), meta_offset)
+            .ctx(path, "write")?;
         file.sync_all().ctx(path, "fsync")?;
         Ok(())
     }
@@ -373,7 +525,9 @@ impl VhdxLayer {
         for _ in 0..2 {
             new.sequence = st.header.sequence.wrapping_add(1);
             let target = 1 - st.slot;
-            self.file.write_all_at(&new.encode(), header::HEADER_OFFSETS[target]).ctx(&self.path, "write header")?;
+            self.file
+                .write_all_at(&new.encode(), header::HEADER_OFFSETS[target])
+                .ctx(&self.path, "write header")?;
             self.file.sync_data().ctx(&self.path, "fdatasync")?;
             st.header = new.clone();
             st.slot = target;
@@ -384,7 +538,9 @@ impl VhdxLayer {
     /// First write of this open: new FileWriteGuid, DataWriteGuid and log GUID.
     fn begin_session(&self, st: &mut State) -> Result<()> {
         if st.crashed {
-            return Err(DiskError::InjectedFault("write after an injected crash".into()));
+            return Err(DiskError::InjectedFault(
+                "write after an injected crash".into(),
+            ));
         }
         if st.session {
             return Ok(());
@@ -396,7 +552,10 @@ impl VhdxLayer {
         }
         h.log_guid = Guid::random().ctx(&self.path, "random GUID")?;
         if self.log_length == 0 {
-            return Err(DiskError::Unsupported { path: self.path.clone(), what: "writing an image without a log".into() });
+            return Err(DiskError::Unsupported {
+                path: self.path.clone(),
+                what: "writing an image without a log".into(),
+            });
         }
         self.write_headers(st, h)?;
         st.session = true;
@@ -405,7 +564,9 @@ impl VhdxLayer {
 
     fn alloc(&self, st: &mut State, len: u64) -> Result<u64> {
         let off = st.file_end;
-        st.file_end = off.checked_add(len).ok_or_else(|| DiskError::Invalid("file offset overflow".into()))?;
+        st.file_end = off
+            .checked_add(len)
+            .ok_or_else(|| DiskError::Invalid("file offset overflow".into()))?;
         self.file.set_len(st.file_end).ctx(&self.path, "extend")?;
         Ok(off)
     }
@@ -418,13 +579,20 @@ impl VhdxLayer {
         if !st.bitmaps.contains_key(&chunk) {
             let sb = st.bat[self.geo.bitmap_index(chunk) as usize];
             let data = if bat::state(sb) == bat::SB_PRESENT {
-                read_vec(&self.file, &self.path, bat::offset(sb), bat::SECTOR_BITMAP_BLOCK)?
+                read_vec(
+                    &self.file,
+                    &self.path,
+                    bat::offset(sb),
+                    bat::SECTOR_BITMAP_BLOCK,
+                )?
             } else {
                 vec![0u8; bat::SECTOR_BITMAP_BLOCK as usize]
             };
             st.bitmaps.insert(chunk, data);
         }
-        st.bitmaps.get_mut(&chunk).ok_or_else(|| DiskError::Invalid("sector bitmap cache".into()))
+        st.bitmaps
+            .get_mut(&chunk)
+            .ok_or_else(|| DiskError::Invalid("sector bitmap cache".into()))
     }
 
     /// File offset of payload block `block`, allocating it if needed.
@@ -439,19 +607,28 @@ impl VhdxLayer {
         // A block that reads as zeros becomes a fully present block of zeros
         // (the file grows with zeros); a transparent one becomes partially
         // present, with an all-clear sector bitmap.
-        let transparent = self.params.has_parent && matches!(bat::state(e), bat::PAYLOAD_NOT_PRESENT | bat::PAYLOAD_UNDEFINED);
+        let transparent = self.params.has_parent
+            && matches!(
+                bat::state(e),
+                bat::PAYLOAD_NOT_PRESENT | bat::PAYLOAD_UNDEFINED
+            );
         if transparent {
             let chunk = block / self.geo.chunk_ratio;
             let bi = self.geo.bitmap_index(chunk);
             if bat::state(st.bat[bi as usize]) != bat::SB_PRESENT {
                 let off = self.alloc(st, bat::SECTOR_BITMAP_BLOCK)?;
                 st.bat[bi as usize] = bat::entry(bat::SB_PRESENT, off);
-                st.bitmaps.insert(chunk, vec![0u8; bat::SECTOR_BITMAP_BLOCK as usize]);
+                st.bitmaps
+                    .insert(chunk, vec![0u8; bat::SECTOR_BITMAP_BLOCK as usize]);
                 Self::mark_bat(st, bi);
             }
         }
         let off = self.alloc(st, self.geo.block_size)?;
-        let state = if transparent { bat::PAYLOAD_PARTIALLY_PRESENT } else { bat::PAYLOAD_FULLY_PRESENT };
+        let state = if transparent {
+            bat::PAYLOAD_PARTIALLY_PRESENT
+        } else {
+            bat::PAYLOAD_FULLY_PRESENT
+        };
         st.bat[pi as usize] = bat::entry(state, off);
         Self::mark_bat(st, pi);
         Ok((off, transparent))
@@ -469,7 +646,8 @@ impl VhdxLayer {
             bm[byte] |= 1 << (bit % 8);
             pages.insert(byte as u64 / 4096);
         }
-        st.dirty_bitmap.extend(pages.into_iter().map(|p| (chunk, p)));
+        st.dirty_bitmap
+            .extend(pages.into_iter().map(|p| (chunk, p)));
         Ok(())
     }
 
@@ -496,14 +674,26 @@ impl VhdxLayer {
         let per_entry = log::max_sectors_per_entry(self.log_length).max(1);
         for batch in pages.chunks(per_entry) {
             st.log_seq += 1;
-            let sectors: Vec<(u64, &[u8])> = batch.iter().map(|(o, b)| (*o, b.as_slice())).collect();
-            let entry = log::encode(st.log_seq, 0, st.header.log_guid, st.file_end, st.file_end, &sectors);
+            let sectors: Vec<(u64, &[u8])> =
+                batch.iter().map(|(o, b)| (*o, b.as_slice())).collect();
+            let entry = log::encode(
+                st.log_seq,
+                0,
+                st.header.log_guid,
+                st.file_end,
+                st.file_end,
+                &sectors,
+            );
             self.fail(st, "vhdx.before-log")?;
-            self.file.write_all_at(&entry, self.log_offset).ctx(&self.path, "write log")?;
+            self.file
+                .write_all_at(&entry, self.log_offset)
+                .ctx(&self.path, "write log")?;
             self.file.sync_data().ctx(&self.path, "fdatasync")?;
             self.fail(st, "vhdx.log-written")?;
             for (off, b) in batch {
-                self.file.write_all_at(b, *off).ctx(&self.path, "write metadata")?;
+                self.file
+                    .write_all_at(b, *off)
+                    .ctx(&self.path, "write metadata")?;
             }
             self.fail(st, "vhdx.applied")?;
             self.file.sync_data().ctx(&self.path, "fdatasync")?;
@@ -529,8 +719,15 @@ impl VhdxLayer {
     }
 
     fn check_bounds(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|end| end > self.geo.virtual_size) {
-            return Err(DiskError::OutOfBounds { offset, len, size: self.geo.virtual_size });
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.geo.virtual_size)
+        {
+            return Err(DiskError::OutOfBounds {
+                offset,
+                len,
+                size: self.geo.virtual_size,
+            });
         }
         Ok(())
     }
@@ -544,7 +741,12 @@ impl Drop for VhdxLayer {
     }
 }
 
-fn validate_regions(regions: &[RegionEntry], log_offset: u64, log_length: u64, file_len: u64) -> Result<(RegionEntry, RegionEntry), VhdxError> {
+fn validate_regions(
+    regions: &[RegionEntry],
+    log_offset: u64,
+    log_length: u64,
+    file_len: u64,
+) -> Result<(RegionEntry, RegionEntry), VhdxError> {
     let mut spans = vec![(0u64, MB, "file header area".to_string())];
     if log_length > 0 {
         spans.push((log_offset, log_length, "log".into()));
@@ -556,20 +758,39 @@ fn validate_regions(regions: &[RegionEntry], log_offset: u64, log_length: u64, f
         } else if r.guid == header::METADATA_REGION {
             "metadata region".to_string()
         } else if r.required {
-            return Err(VhdxError::Unsupported(format!("required region {}", r.guid)));
+            return Err(VhdxError::Unsupported(format!(
+                "required region {}",
+                r.guid
+            )));
         } else {
             format!("region {}", r.guid)
         };
         let len = u64::from(r.length);
         if r.offset % MB != 0 || len % MB != 0 || len == 0 {
-            return Err(VhdxError::Invalid(format!("{name} at {:#x}+{len:#x} is not MiB-aligned", r.offset)));
+            return Err(VhdxError::Invalid(format!(
+                "{name} at {:#x}+{len:#x} is not MiB-aligned",
+                r.offset
+            )));
         }
         if r.offset.checked_add(len).is_none_or(|e| e > file_len) {
-            return Err(VhdxError::PastEof { what: name, offset: r.offset, length: len, file_len });
+            return Err(VhdxError::PastEof {
+                what: name,
+                offset: r.offset,
+                length: len,
+                file_len,
+            });
         }
-        let slot = if r.guid == header::BAT_REGION { &mut bat } else if r.guid == header::METADATA_REGION { &mut meta } else { &mut None };
+        let slot = if r.guid == header::BAT_REGION {
+            &mut bat
+        } else if r.guid == header::METADATA_REGION {
+            &mut meta
+        } else {
+            &mut None
+        };
         if slot.is_some() {
-            return Err(VhdxError::Invalid(format!("{name} appears twice in the region table")));
+            return Err(VhdxError::Invalid(format!(
+                "{name} appears twice in the region table"
+            )));
         }
         *slot = Some(r.clone());
         spans.push((r.offset, len, name));
@@ -577,13 +798,26 @@ fn validate_regions(regions: &[RegionEntry], log_offset: u64, log_length: u64, f
     spans.sort_by_key(|s| s.0);
     for w in spans.windows(2) {
         if w[0].0 + w[0].1 > w[1].0 {
-            return Err(VhdxError::Overlap { first: w[0].2.clone(), second: w[1].2.clone() });
+            return Err(VhdxError::Overlap {
+                first: w[0].2.clone(),
+                second: w[1].2.clone(),
+            });
         }
     }
-    Ok((bat.ok_or(VhdxError::MissingRegion("BAT"))?, meta.ok_or(VhdxError::MissingRegion("metadata"))?))
+    Ok((
+        bat.ok_or(VhdxError::MissingRegion("BAT"))?,
+        meta.ok_or(VhdxError::MissingRegion("metadata"))?,
+    ))
 }
 
-fn replay(file: &File, path: &Path, seq: &[log::Entry], file_len: u64, log_offset: u64, log_length: u64) -> Result<()> {
+fn replay(
+    file: &File,
+    path: &Path,
+    seq: &[log::Entry],
+    file_len: u64,
+    log_offset: u64,
+    log_length: u64,
+) -> Result<()> {
     let e = |s| verr(path, s);
     for entry in seq {
         if file_len < entry.flushed_file_offset {
@@ -598,8 +832,11 @@ fn replay(file: &File, path: &Path, seq: &[log::Entry], file_len: u64, log_offse
                 log::Op::Data { offset, .. } => (*offset, log::SECTOR as u64),
                 log::Op::Zero { offset, length } => (*offset, *length),
             };
-            let end = offset.checked_add(len).ok_or_else(|| e(VhdxError::LogReplay("descriptor offset overflows".into())))?;
-            if offset < MB || (offset < log_offset + log_length && end > log_offset) || end > limit {
+            let end = offset
+                .checked_add(len)
+                .ok_or_else(|| e(VhdxError::LogReplay("descriptor offset overflows".into())))?;
+            if offset < MB || (offset < log_offset + log_length && end > log_offset) || end > limit
+            {
                 return Err(e(VhdxError::LogReplay(format!(
                     "entry {} writes {offset:#x}+{len:#x}, inside the header area or log, or past the file end {limit:#x}",
                     entry.sequence
@@ -610,13 +847,16 @@ fn replay(file: &File, path: &Path, seq: &[log::Entry], file_len: u64, log_offse
     for entry in seq {
         for op in &entry.ops {
             match op {
-                log::Op::Data { offset, sector } => file.write_all_at(sector, *offset).ctx(path, "replay log")?,
+                log::Op::Data { offset, sector } => {
+                    file.write_all_at(sector, *offset).ctx(path, "replay log")?
+                }
                 log::Op::Zero { offset, length } => {
                     let zeros = vec![0u8; 1 << 20];
                     let mut done = 0;
                     while done < *length {
                         let n = (*length - done).min(zeros.len() as u64);
-                        file.write_all_at(&zeros[..n as usize], offset + done).ctx(path, "replay log")?;
+                        file.write_all_at(&zeros[..n as usize], offset + done)
+                            .ctx(path, "replay log")?;
                         done += n;
                     }
                 }
@@ -631,8 +871,13 @@ fn replay(file: &File, path: &Path, seq: &[log::Entry], file_len: u64, log_offse
 }
 
 fn parent_ref(path: &Path, p: &Params) -> Result<ParentRef, VhdxError> {
-    let linkage = p.locator("parent_linkage").ok_or(VhdxError::MissingMetadata("parent_linkage in the parent locator"))?;
-    let mut identity = vec![Guid::parse(linkage).ok_or_else(|| VhdxError::Invalid(format!("parent_linkage {linkage:?} is not a GUID")))?];
+    let linkage = p
+        .locator("parent_linkage")
+        .ok_or(VhdxError::MissingMetadata(
+            "parent_linkage in the parent locator",
+        ))?;
+    let mut identity = vec![Guid::parse(linkage)
+        .ok_or_else(|| VhdxError::Invalid(format!("parent_linkage {linkage:?} is not a GUID")))?];
     if let Some(g) = p.locator("parent_linkage2").and_then(Guid::parse) {
         identity.push(g);
     }
@@ -640,12 +885,21 @@ fn parent_ref(path: &Path, p: &Params) -> Result<ParentRef, VhdxError> {
     let resolved = if let Some(rel) = p.locator("relative_path") {
         let rel = rel.replace('\\', "/");
         dir.join(rel.trim_start_matches("./"))
-    } else if let Some(abs) = p.locator("absolute_win32_path").filter(|a| a.starts_with('/')) {
+    } else if let Some(abs) = p
+        .locator("absolute_win32_path")
+        .filter(|a| a.starts_with('/'))
+    {
         PathBuf::from(abs)
     } else {
-        return Err(VhdxError::MissingMetadata("a usable parent path (relative_path) in the parent locator"));
+        return Err(VhdxError::MissingMetadata(
+            "a usable parent path (relative_path) in the parent locator",
+        ));
     };
-    Ok(ParentRef { path: resolved, format: Some(Format::Vhdx), identity })
+    Ok(ParentRef {
+        path: resolved,
+        format: Some(Format::Vhdx),
+        identity,
+    })
 }
 
 impl Layer for VhdxLayer {
@@ -669,7 +923,10 @@ impl Layer for VhdxLayer {
         self.check_bounds(offset, len.min(1))?;
         let bs = self.geo.block_size;
         let (block, in_block) = (offset / bs, offset % bs);
-        let run = len.min(bs - in_block).min(self.geo.virtual_size - offset).max(1);
+        let run = len
+            .min(bs - in_block)
+            .min(self.geo.virtual_size - offset)
+            .max(1);
         let mut st = self.lock();
         let e = st.bat[self.geo.payload_index(block) as usize];
         let has_parent = self.params.has_parent;
@@ -681,7 +938,8 @@ impl Layer for VhdxLayer {
                     return Ok((Status::Unallocated, run));
                 }
                 let lss = self.geo.logical_sector;
-                let first = (block % self.geo.chunk_ratio) * self.geo.sectors_per_block() + in_block / lss;
+                let first =
+                    (block % self.geo.chunk_ratio) * self.geo.sectors_per_block() + in_block / lss;
                 let sectors = (in_block % lss + run).div_ceil(lss);
                 let bm = self.bitmap(&mut st, chunk)?;
                 let bit = |i: u64| bm[(i / 8) as usize] & (1 << (i % 8)) != 0;
@@ -709,9 +967,12 @@ impl Layer for VhdxLayer {
             let n = ((bs - in_block) as usize).min(buf.len() - done);
             let e = self.lock().bat[self.geo.payload_index(block) as usize];
             match bat::state(e) {
-                bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT => {
-                    read_at_zero_tail(&self.file, &mut buf[done..done + n], bat::offset(e) + in_block).ctx(&self.path, "read")?
-                }
+                bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT => read_at_zero_tail(
+                    &self.file,
+                    &mut buf[done..done + n],
+                    bat::offset(e) + in_block,
+                )
+                .ctx(&self.path, "read")?,
                 _ => buf[done..done + n].fill(0),
             }
             done += n;
@@ -721,12 +982,21 @@ impl Layer for VhdxLayer {
 
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         if !self.writable {
-            return Err(DiskError::ReadOnly { path: self.path.clone() });
+            return Err(DiskError::ReadOnly {
+                path: self.path.clone(),
+            });
         }
         let lss = self.geo.logical_sector;
         let len = buf.len() as u64;
-        if offset % lss != 0 || len % lss != 0 {
-            return Err(verr(&self.path, VhdxError::Unaligned { offset, len, sector: lss }));
+        if !offset.is_multiple_of(lss) || !len.is_multiple_of(lss) {
+            return Err(verr(
+                &self.path,
+                VhdxError::Unaligned {
+                    offset,
+                    len,
+                    sector: lss,
+                },
+            ));
         }
         self.check_bounds(offset, len)?;
         let bs = self.geo.block_size;
@@ -741,7 +1011,10 @@ impl Layer for VhdxLayer {
                 self.ensure_block(&mut st, block)?
             };
             self.file
-                .write_all_at(&buf[done as usize..(done + n) as usize], file_off + in_block)
+                .write_all_at(
+                    &buf[done as usize..(done + n) as usize],
+                    file_off + in_block,
+                )
                 .ctx(&self.path, "write")?;
             if partial {
                 let mut st = self.lock();
@@ -758,7 +1031,9 @@ impl Layer for VhdxLayer {
         }
         let mut st = self.lock();
         if st.crashed {
-            return Err(DiskError::InjectedFault("flush after an injected crash".into()));
+            return Err(DiskError::InjectedFault(
+                "flush after an injected crash".into(),
+            ));
         }
         self.file.sync_data().ctx(&self.path, "fdatasync")?;
         self.commit_metadata(&mut st)
@@ -766,7 +1041,9 @@ impl Layer for VhdxLayer {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         if !self.writable {
-            return Err(DiskError::ReadOnly { path: self.path.clone() });
+            return Err(DiskError::ReadOnly {
+                path: self.path.clone(),
+            });
         }
         self.check_bounds(offset, len)?;
         let bs = self.geo.block_size;
