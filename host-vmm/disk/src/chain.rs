@@ -21,7 +21,8 @@ pub const MAX_DEPTH: usize = 64;
 const SECTOR: u64 = 512;
 
 /// Guesses the format from the first bytes: VHDX and qcow2 have magic
-/// numbers; anything else is raw.
+/// numbers; anything else is raw, unless the file's extension claims VHDX
+/// or qcow2 (then its magic is bad, and that is the error).
 pub fn probe(path: &Path) -> Result<Format> {
     let f = fs::File::open(path).ctx(path, "open")?;
     let mut b = [0u8; 8];
@@ -31,7 +32,27 @@ pub fn probe(path: &Path) -> Result<Format> {
     } else if n >= 4 && &b[..4] == crate::qcow2::MAGIC {
         Format::Qcow2
     } else {
-        Format::Raw
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .and_then(Format::parse)
+        {
+            Some(Format::Vhdx) => {
+                return Err(DiskError::Vhdx {
+                    path: path.into(),
+                    source: crate::vhdx::VhdxError::BadSignature {
+                        what: "file identifier",
+                    },
+                })
+            }
+            Some(Format::Qcow2) => {
+                return Err(DiskError::Qcow2 {
+                    path: path.into(),
+                    source: crate::qcow2::Qcow2Error::Header("bad magic".into()),
+                })
+            }
+            _ => Format::Raw,
+        }
     })
 }
 

@@ -70,6 +70,19 @@ fn bad_file_magic() {
             what: "file identifier"
         }
     ));
+    // Probing does not mistake a damaged .vhdx for a raw image.
+    let r = Chain::open(&p, ChainOptions::default());
+    assert!(
+        matches!(
+            r,
+            Err(DiskError::Vhdx {
+                source: VhdxError::BadSignature { .. },
+                ..
+            })
+        ),
+        "{:?}",
+        r.err()
+    );
     // Forcing the format on the chain gives the same answer.
     let r = Chain::open(
         &p,

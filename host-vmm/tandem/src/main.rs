@@ -6,6 +6,7 @@
 
 mod channel;
 mod device;
+mod disk;
 mod host;
 mod run;
 
@@ -89,6 +90,11 @@ enum Cmd {
         #[command(subcommand)]
         command: device::NvmeCmd,
     },
+    /// Disk images and chains: create, info, check, checkpoint, commit, convert, compare.
+    Disk {
+        #[command(subcommand)]
+        command: disk::DiskCmd,
+    },
     /// Run a device server (started by `tandem run`, not by hand).
     #[command(hide = true)]
     DeviceServer {
@@ -168,6 +174,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Run(args) => runtime()?.block_on(run::run(*args)),
         Cmd::Channel { command } => runtime()?.block_on(channel::channel(command)),
         Cmd::DeviceServer { kind } => channel::device_server(kind),
+        Cmd::Disk { command } => disk::disk(command),
         Cmd::Device { command } => runtime()?.block_on(device::device(command)),
         Cmd::Nvme { command } => device::nvme(command),
         other => runtime()?.block_on(control(other)),
@@ -310,6 +317,7 @@ async fn control(cmd: Cmd) -> Result<i32> {
         | Cmd::Image { .. }
         | Cmd::Channel { .. }
         | Cmd::DeviceServer { .. }
+        | Cmd::Disk { .. }
         | Cmd::Device { .. }
         | Cmd::Nvme { .. } => {
             unreachable!("dispatched in real_main")
