@@ -18,7 +18,7 @@ const DISK_BYTES: u64 = 256 << 20;
 
 /// The device server, running for the scenario's lifetime.
 pub(crate) struct NvmeServer {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     pub(crate) dir: PathBuf,
     #[allow(dead_code)] // kept for debugging a failed run (TANDEM_KEEP=1)
     pub(crate) log: PathBuf,
@@ -34,7 +34,9 @@ pub(crate) async fn start_server(work: &Path, disks: &[PathBuf]) -> Result<NvmeS
         dir.display().to_string(),
     ];
     for d in disks {
-        std::fs::File::create(d)?.set_len(DISK_BYTES)?;
+        if !d.exists() {
+            std::fs::File::create(d)?.set_len(DISK_BYTES)?;
+        }
         args.push("--vf-disk".into());
         args.push(d.display().to_string());
     }
@@ -51,11 +53,7 @@ pub(crate) async fn start_server(work: &Path, disks: &[PathBuf]) -> Result<NvmeS
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(NvmeServer {
-        _child: child,
-        dir,
-        log,
-    })
+    Ok(NvmeServer { child, dir, log })
 }
 
 async fn tandem_ok(args: &[&str]) -> Result<String> {
@@ -312,6 +310,68 @@ pub async fn e2e() -> Result<()> {
             tail(&dmesg, 40)
         );
     }
+    // 5. The device server killed mid-I/O: the guest sees the function go
+    // (an error, not a hang), and every acknowledged write is on disk.
+    let pid = srv.child.id().context("device server pid")?;
+    vm.console
+        .check(&format!(
+            "(tandem-ackwrite write {dev1} 1000000 > /tmp/acks 2>&1 &)"
+        ))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let killed = Instant::now();
+    let mut srv = srv;
+    let _ = srv.child.wait().await;
+    println!("killed the NVMe device server (pid {pid}) with SIGKILL during synchronous writes");
+    let last = loop {
+        let out = vm.console.check("tail -n 1 /tmp/acks").await?;
+        if out.starts_with("ERR") || out.starts_with("WROTE") {
+            break out;
+        }
+        ensure!(
+            killed.elapsed() < Duration::from_secs(60),
+            "the guest writer neither failed nor finished 60 s after the kill: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let failed_after = killed.elapsed();
+    let acks = vm.console.check("grep -c ^ACK /tmp/acks").await?;
+    let acked: u64 = acks.trim().parse().context("ACK count")?;
+    ensure!(
+        acked > 0 && last.starts_with("ERR"),
+        "writer: {acked} acks, last line {last}"
+    );
+    let removed = vm
+        .console
+        .check(&format!(
+            "test -e /sys/bus/pci/devices/{bdf1} && echo present || echo gone"
+        ))
+        .await?;
+    ensure!(
+        removed == "gone",
+        "the guest still has VF1 after its server died"
+    );
+    println!(
+        "guest writer failed cleanly {:.1} s after the kill ({last}); {acked} writes acknowledged; VF1 surprise-removed",
+        failed_after.as_secs_f64()
+    );
+    let srv = start_server(w, &disks).await?;
+    tandem_ok(&["nvme", "vfs", "1", "--dir", &srv.dir.display().to_string()]).await?;
+    let (c1, _) = attach(&mut vm, &srv.dir, 1).await?;
+    let checked = vm
+        .console
+        .check(&format!("tandem-ackwrite check /dev/{c1}n1 {acked}"))
+        .await?;
+    ensure!(
+        checked.contains(&format!("CHECKED {acked}")),
+        "acknowledged writes lost: {checked}"
+    );
+    println!("server restarted, VF1 re-attached: all {acked} acknowledged blocks read back intact");
+
     let denied = 0u64;
     println!("PASS nvme iops_qd32={qd32:.0} denied={denied} faults={faults}");
     drop(srv);

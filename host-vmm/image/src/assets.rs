@@ -65,6 +65,7 @@ pub const ROOTFS: &[Asset] = &[
 pub const GUEST_TOOL_SOURCES: &[Asset] = &[
     asset!("guest-linux/tools/mmio-bench.c"),
     asset!("guest-linux/tools/nvme-hostile.c"),
+    asset!("guest-linux/tools/ackwrite.c"),
 ];
 
 /// Writes assets under `dir`, keeping their repository-relative paths.

@@ -11,7 +11,7 @@ use tandem_api::{AttachedDevice, DeviceAttachRequest, DeviceList};
 use tandem_engine::cmdline::root_port_id;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::control::CONTROL_ID;
 use crate::vm::{Vm, ROOT_PORTS};
@@ -104,8 +104,47 @@ pub async fn attach(vm: &Arc<Vm>, req: DeviceAttachRequest) -> Result<AttachedDe
         return Err(DeviceError::Qemu(e.to_string()));
     }
     info!(id = %req.id, port = %port, socket = %req.socket, "function attached");
+    if let Some(api) = req.server_api.clone() {
+        tokio::spawn(watch_server(vm.clone(), req.id.clone(), api));
+    }
     Ok(dev)
 }
+
+/// How often an attached function's device server is checked.
+const WATCH_PERIOD: Duration = Duration::from_millis(250);
+
+/// Watches the device server of an attached function. When it dies, the
+/// function has fallen off the bus: it is removed from the VM at once, so
+/// the guest's driver fails its outstanding I/O (a surprise removal)
+/// instead of waiting for its own command timeout.
+async fn watch_server(vm: Arc<Vm>, id: String, api: String) {
+    let mut misses = 0;
+    loop {
+        tokio::time::sleep(WATCH_PERIOD).await;
+        let still = lock(&vm.assigned).get(&id).map(|d| d.server_api.clone());
+        if still != Some(Some(api.clone())) {
+            return;
+        }
+        match UnixStream::connect(&api).await {
+            Ok(_) => misses = 0,
+            Err(e) => {
+                misses += 1;
+                if misses < 2 {
+                    continue;
+                }
+                warn!(id, api, error = %e, "the function's device server is gone: surprise removal");
+                if let Err(e) = detach(&vm, &id, SURPRISE_TIMEOUT).await {
+                    warn!(id, error = %e, "surprise removal did not complete");
+                    lock(&vm.assigned).remove(&id);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// The guest gets this long to let go of a function whose server died.
+const SURPRISE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn detach(vm: &Arc<Vm>, id: &str, timeout: Duration) -> Result<(), DeviceError> {
     if !lock(&vm.assigned).contains_key(id) {
