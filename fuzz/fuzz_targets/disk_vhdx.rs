@@ -16,19 +16,30 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     let path = scratch("disk.vhdx");
     let _ = std::fs::remove_file(&path);
     if mode % 2 == 0 {
-        let Ok(f) = std::fs::File::create(&path) else { return };
+        let Ok(f) = std::fs::File::create(&path) else {
+            return;
+        };
         let _ = f.write_all_at(rest, 0);
         let _ = f.set_len((rest.len() as u64).max(8 << 20));
     } else {
-        let opts = VhdxCreateOptions { size: 16 << 20, block_size: Some(1 << 20), parent: None };
+        let opts = VhdxCreateOptions {
+            size: 16 << 20,
+            block_size: Some(1 << 20),
+            logical_sector: None,
+            parent: None,
+        };
         if VhdxLayer::create(&path, &opts).is_err() {
             return;
         }
-        let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) else { return };
+        let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) else {
+            return;
+        };
         let mut p = rest;
         while p.len() >= 6 {
             // Offsets land in the first 5 MiB: headers, log, metadata, BAT.
@@ -47,7 +58,9 @@ fuzz_target!(|data: &[u8]| {
             if off >= size {
                 break;
             }
-            let Ok((st, n)) = layer.status(off, size - off) else { break };
+            let Ok((st, n)) = layer.status(off, size - off) else {
+                break;
+            };
             if st == Status::Data {
                 let len = n.min(4096) as usize;
                 let _ = layer.read_data(&mut buf[..len], off);

@@ -294,8 +294,9 @@ impl Chain {
                 path: top.path().into(),
             });
         }
-        let g = top.granularity();
-        if g <= SECTOR || layers.len() == 1 {
+        let unit = top.write_unit();
+        let g = top.granularity().max(unit);
+        if (g <= SECTOR || layers.len() == 1) && unit <= SECTOR {
             return top.write(buf, offset);
         }
         let size = top.size();
@@ -311,9 +312,13 @@ impl Chain {
             } else {
                 let _cow = self.cow.lock().unwrap_or_else(|p| p.into_inner());
                 let (st, _) = top.status(gstart, gend - gstart)?;
-                if st == Status::Unallocated {
+                let misaligned = (pos | n) % unit != 0;
+                if st == Status::Unallocated || misaligned {
+                    // Fill the unit from the chain: from below for a range the top
+                    // does not hold, from the chain itself for a sub-sector write.
+                    let from = if st == Status::Unallocated { 1 } else { 0 };
                     let mut full = vec![0u8; (gend - gstart) as usize];
-                    Self::read_from(layers, 1, &mut full, gstart)?;
+                    Self::read_from(layers, from, &mut full, gstart)?;
                     full[(pos - gstart) as usize..(pos - gstart + n) as usize]
                         .copy_from_slice(piece);
                     top.write(&full, gstart)?;

@@ -93,14 +93,18 @@ pub fn seal_and_branch(
     }
     match format {
         Format::Vhdx => {
-            let identity = VhdxLayer::open(top, VhdxOpenOptions::default())?
-                .header()
-                .data_write_guid;
+            let parent = VhdxLayer::open(top, VhdxOpenOptions::default())?;
+            let (identity, sector) = (
+                parent.header().data_write_guid,
+                parent.params().logical_sector,
+            );
+            drop(parent);
             VhdxLayer::create(
                 &tmp,
                 &VhdxCreateOptions {
                     size,
                     block_size: None,
+                    logical_sector: Some(sector),
                     parent: Some(VhdxParent {
                         relative_path: sealed_file,
                         linkage: identity,

@@ -84,6 +84,10 @@ pub trait Layer: Send + Sync {
     fn writable(&self) -> bool;
     /// Allocation unit for copy-on-write from the parent.
     fn granularity(&self) -> u64;
+    /// Smallest write the layer accepts (offsets and lengths are multiples of it).
+    fn write_unit(&self) -> u64 {
+        512
+    }
     /// Status of the run starting at `offset` (at most `len` bytes long) and its length (> 0).
     fn status(&self, offset: u64, len: u64) -> Result<(Status, u64)>;
     /// Reads bytes the layer holds; the caller only asks for runs `status` called `Data`.

@@ -71,6 +71,7 @@ pub fn create(path: &Path, format: Format, size: Option<u64>, parent: Option<&Pa
             &VhdxCreateOptions {
                 size,
                 block_size: None,
+                logical_sector: None,
                 parent: None,
             },
         )?,
@@ -95,6 +96,11 @@ pub fn create(path: &Path, format: Format, size: Option<u64>, parent: Option<&Pa
                 &VhdxCreateOptions {
                     size,
                     block_size: None,
+                    logical_sector: Some(
+                        crate::vhdx::VhdxLayer::open(p, Default::default())?
+                            .params()
+                            .logical_sector,
+                    ),
                     parent: Some(VhdxParent {
                         relative_path: parent_name(p),
                         linkage,

@@ -22,6 +22,7 @@ fn fresh(dir: &Path) -> PathBuf {
         &VhdxCreateOptions {
             size: SIZE,
             block_size: Some(MB),
+            logical_sector: None,
             parent: None,
         },
     )

@@ -65,6 +65,7 @@ fn tandem_made_vhdx_passes_qemu_check_and_compare() {
             &VhdxCreateOptions {
                 size: SIZE,
                 block_size: block,
+                logical_sector: None,
                 parent: None,
             },
         )
@@ -152,6 +153,7 @@ fn tandem_log_replays_after_crash_between_log_and_apply() {
         &VhdxCreateOptions {
             size: SIZE,
             block_size: Some(1 << 20),
+            logical_sector: None,
             parent: None,
         },
     )
@@ -186,4 +188,85 @@ fn mirror_write(mirror: &std::path::Path, off: u64, data: &[u8]) {
         .unwrap()
         .write_all_at(data, off)
         .unwrap();
+}
+
+#[test]
+fn qemu_vhdx_variants_open_read_and_take_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    // 5 GiB with 1 MiB blocks spans two chunks, so the BAT interleaves a
+    // sector bitmap slot; a 2 MiB log, a fixed disk, and ZERO-state blocks.
+    let variants: &[(&str, &str)] = &[
+        ("block_size=1M", "5G"),
+        ("block_size=1M,log_size=2M", "96M"),
+        ("subformat=fixed,block_size=1M", "48M"),
+        ("block_state_zero=off", "96M"),
+    ];
+    for (i, (opts, size)) in variants.iter().enumerate() {
+        let img = dir.path().join(format!("v{i}.vhdx"));
+        qemu_img(&["create", "-q", "-f", "vhdx", "-o", opts, s(&img), size]);
+        let chain = Chain::open(
+            &img,
+            ChainOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let disk = chain.size();
+        let far = disk - (1 << 20) - 4096;
+        drop(chain);
+        qemu_io("vhdx", &img, &format!("write -P 0x6b {far} 8k"));
+        {
+            let chain = Chain::open(
+                &img,
+                ChainOptions {
+                    writable: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let mut b = vec![0u8; 16384];
+            chain.read_at(&mut b, far - 4096).unwrap();
+            assert!(
+                b[..4096].iter().all(|&x| x == 0) && b[4096..12288].iter().all(|&x| x == 0x6b),
+                "{opts}"
+            );
+            assert!(b[12288..].iter().all(|&x| x == 0), "{opts}");
+            chain
+                .write_at(&pattern(4096, 512 * 1024, 1), 512 * 1024)
+                .unwrap();
+            chain
+                .write_at(&pattern(8192, far + 4096, 2), far + 4096)
+                .unwrap();
+            chain.flush().unwrap();
+        }
+        assert_qemu_check_clean("vhdx", &img);
+        let out = qemu_io("vhdx", &img, &format!("read -P 0x6b {far} 4k"));
+        assert!(out.contains("read 4096/4096"), "{opts}: {out}");
+        // qemu reads back what Tandem wrote.
+        let dump = dir.path().join("dump.raw");
+        qemu_img(&[
+            "convert",
+            "-q",
+            "-f",
+            "vhdx",
+            "-O",
+            "raw",
+            s(&img),
+            s(&dump),
+        ]);
+        let f = std::fs::File::open(&dump).unwrap();
+        let mut b = vec![0u8; 8192];
+        f.read_exact_at(&mut b, far + 4096).unwrap();
+        assert!(
+            b == pattern(8192, far + 4096, 2),
+            "{opts}: qemu reads other data at {far:#x}"
+        );
+        f.read_exact_at(&mut b[..4096], 512 * 1024).unwrap();
+        assert!(
+            b[..4096] == pattern(4096, 512 * 1024, 1),
+            "{opts}: qemu reads other data at 512 KiB"
+        );
+        let _ = std::fs::remove_file(&dump);
+    }
 }

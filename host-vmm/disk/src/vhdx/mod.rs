@@ -116,6 +116,8 @@ pub struct VhdxCreateOptions {
     pub size: u64,
     /// Defaults to 32 MiB for dynamic and 2 MiB for differencing disks.
     pub block_size: Option<u64>,
+    /// 512 (the default) or 4096.
+    pub logical_sector: Option<u64>,
     pub parent: Option<VhdxParent>,
 }
 
@@ -149,6 +151,11 @@ pub struct VhdxLayer {
     warnings: Vec<String>,
     state: Mutex<State>,
 }
+
+/// The metadata region is 1 MiB in practice; refuse to load absurd ones.
+const MAX_METADATA_REGION: u64 = 64 * MB;
+/// How far past the file's end a log entry may claim the file extends.
+const MAX_LOG_EXTENSION: u64 = 4 << 30;
 
 fn verr(path: &Path, source: VhdxError) -> DiskError {
     DiskError::Vhdx {
@@ -293,6 +300,12 @@ impl VhdxLayer {
         };
         let (bat_region, meta_region) =
             validate_regions(&regions, log_offset, log_length, file_len).map_err(e)?;
+        if u64::from(meta_region.length) > MAX_METADATA_REGION {
+            return Err(e(VhdxError::Unsupported(format!(
+                "metadata region of {} bytes (at most {MAX_METADATA_REGION})",
+                meta_region.length
+            ))));
+        }
         let meta = read_vec(
             &file,
             path,
@@ -428,7 +441,9 @@ impl VhdxLayer {
         } else {
             32 * MB
         });
-        let geo = Geometry::new(block_size, 512, opts.size, opts.parent.is_some()).map_err(e)?;
+        let logical_sector = opts.logical_sector.unwrap_or(512);
+        let geo = Geometry::new(block_size, logical_sector, opts.size, opts.parent.is_some())
+            .map_err(e)?;
         let mut locator = Vec::new();
         if let Some(p) = &opts.parent {
             locator.push(("parent_linkage".to_string(), p.linkage.to_string()));
@@ -443,7 +458,7 @@ impl VhdxLayer {
             has_parent: opts.parent.is_some(),
             virtual_size: opts.size,
             disk_id: Guid::random().ctx(path, "random GUID")?,
-            logical_sector: 512,
+            logical_sector,
             physical_sector: 4096,
             parent_locator: locator,
         };
@@ -826,6 +841,12 @@ fn replay(
                 entry.sequence, entry.flushed_file_offset
             ))));
         }
+        if entry.last_file_offset > file_len.saturating_add(MAX_LOG_EXTENSION) {
+            return Err(e(VhdxError::LogReplay(format!(
+                "entry {} says the file is {:#x} bytes, far past its real end {file_len:#x}",
+                entry.sequence, entry.last_file_offset
+            ))));
+        }
         let limit = entry.last_file_offset.max(file_len);
         for op in &entry.ops {
             let (offset, len) = match op {
@@ -916,6 +937,9 @@ impl Layer for VhdxLayer {
         self.writable
     }
     fn granularity(&self) -> u64 {
+        self.geo.logical_sector
+    }
+    fn write_unit(&self) -> u64 {
         self.geo.logical_sector
     }
 
