@@ -312,7 +312,7 @@ impl Chain {
             } else {
                 let _cow = self.cow.lock().unwrap_or_else(|p| p.into_inner());
                 let (st, _) = top.status(gstart, gend - gstart)?;
-                let misaligned = (pos | n) % unit != 0;
+                let misaligned = !(pos | n).is_multiple_of(unit);
                 if st == Status::Unallocated || misaligned {
                     // Fill the unit from the chain: from below for a range the top
                     // does not hold, from the chain itself for a sub-sector write.
