@@ -255,3 +255,31 @@ fn four_k_sector_vhdx_takes_sub_sector_writes_through_the_chain() {
     assert_eq!(read_all(&img), std::fs::read(&mirror).unwrap());
     assert!(ops::check(&img).unwrap().is_clean());
 }
+
+#[test]
+fn discard_reads_zeros_and_hides_the_parent() {
+    for format in [Format::Vhdx, Format::Qcow2] {
+        let dir = tempfile::tempdir().unwrap();
+        let (top, mirror) = setup(dir.path(), format);
+        ops::checkpoint(&top, FaultHook::default()).unwrap();
+        {
+            let chain = writable(&top);
+            // A whole 2 MiB block / many clusters, and a partial range.
+            chain.discard(2 << 20, 2 << 20).unwrap();
+            chain.discard(4096 + 512, 1024).unwrap();
+            chain.flush().unwrap();
+        }
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&mirror)
+            .unwrap();
+        f.write_all_at(&vec![0u8; 2 << 20], 2 << 20).unwrap();
+        f.write_all_at(&[0u8; 1024], 4096 + 512).unwrap();
+        assert_eq!(read_all(&top), std::fs::read(&mirror).unwrap(), "{format}");
+        if format == Format::Qcow2 {
+            assert_qemu_check_clean("qcow2", &top);
+            assert_qemu_compare(("qcow2", &top), ("raw", &mirror));
+        }
+    }
+}
