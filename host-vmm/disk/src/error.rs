@@ -16,13 +16,13 @@ pub enum DiskError {
         #[source]
         source: io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: bad or unsupported VHDX image")]
     Vhdx {
         path: PathBuf,
         #[source]
         source: VhdxError,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: bad or unsupported qcow2 image")]
     Qcow2 {
         path: PathBuf,
         #[source]

@@ -27,16 +27,16 @@ pub const MAGIC: &[u8; 4] = b"QFI\xfb";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Qcow2Error {
-    #[error("cannot open: {0}")]
+    #[error("cannot open")]
     Open(#[source] std::io::Error),
-    #[error("I/O at {offset:#x}+{len:#x}: {source}")]
+    #[error("I/O at {offset:#x}+{len:#x}")]
     Io {
         offset: u64,
         len: u64,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create: {0}")]
+    #[error("cannot create")]
     Create(#[source] std::io::Error),
     #[error("header: {0}")]
     Header(String),
