@@ -60,7 +60,8 @@ pub fn probe(path: &Path) -> Result<Format> {
 #[derive(Clone, Debug, Default)]
 pub struct LayerOptions {
     pub writable: bool,
-    pub keep_data_write_guid: bool,
+    /// VHDX: the DataWriteGuid the first write sets (see [`VhdxOpenOptions`]).
+    pub data_write_guid: Option<crate::util::Guid>,
     pub faults: FaultHook,
 }
 
@@ -72,7 +73,7 @@ pub fn open_layer(path: &Path, format: Format, opts: &LayerOptions) -> Result<Ar
             path,
             VhdxOpenOptions {
                 writable: opts.writable,
-                keep_data_write_guid: opts.keep_data_write_guid,
+                data_write_guid: opts.data_write_guid,
                 faults: opts.faults.clone(),
             },
         )?),
@@ -178,7 +179,7 @@ impl Chain {
             format,
             &LayerOptions {
                 writable: opts.writable,
-                keep_data_write_guid: false,
+                data_write_guid: None,
                 faults: opts.faults.clone(),
             },
         )?;

@@ -21,7 +21,10 @@
 //!
 //! *Commit* ([`ops::commit`]): data is copied into the parent only where the
 //! top layer hides it, so the chain reads the same throughout; then one atomic
-//! rename replaces the top with the merged parent.
+//! rename replaces the top with the merged parent. A VHDX top first records
+//! (through its log) the parent's next DataWriteGuid as `parent_linkage2`,
+//! so it accepts the parent before and after the parent's identity changes,
+//! while any other child of that parent refuses it from its first write on.
 //!
 //! Tests inject a failure at every step (a [`FaultHook`]) and reopen the files.
 #![forbid(unsafe_code)]

@@ -13,7 +13,8 @@ use crate::fault::FaultHook;
 use crate::layer::{BlockDevice, Format, Layer, Status};
 use crate::qcow2::Qcow2Layer;
 use crate::raw::RawLayer;
-use crate::vhdx::{VhdxCreateOptions, VhdxLayer, VhdxParent};
+use crate::util::Guid;
+use crate::vhdx::{VhdxCreateOptions, VhdxLayer, VhdxOpenOptions, VhdxParent};
 
 /// Progress callback: bytes done, bytes total.
 pub type Progress<'a> = &'a dyn Fn(u64, u64);
@@ -191,10 +192,11 @@ pub fn checkpoint(path: &Path, faults: FaultHook) -> Result<PathBuf> {
 /// takes the top's path. Returns the path of the parent's old name (gone now).
 ///
 /// Crash safety: while copying, the parent only changes where the top has
-/// data (written with that same data), so the chain still reads the same;
-/// a VHDX parent keeps its DataWriteGuid during the copy so the top's
-/// `parent_linkage` stays valid. After the parent is flushed and closed, one
-/// atomic rename replaces the top with it.
+/// data (written with that same data), so the chain still reads the same.
+/// A VHDX parent changes identity before its first write (so any other child
+/// of it now refuses it), to a DataWriteGuid the top recorded first, through
+/// its log, as `parent_linkage2`: the top accepts its parent throughout. After
+/// the parent is flushed and closed, one atomic rename replaces the top with it.
 pub fn commit(path: &Path, faults: FaultHook, progress: Progress) -> Result<PathBuf> {
     let chain = Chain::open(path, ChainOptions::default())?;
     let layers = chain.layers();
@@ -212,6 +214,34 @@ pub fn commit(path: &Path, faults: FaultHook, progress: Progress) -> Result<Path
         });
     }
     let parent_format = parent.format();
+    let new_identity = match (top.format(), parent.identity()) {
+        (Format::Vhdx, Some(current)) => {
+            let recorded = top.parent().map(|p| p.identity).unwrap_or_default();
+            if recorded.first() != Some(&current) && recorded.contains(&current) {
+                // An interrupted commit already moved the parent to the alternate identity.
+                Some(current)
+            } else {
+                let g = Guid::random().map_err(|source| DiskError::Io {
+                    path: path.into(),
+                    op: "random GUID",
+                    source,
+                })?;
+                let writable_top = VhdxLayer::open(
+                    path,
+                    VhdxOpenOptions {
+                        writable: true,
+                        data_write_guid: None,
+                        faults: faults.clone(),
+                    },
+                )?;
+                writable_top.add_parent_linkage2(g)?;
+                writable_top.close()?;
+                faults.check("commit.linkage2")?;
+                Some(g)
+            }
+        }
+        _ => None,
+    };
     drop(parent);
     drop(chain);
     {
@@ -220,7 +250,7 @@ pub fn commit(path: &Path, faults: FaultHook, progress: Progress) -> Result<Path
             parent_format,
             &LayerOptions {
                 writable: true,
-                keep_data_write_guid: true,
+                data_write_guid: new_identity,
                 faults: faults.clone(),
             },
         )?;

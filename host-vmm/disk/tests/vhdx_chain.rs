@@ -119,43 +119,82 @@ fn checkpoint_survives_a_crash_at_every_step() {
 
 #[test]
 fn commit_survives_a_crash_at_every_step() {
+    // (step, which occurrence): VHDX log steps happen first while recording
+    // parent_linkage2 in the top, then while flushing the parent.
     let steps = [
-        "vhdx.before-log",
-        "vhdx.log-written",
-        "vhdx.applied",
-        "commit.copying",
-        "commit.parent-flushed",
-        "commit.renamed",
-        "none",
+        ("vhdx.before-log", 0),
+        ("vhdx.log-written", 0),
+        ("vhdx.applied", 0),
+        ("commit.linkage2", 0),
+        ("vhdx.before-log", 1),
+        ("vhdx.log-written", 1),
+        ("vhdx.applied", 1),
+        ("commit.copying", 0),
+        ("commit.copying", 3),
+        ("commit.parent-flushed", 0),
+        ("commit.renamed", 0),
+        ("none", 0),
     ];
     for format in [Format::Vhdx, Format::Qcow2] {
-        for step in steps {
+        for (step, nth) in steps {
             let dir = tempfile::tempdir().unwrap();
             let (top, mirror) = setup(dir.path(), format);
             ops::checkpoint(&top, FaultHook::default()).unwrap();
             write_more(&writable(&top), &mirror, 90);
-            let r = ops::commit(&top, FaultHook::new(move |s| s == step), &|_, _| {});
-            let expect_err =
-                step.starts_with("commit") || (format == Format::Vhdx && step != "none");
-            assert_eq!(r.is_err(), expect_err, "{format} {step}: {r:?}");
+            let hits = std::sync::atomic::AtomicUsize::new(0);
+            let fired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let f2 = fired.clone();
+            let faults = FaultHook::new(move |s| {
+                let hit =
+                    s == step && hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == nth;
+                if hit {
+                    f2.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                hit
+            });
+            let r = ops::commit(&top, faults, &|_, _| {});
+            let fired = fired.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(r.is_err(), fired, "{format} {step}#{nth}: {r:?}");
+            if format == Format::Vhdx && step != "none" {
+                assert!(fired, "{format}: step {step}#{nth} never reached");
+            }
             assert_eq!(
                 read_all(&top),
                 std::fs::read(&mirror).unwrap(),
-                "{format} after crash at {step}"
+                "{format} after crash at {step}#{nth}"
             );
             // Finish (or redo) the commit; the chain is then one layer with the same content.
             if ops::info(&top).unwrap().len() > 1 {
                 ops::commit(&top, FaultHook::default(), &|_, _| {}).unwrap();
             }
-            assert_eq!(ops::info(&top).unwrap().len(), 1, "{format} {step}");
+            assert_eq!(ops::info(&top).unwrap().len(), 1, "{format} {step}#{nth}");
             assert_eq!(
                 read_all(&top),
                 std::fs::read(&mirror).unwrap(),
-                "{format} committed after {step}"
+                "{format} committed after {step}#{nth}"
             );
             assert_qemu_check_clean(format.name(), &top);
             assert_qemu_compare((format.name(), &top), ("raw", &mirror));
         }
+    }
+}
+
+#[test]
+fn commit_makes_other_children_of_the_parent_refuse_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (top, _mirror) = setup(dir.path(), Format::Vhdx);
+    let sealed = ops::checkpoint(&top, FaultHook::default()).unwrap();
+    let sibling = dir.path().join("sibling.vhdx");
+    ops::create(&sibling, Format::Vhdx, None, Some(&sealed)).unwrap();
+    assert_eq!(ops::info(&sibling).unwrap().len(), 2);
+    write_more(&writable(&top), &dir.path().join("mirror.raw"), 5);
+    ops::commit(&top, FaultHook::default(), &|_, _| {}).unwrap();
+    // The sibling's parent is gone under its name; put the merged file back
+    // there: its content changed, so its identity did too.
+    std::fs::hard_link(&top, &sealed).unwrap();
+    match Chain::open(&sibling, ChainOptions::default()) {
+        Err(DiskError::ParentIdentity { .. }) => {}
+        other => panic!("expected ParentIdentity, got {:?}", other.err()),
     }
 }
 

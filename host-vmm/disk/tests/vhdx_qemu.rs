@@ -168,7 +168,7 @@ fn vhdx_flush_survives_a_crash_at_every_step() {
                 &img,
                 VhdxOpenOptions {
                     writable: true,
-                    keep_data_write_guid: false,
+                    data_write_guid: None,
                     faults,
                 },
             )
@@ -224,7 +224,7 @@ fn tandem_log_replays_after_crash_between_log_and_apply() {
             &img,
             VhdxOpenOptions {
                 writable: true,
-                keep_data_write_guid: false,
+                data_write_guid: None,
                 faults,
             },
         )

@@ -98,10 +98,10 @@ pub enum VhdxError {
 #[derive(Clone, Debug, Default)]
 pub struct VhdxOpenOptions {
     pub writable: bool,
-    /// Keep the DataWriteGuid when the first write starts a session. Only for
-    /// a commit, which writes into a parent data its child already shows, so
-    /// the child's `parent_linkage` must stay valid until the child is gone.
-    pub keep_data_write_guid: bool,
+    /// The DataWriteGuid the first write gives the image (random if `None`).
+    /// A commit sets the one it recorded beforehand as the child's
+    /// `parent_linkage2`, so the child keeps accepting its parent throughout.
+    pub data_write_guid: Option<Guid>,
     pub faults: FaultHook,
 }
 
@@ -144,11 +144,12 @@ pub struct VhdxLayer {
     path: PathBuf,
     file: File,
     writable: bool,
-    keep_data_write_guid: bool,
+    data_write_guid: Option<Guid>,
     faults: FaultHook,
     geo: Geometry,
     params: Params,
     bat_offset: u64,
+    meta_offset: u64,
     log_offset: u64,
     log_length: u64,
     parent: Option<ParentRef>,
@@ -231,9 +232,10 @@ impl VhdxLayer {
         }
         let mut h = st.header.clone();
         h.file_write_guid = Guid::random().ctx(&self.path, "random GUID")?;
-        if !self.keep_data_write_guid {
-            h.data_write_guid = Guid::random().ctx(&self.path, "random GUID")?;
-        }
+        h.data_write_guid = match self.data_write_guid {
+            Some(g) => g,
+            None => Guid::random().ctx(&self.path, "random GUID")?,
+        };
         h.log_guid = Guid::random().ctx(&self.path, "random GUID")?;
         if self.log_length == 0 {
             return Err(DiskError::Unsupported {
@@ -357,34 +359,85 @@ impl VhdxLayer {
         }
         let per_entry = log::max_sectors_per_entry(self.log_length).max(1);
         for batch in pages.chunks(per_entry) {
-            st.log_seq += 1;
-            let sectors: Vec<(u64, &[u8])> =
-                batch.iter().map(|(o, b)| (*o, b.as_slice())).collect();
-            let entry = log::encode(
-                st.log_seq,
-                0,
-                st.header.log_guid,
-                st.file_end,
-                st.file_end,
-                &sectors,
-            );
-            self.fail(st, "vhdx.before-log")?;
-            self.file
-                .write_all_at(&entry, self.log_offset)
-                .ctx(&self.path, "write log")?;
-            self.file.sync_data().ctx(&self.path, "fdatasync")?;
-            self.fail(st, "vhdx.log-written")?;
-            for (off, b) in batch {
-                self.file
-                    .write_all_at(b, *off)
-                    .ctx(&self.path, "write metadata")?;
-            }
-            self.fail(st, "vhdx.applied")?;
-            self.file.sync_data().ctx(&self.path, "fdatasync")?;
+            self.log_pages(st, batch)?;
         }
         st.dirty_bat.clear();
         st.dirty_bitmap.clear();
         Ok(())
+    }
+
+    /// Writes 4 KiB metadata `pages` (file offset, bytes) as one log
+    /// transaction: log entry, sync, in place, sync.
+    fn log_pages(&self, st: &mut State, pages: &[(u64, Vec<u8>)]) -> Result<()> {
+        st.log_seq += 1;
+        let sectors: Vec<(u64, &[u8])> = pages.iter().map(|(o, b)| (*o, b.as_slice())).collect();
+        let entry = log::encode(
+            st.log_seq,
+            0,
+            st.header.log_guid,
+            st.file_end,
+            st.file_end,
+            &sectors,
+        );
+        self.fail(st, "vhdx.before-log")?;
+        self.file
+            .write_all_at(&entry, self.log_offset)
+            .ctx(&self.path, "write log")?;
+        self.file.sync_data().ctx(&self.path, "fdatasync")?;
+        self.fail(st, "vhdx.log-written")?;
+        for (off, b) in pages {
+            self.file
+                .write_all_at(b, *off)
+                .ctx(&self.path, "write metadata")?;
+        }
+        self.fail(st, "vhdx.applied")?;
+        self.file.sync_data().ctx(&self.path, "fdatasync")
+    }
+
+    /// Records `guid` as the parent's alternate identity (`parent_linkage2`),
+    /// atomically through the log. A commit does this before it writes into
+    /// the parent under that new DataWriteGuid. The metadata region is
+    /// rewritten in Tandem's layout; optional items Tandem does not know
+    /// are dropped.
+    pub fn add_parent_linkage2(&self, guid: Guid) -> Result<()> {
+        if !self.writable {
+            return Err(DiskError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        if !self.params.has_parent {
+            return Err(DiskError::Invalid(format!(
+                "{}: not a differencing disk",
+                self.path.display()
+            )));
+        }
+        let mut st = self.lock();
+        self.begin_session(&mut st)?;
+        self.file.sync_data().ctx(&self.path, "fdatasync")?;
+        self.commit_metadata(&mut st)?;
+        let mut params = self.params.clone();
+        params
+            .parent_locator
+            .retain(|(k, _)| k != "parent_linkage2");
+        params
+            .parent_locator
+            .push(("parent_linkage2".to_string(), guid.to_string()));
+        let new = metadata::encode(&params);
+        let old = read_vec(&self.file, &self.path, self.meta_offset, new.len() as u64)?;
+        let pages: Vec<(u64, Vec<u8>)> = new
+            .chunks(4096)
+            .zip(old.chunks(4096))
+            .enumerate()
+            .filter(|(_, (n, o))| n != o)
+            .map(|(i, (n, _))| (self.meta_offset + i as u64 * 4096, n.to_vec()))
+            .collect();
+        if pages.len() > log::max_sectors_per_entry(self.log_length) {
+            return Err(DiskError::Unsupported {
+                path: self.path.clone(),
+                what: "a metadata rewrite larger than the log".into(),
+            });
+        }
+        self.log_pages(&mut st, &pages)
     }
 
     /// Flushes and ends the write session (clears the log GUID). Also done on drop.
