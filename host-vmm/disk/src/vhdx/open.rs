@@ -53,7 +53,10 @@ impl VhdxLayer {
                     "log at {log_offset:#x}+{log_length:#x} is not MiB-aligned or too large"
                 ))));
             }
-            if log_offset + log_length > file_len {
+            if log_offset
+                .checked_add(log_length)
+                .is_none_or(|end| end > file_len)
+            {
                 return Err(e(VhdxError::PastEof {
                     what: "log".into(),
                     offset: log_offset,
