@@ -1,0 +1,343 @@
+//! The vhost-user backend: one request queue served from a `tandem-disk`
+//! chain, counters, and the quiesce gate that lets a checkpoint swap the
+//! chain's top layer between requests.
+//!
+//! Every request runs under a shared hold of the gate, from reading its
+//! descriptors to publishing it in the used ring; a checkpoint takes the
+//! gate exclusively. So a write the guest saw completed before the
+//! checkpoint began is in the sealed layer (the chain flushes it first),
+//! a write submitted after it ends lands in the new top, and no request
+//! straddles the swap.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+use tandem_disk::{BlockDevice, Chain};
+use tracing::{debug, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueOwnedT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::config::{self, Geometry};
+use crate::request::{self, DiskParams, Kind};
+
+/// Queue size we accept (the guest may pick a smaller one).
+pub const MAX_QUEUE_SIZE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("the request queue's descriptor table or rings are not in guest memory")]
+    Queue(#[source] virtio_queue::Error),
+    #[error("cannot notify the guest")]
+    Notify(#[source] io::Error),
+    #[error("checkpoint of {path}")]
+    Checkpoint {
+        path: PathBuf,
+        #[source]
+        source: tandem_disk::DiskError,
+    },
+}
+
+/// What the device has done since it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Requests answered with IOERR or UNSUPP, malformed chains included.
+    pub errors: u64,
+    pub checkpoints: u64,
+}
+
+#[derive(Default)]
+struct AtomicCounters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    discards: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    errors: AtomicU64,
+    checkpoints: AtomicU64,
+}
+
+impl AtomicCounters {
+    fn snapshot(&self) -> Counters {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counters {
+            reads: l(&self.reads),
+            writes: l(&self.writes),
+            flushes: l(&self.flushes),
+            discards: l(&self.discards),
+            bytes_read: l(&self.bytes_read),
+            bytes_written: l(&self.bytes_written),
+            errors: l(&self.errors),
+            checkpoints: l(&self.checkpoints),
+        }
+    }
+}
+
+/// A vhost-user-blk device over one chain.
+pub struct BlkDevice {
+    chain: Arc<Chain>,
+    geometry: Geometry,
+    params: DiskParams,
+    /// Shared by requests, exclusive for a checkpoint.
+    gate: RwLock<()>,
+    mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    event_idx: AtomicBool,
+    counters: AtomicCounters,
+    last_error: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl BlkDevice {
+    /// `serial` is the `GET_ID` answer (truncated to 20 bytes).
+    pub fn new(chain: Arc<Chain>, readonly: bool, serial: &str) -> BlkDevice {
+        let size = chain.size();
+        let readonly = readonly || !chain.writable();
+        // A layer with 4 KiB sectors gets 4 KiB guest blocks: no
+        // read-modify-write in the chain for every 512-byte write.
+        let unit = chain.layers().first().map_or(512, |l| l.write_unit());
+        let blk_size = if unit >= 4096 { 4096 } else { 512 };
+        let sectors = size / request::SECTOR_SIZE;
+        let geometry = Geometry {
+            sectors,
+            blk_size,
+            readonly,
+            discard: true,
+        };
+        let mut id = serial.as_bytes().to_vec();
+        id.truncate(request::ID_BYTES);
+        BlkDevice {
+            params: DiskParams {
+                sectors,
+                readonly,
+                serial: id,
+                discard: geometry.discard && !readonly,
+            },
+            geometry,
+            chain,
+            gate: RwLock::new(()),
+            mem: Mutex::new(None),
+            event_idx: AtomicBool::new(false),
+            counters: AtomicCounters::default(),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    pub fn chain(&self) -> &Arc<Chain> {
+        &self.chain
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters.snapshot()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).clone()
+    }
+
+    fn note_error(&self, e: String) {
+        *lock(&self.last_error) = Some(e);
+    }
+
+    /// Seals the top layer and continues on a new one. Waits for the
+    /// requests in progress, holds new ones back meanwhile. Returns the
+    /// sealed layer's path.
+    pub fn checkpoint(&self) -> Result<PathBuf, DeviceError> {
+        let _quiet = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let sealed = self
+            .chain
+            .checkpoint()
+            .map_err(|source| DeviceError::Checkpoint {
+                path: self.chain.top_path().to_path_buf(),
+                source,
+            });
+        match &sealed {
+            Ok(p) => {
+                self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                debug!(sealed = %p.display(), "checkpoint");
+            }
+            Err(e) => self.note_error(format!("{e}: {}", source_text(e))),
+        }
+        sealed
+    }
+
+    /// Makes every completed write durable (when the guest goes away).
+    pub fn flush(&self) -> tandem_disk::Result<()> {
+        let _hold = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        self.chain.flush()
+    }
+
+    fn count(&self, kind: Kind, out: &request::Outcome) {
+        let c = &self.counters;
+        if out.status != 0 {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let counter = match kind {
+            Kind::In => &c.reads,
+            Kind::Out => &c.writes,
+            Kind::Flush => &c.flushes,
+            Kind::Discard | Kind::WriteZeroes => &c.discards,
+            Kind::GetId | Kind::Unsupported(_) => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        c.bytes_read.fetch_add(out.bytes_read, Ordering::Relaxed);
+        c.bytes_written
+            .fetch_add(out.bytes_written, Ordering::Relaxed);
+    }
+
+    /// Serves every available request on `vring`; returns whether any was served.
+    fn process_queue(&self, vring: &VringRwLock) -> Result<bool, DeviceError> {
+        let Some(atomic) = lock(&self.mem).clone() else {
+            return Ok(false);
+        };
+        let mem = atomic.memory();
+        let mut served = false;
+        loop {
+            let _hold = self.gate.read().unwrap_or_else(|p| p.into_inner());
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(mem.clone())
+                .map_err(DeviceError::Queue)?
+                .next();
+            let Some(chain) = chain else { break };
+            served = true;
+            let head = chain.head_index();
+            let used_len = match request::collect(chain)
+                .and_then(|descs| request::parse(&descs, &*mem))
+            {
+                Ok(req) => {
+                    let (out, err) =
+                        request::execute(&req, &*mem, self.chain.as_ref(), &self.params);
+                    if let Some(e) = err {
+                        warn!(kind = ?req.kind, sector = req.sector, error = %e, "request failed");
+                        self.note_error(format!("{:?} at sector {}: {e}", req.kind, req.sector));
+                    }
+                    self.count(req.kind, &out);
+                    out.used_len
+                }
+                Err(m) => {
+                    warn!(error = %m.error, "malformed request");
+                    self.note_error(format!("malformed request: {}", m.error));
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    request::reject(&m, &*mem)
+                }
+            };
+            vring.add_used(head, used_len).map_err(DeviceError::Queue)?;
+        }
+        Ok(served)
+    }
+
+    fn serve(&self, vring: &VringRwLock) -> Result<(), DeviceError> {
+        if self.event_idx.load(Ordering::Relaxed) {
+            // Keep going until the guest has added nothing while
+            // notifications were off.
+            loop {
+                vring.disable_notification().map_err(DeviceError::Queue)?;
+                let served = self.process_queue(vring)?;
+                if served && vring.needs_notification().map_err(DeviceError::Queue)? {
+                    vring.signal_used_queue().map_err(DeviceError::Notify)?;
+                }
+                if !vring.enable_notification().map_err(DeviceError::Queue)? {
+                    break;
+                }
+            }
+        } else if self.process_queue(vring)? {
+            vring.signal_used_queue().map_err(DeviceError::Notify)?;
+        }
+        Ok(())
+    }
+}
+
+fn source_text(e: &dyn std::error::Error) -> String {
+    e.source().map(|s| s.to_string()).unwrap_or_default()
+}
+
+impl VhostUserBackend for BlkDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        1
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        config::features(&self.geometry)
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        config::config_slice(&self.geometry, offset, size)
+    }
+
+    fn set_config(&self, offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // Without VIRTIO_BLK_F_CONFIG_WCE nothing in the space is writable.
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("virtio-blk config space is read-only (write at {offset})"),
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *lock(&self.mem) = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Err(io::Error::other(format!("no queue {device_event}")));
+        };
+        self.serve(vring).map_err(|e| {
+            // The guest broke its own queue (rings outside its memory): the
+            // queue stops, the process and the disk stay sound.
+            self.note_error(e.to_string());
+            io::Error::other(e)
+        })
+    }
+}
