@@ -297,6 +297,10 @@ pub async fn e2e() -> Result<()> {
         after["pf"]["sriov"]
     );
     let flrs = v2["function_resets"].as_u64().unwrap_or(0);
+    ensure!(
+        v1["controller"]["shadow_doorbells"] == true,
+        "the guest driver did not take shadow doorbells: {v1}"
+    );
     println!("host side: VF1 invalid doorbells {bad_doorbells}, VF2 DMA faults {faults}, VF2 FLRs {flrs}, PF untouched");
 
     // 4. VF1's driver is unaffected: verify again.

@@ -74,6 +74,8 @@ pub struct Stats {
     pub dma_faults: u64,
     /// Doorbell writes to queues that do not exist, or with bad values.
     pub invalid_doorbells: u64,
+    /// MMIO doorbell writes (each one a vfio-user message).
+    pub doorbell_writes: u64,
     pub controller_resets: u64,
     pub error_completions: u64,
     /// Guest operations refused because of the host policy.
@@ -134,6 +136,8 @@ pub struct ControllerState {
     /// completed (unfetched submission entries plus waiting AERs).
     pub in_flight: u32,
     pub aers_outstanding: u32,
+    /// The guest uses shadow doorbells (Doorbell Buffer Config).
+    pub shadow_doorbells: bool,
     pub policy: HostPolicy,
     pub stats: Stats,
 }
@@ -181,7 +185,20 @@ pub struct Controller {
     policy: HostPolicy,
     /// Bus mastering: without it the function may not touch memory.
     bus_master: bool,
+    /// Shadow doorbell and event index buffers (Doorbell Buffer Config).
+    dbbuf: Option<DoorbellBuffers>,
     stats: Stats,
+}
+
+/// Doorbell Buffer Config (NVMe 1.3, 5.7): the guest writes its I/O queue
+/// doorbell values to `shadow` and only rings the MMIO doorbell when the
+/// value crosses the event index the controller publishes in `eventidx`.
+/// Over vfio-user every MMIO write is a message, so this saves one per
+/// completion.
+#[derive(Clone, Copy, Debug)]
+struct DoorbellBuffers {
+    shadow: u64,
+    eventidx: u64,
 }
 
 fn le_put(buf: &mut [u8], at: usize, bytes: &[u8]) {
@@ -223,6 +240,7 @@ impl Controller {
             error_count: 0,
             policy: HostPolicy::default(),
             bus_master: false,
+            dbbuf: None,
             stats: Stats::default(),
         };
         c.reset_features();
@@ -308,6 +326,7 @@ impl Controller {
             queues,
             in_flight: in_flight + self.aers.len() as u32,
             aers_outstanding: self.aers.len() as u32,
+            shadow_doorbells: self.dbbuf.is_some(),
             policy: self.policy,
             stats: self.stats.clone(),
         }
@@ -368,6 +387,7 @@ impl Controller {
             reg::ACQ => self.acq = merge(self.acq, 0, data) & !0xfff,
             0x34 => self.acq = merge(self.acq, 4, data) & !0xfff,
             o if o >= reg::DOORBELL_BASE => {
+                self.stats.doorbell_writes += 1;
                 let idx = (o - reg::DOORBELL_BASE) / 4;
                 let qid = idx / 2;
                 if (o - reg::DOORBELL_BASE) % 4 != 0 || data.len() != 4 {
@@ -466,6 +486,7 @@ impl Controller {
         }
         self.aers.clear();
         self.events.clear();
+        self.dbbuf = None;
         self.io_queues_granted = 0;
         self.csts &= !(csts::RDY | csts::CFS);
         self.reset_features();
@@ -557,6 +578,68 @@ impl Controller {
         self.csts |= csts::CFS;
     }
 
+    /// The shadow doorbell of doorbell index `idx`, when shadows are on.
+    fn shadow<M: GuestMemory>(&self, mem: &M, idx: u64) -> Option<u32> {
+        let db = self.dbbuf?;
+        mem.read_obj::<u32>(GuestAddress(db.shadow + idx * 4)).ok()
+    }
+
+    fn set_eventidx<M: GuestMemory>(&self, mem: &M, idx: u64, value: u32) {
+        if let Some(db) = self.dbbuf {
+            let _ = mem.write_obj(value, GuestAddress(db.eventidx + idx * 4));
+            // The guest reads the event index after writing its shadow; we
+            // read the shadow after writing the event index: both orders
+            // need a full barrier between the store and the load.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Takes the I/O submission queue's tail from its shadow doorbell.
+    fn sync_sq_shadow<M: GuestMemory>(&mut self, mem: &M, qid: u16) {
+        if qid == 0 {
+            return;
+        }
+        let v = self.shadow(mem, 2 * u64::from(qid));
+        if let (Some(v), Some(Some(sq))) = (v, self.sqs.get_mut(usize::from(qid))) {
+            if v < sq.size {
+                sq.tail = v;
+            }
+        }
+    }
+
+    /// Takes the I/O completion queue's head from its shadow doorbell and
+    /// says whether the queue is full. When it is, the event index asks
+    /// the guest to ring as soon as it consumes an entry; otherwise it sits
+    /// just behind the head, so the guest never needs to ring.
+    fn cq_full<M: GuestMemory>(&mut self, mem: &M, cqid: u16) -> bool {
+        let idx = 2 * u64::from(cqid) + 1;
+        let shadowed = cqid != 0 && self.dbbuf.is_some();
+        for _ in 0..2 {
+            if shadowed {
+                let v = self.shadow(mem, idx);
+                if let (Some(v), Some(Some(cq))) = (v, self.cqs.get_mut(usize::from(cqid))) {
+                    if v < cq.size {
+                        cq.head = v;
+                    }
+                }
+            }
+            let Some(Some(cq)) = self.cqs.get(usize::from(cqid)).copied() else {
+                return true;
+            };
+            if !cq.full() {
+                if shadowed {
+                    self.set_eventidx(mem, idx, (cq.head + 0xffff) & 0xffff);
+                }
+                return false;
+            }
+            if !shadowed {
+                return true;
+            }
+            self.set_eventidx(mem, idx, cq.head);
+        }
+        true
+    }
+
     /// Fetches and executes what submission queue `qid` holds.
     fn process_sq<M: GuestMemory>(&mut self, mem: &M, qid: u16, fx: &mut Effects) {
         if !self.bus_master || self.csts & (csts::RDY | csts::CFS) != csts::RDY {
@@ -565,26 +648,54 @@ impl Controller {
         if qid != 0 && self.policy.frozen {
             return;
         }
-        // Bounded: at most one pass over the queue.
-        for _ in 0..MAX_QUEUE_ENTRIES {
+        // With shadow doorbells the guest may queue more while we work and
+        // skip the MMIO write if our event index says we are busy, so after
+        // publishing the event index we look at the shadow again. Bounded.
+        for _ in 0..8 {
+            self.sync_sq_shadow(mem, qid);
+            if !self.process_sq_once(mem, qid, fx) || qid == 0 || self.dbbuf.is_none() {
+                return;
+            }
             let Some(Some(sq)) = self.sqs.get(usize::from(qid)).copied() else {
                 return;
             };
-            if sq.head == sq.tail {
-                return;
+            self.set_eventidx(mem, 2 * u64::from(qid), sq.head);
+            match self.shadow(mem, 2 * u64::from(qid)) {
+                Some(t) if t != sq.head && t < sq.size => continue,
+                _ => return,
             }
-            let Some(Some(cq)) = self.cqs.get(usize::from(sq.cqid)).copied() else {
-                return;
+        }
+    }
+
+    /// One pass over a submission queue; true when it was drained (not
+    /// stopped by a full completion queue or an error).
+    fn process_sq_once<M: GuestMemory>(&mut self, mem: &M, qid: u16, fx: &mut Effects) -> bool {
+        // Bounded: at most one pass over the queue.
+        for _ in 0..MAX_QUEUE_ENTRIES {
+            let Some(Some(sq)) = self.sqs.get(usize::from(qid)).copied() else {
+                return false;
             };
-            if cq.full() {
-                return;
+            if sq.head == sq.tail {
+                return true;
+            }
+            if self
+                .cqs
+                .get(usize::from(sq.cqid))
+                .copied()
+                .flatten()
+                .is_none()
+            {
+                return false;
+            }
+            if self.cq_full(mem, sq.cqid) {
+                return false;
             }
             let mut raw = [0u8; SQE_SIZE];
             let at = sq.base + u64::from(sq.head) * SQE_SIZE as u64;
             if mem.read_slice(&mut raw, GuestAddress(at)).is_err() {
                 self.stats.dma_faults += 1;
                 self.fatal("submission queue entry outside DMA-mapped memory");
-                return;
+                return false;
             }
             let head = (sq.head + 1) % sq.size;
             if let Some(Some(s)) = self.sqs.get_mut(usize::from(qid)) {
@@ -612,6 +723,11 @@ impl Controller {
                 self.complete(mem, qid, head as u16, cmd.cid, st, dw0, cmd.nsid, fx);
             }
         }
+        self.sqs
+            .get(usize::from(qid))
+            .copied()
+            .flatten()
+            .is_some_and(|q| q.head == q.tail)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -717,12 +833,28 @@ impl Controller {
             // to completion at their doorbell): "command not aborted".
             admin::ABORT => (Some(status::SUCCESS), 1),
             admin::KEEP_ALIVE => done(status::SUCCESS),
+            admin::DOORBELL_BUFFER_CONFIG => done(self.doorbell_buffer_config(mem, c)),
             admin::FORMAT_NVM if self.policy.frozen => {
                 self.stats.policy_refusals += 1;
                 done(status::COMMAND_SEQUENCE_ERROR | status::DNR)
             }
             _ => done(status::INVALID_OPCODE | status::DNR),
         }
+    }
+
+    fn doorbell_buffer_config<M: GuestMemory>(&mut self, mem: &M, c: &Command) -> u16 {
+        let ok = |a: u64| {
+            a != 0 && a % PAGE == 0 && mem.read_obj::<u32>(GuestAddress(a + PAGE - 4)).is_ok()
+        };
+        if !ok(c.prp1) || !ok(c.prp2) || c.prp1 == c.prp2 {
+            return status::INVALID_FIELD | status::DNR;
+        }
+        self.dbbuf = Some(DoorbellBuffers {
+            shadow: c.prp1,
+            eventidx: c.prp2,
+        });
+        debug!(cntlid = self.params.controller_id, "shadow doorbells on");
+        status::SUCCESS
     }
 
     fn write_data<M: GuestMemory>(&mut self, mem: &M, c: &Command, data: &[u8]) -> u16 {
@@ -814,8 +946,8 @@ impl Controller {
         p32(p, 80, VERSION);
         // OAES: none. CTRATT: none. CNTRLTYPE (1.4): I/O controller.
         p[111] = 1;
-        // OACS: none of the optional admin commands.
-        p16(p, 256, 0);
+        // OACS: Doorbell Buffer Config only.
+        p16(p, 256, 1 << 8);
         p[258] = 3; // ACL: 4 aborts
         p[259] = (AER_LIMIT - 1) as u8; // AERL
         p[260] = 0x03; // FRMW: slot 1 read-only, one slot
