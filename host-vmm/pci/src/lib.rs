@@ -426,7 +426,7 @@ impl ConfigSpace {
     pub fn capability(&self, id: u8) -> Option<usize> {
         let mut at = usize::from(self.data[reg::CAPABILITIES]);
         let mut hops = 0;
-        while at >= 0x40 && at < 0x100 && hops < 48 {
+        while (0x40..0x100).contains(&at) && hops < 48 {
             if self.data[at] == id {
                 return Some(at);
             }

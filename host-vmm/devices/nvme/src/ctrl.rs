@@ -390,10 +390,10 @@ impl Controller {
                 self.stats.doorbell_writes += 1;
                 let idx = (o - reg::DOORBELL_BASE) / 4;
                 let qid = idx / 2;
-                if (o - reg::DOORBELL_BASE) % 4 != 0 || data.len() != 4 {
+                if !(o - reg::DOORBELL_BASE).is_multiple_of(4) || data.len() != 4 {
                     self.invalid_doorbell(aen::INFO_INVALID_DOORBELL, &mut fx, mem);
                 } else if let Some(mem) = mem {
-                    if idx % 2 == 0 {
+                    if idx.is_multiple_of(2) {
                         self.sq_doorbell(mem, qid, v32, &mut fx);
                     } else {
                         self.cq_doorbell(mem, qid, v32, &mut fx);
@@ -844,7 +844,9 @@ impl Controller {
 
     fn doorbell_buffer_config<M: GuestMemory>(&mut self, mem: &M, c: &Command) -> u16 {
         let ok = |a: u64| {
-            a != 0 && a % PAGE == 0 && mem.read_obj::<u32>(GuestAddress(a + PAGE - 4)).is_ok()
+            a != 0
+                && a.is_multiple_of(PAGE)
+                && mem.read_obj::<u32>(GuestAddress(a + PAGE - 4)).is_ok()
         };
         if !ok(c.prp1) || !ok(c.prp2) || c.prp1 == c.prp2 {
             return status::INVALID_FIELD | status::DNR;
@@ -1070,7 +1072,7 @@ impl Controller {
         if !(2..=MAX_QUEUE_ENTRIES).contains(&size) {
             return status::INVALID_QUEUE_SIZE | status::DNR;
         }
-        if !pc || c.prp1 % PAGE != 0 {
+        if !pc || !c.prp1.is_multiple_of(PAGE) {
             // CAP.CQR: queues must be physically contiguous and page aligned.
             return status::INVALID_FIELD | status::DNR;
         }
@@ -1103,7 +1105,7 @@ impl Controller {
         if cqid == 0 || self.cqs.get(usize::from(cqid)).copied().flatten().is_none() {
             return status::CQ_INVALID | status::DNR;
         }
-        if !pc || c.prp1 % PAGE != 0 {
+        if !pc || !c.prp1.is_multiple_of(PAGE) {
             return status::INVALID_FIELD | status::DNR;
         }
         self.sqs[usize::from(qid)] = Some(Sq {

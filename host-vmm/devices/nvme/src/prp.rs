@@ -59,7 +59,7 @@ pub fn segments<M: GuestMemory>(
     }
     let page = PAGE as usize;
     if left <= page {
-        if prp2 % PAGE != 0 {
+        if !prp2.is_multiple_of(PAGE) {
             return Err(PrpError::Offset(prp2));
         }
         out.push((prp2, left));
@@ -84,7 +84,7 @@ pub fn segments<M: GuestMemory>(
             slots = (PAGE - (entry % PAGE)) / 8;
             continue;
         }
-        if entry % PAGE != 0 {
+        if !entry.is_multiple_of(PAGE) {
             return Err(PrpError::Offset(entry));
         }
         let n = left.min(page);

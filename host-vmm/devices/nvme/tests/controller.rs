@@ -1,4 +1,5 @@
 //! Drives the controller as the Linux driver does, over mock guest memory.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns; a failure is the test failing
 
 use std::sync::Arc;
 
