@@ -466,6 +466,11 @@ impl ConfigSpace {
         }
     }
 
+    /// The whole configuration space (4096 bytes), as the guest reads it.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
     pub fn read16(&self, offset: usize) -> u16 {
         let mut b = [0u8; 2];
         self.read(offset, &mut b);
