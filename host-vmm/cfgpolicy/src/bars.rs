@@ -122,6 +122,8 @@ pub fn conflicts(ranges: &[BarRange], only: Option<usize>) -> Result<(), BarErro
             }
             let b_end = b.base.saturating_add(b.size);
             if a.base < b_end && b.base < a_end {
+                // Name the BAR being judged first.
+                let (a, b) = if a_mine { (a, b) } else { (b, a) };
                 return Err(BarError::Overlap {
                     a: a.index,
                     a_base: a.base,

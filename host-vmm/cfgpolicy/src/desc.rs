@@ -791,8 +791,9 @@ fn compile_write(
                 }
             }
             "msi-address-check" | "msi-upper-address-check" | "msi-data-check" => {
-                if width != 4 {
-                    return Err(format!("`{name}` applies to 4-byte registers"));
+                // MSI's data register is 16 bits, MSI-X's 32; addresses are 32.
+                if width != 4 && !(name == "msi-data-check" && width == 2) {
+                    return Err(format!("`{name}` applies to 4-byte registers (msi-data-check also 2-byte)"));
                 }
                 match name {
                     "msi-address-check" => Translation::MsiAddress,
