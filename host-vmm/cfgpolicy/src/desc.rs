@@ -536,7 +536,7 @@ fn compile(raw: RawFile) -> Result<Description, DescError> {
                 return Err(ferr(format!("bit {bit} is given two classes")));
             }
             covered |= mask;
-            let class = compile_rule(&frule, mask, &name, block, offset, width)
+            let class = compile_rule(&frule, mask, block, offset, width)
                 .map_err(ferr)?
                 .ok_or_else(|| ferr("has no `class`".into()))?;
             fields.push(Field {
@@ -547,7 +547,7 @@ fn compile(raw: RawFile) -> Result<Description, DescError> {
             });
         }
         let rest = full & !covered;
-        match compile_rule(&rule, rest, &name, block, offset, width).map_err(|m| reg_err(&name, m))? {
+        match compile_rule(&rule, rest, block, offset, width).map_err(|m| reg_err(&name, m))? {
             Some(class) => {
                 if rest == 0 {
                     return Err(reg_err(
@@ -640,7 +640,6 @@ fn check_coverage(desc: &Description) -> Result<(), DescError> {
 fn compile_rule(
     rule: &RawRule,
     mask: u32,
-    register: &str,
     block: Block,
     offset: u16,
     width: u8,
@@ -672,7 +671,7 @@ fn compile_rule(
                 Class::DeviceLocal
             }
         }
-        "system-wide" => Class::SystemWide(compile_write(rule, mask, register, block, offset, width)?),
+        "system-wide" => Class::SystemWide(compile_write(rule, mask, block, offset, width)?),
         other => {
             return Err(format!(
                 "unknown class `{other}` (read-only, device-local or system-wide)"
@@ -698,7 +697,6 @@ fn compile_rule(
 fn compile_write(
     rule: &RawRule,
     mask: u32,
-    register: &str,
     block: Block,
     offset: u16,
     width: u8,
@@ -832,7 +830,7 @@ fn compile_write(
             }
             other => {
                 return Err(format!(
-                    "unknown translation `{other}` in register `{register}` (known: force-clear, force-set, clamp, \
+                    "unknown translation `{other}` (known: force-clear, force-set, clamp, \
                      ignore-unless, ignore-if, deny-unless, deny-if, msi-address-check, msi-upper-address-check, \
                      msi-data-check, power-state, flr, bar-check, decode-check)"
                 ))
