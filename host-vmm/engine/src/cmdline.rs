@@ -29,6 +29,11 @@ pub enum DiskInterface {
     VirtioBlk,
     /// QEMU's own NVMe controller (a baseline for Tandem's).
     Nvme,
+    /// The guest's virtio-blk served by Tandem's vhost-user-blk backend
+    /// (`tandem device-server vhost-blk`). QEMU does not open the file:
+    /// [`MachineSpec::to_args`] skips these disks, and the VMM adds the
+    /// backend's socket to `chardevs` and its `vhost-user-blk-pci` to `devices`.
+    VhostBlk,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +78,17 @@ pub struct MachineSpec {
     pub root_ports: u32,
     /// More devices, in QEMU's JSON `-device` form.
     pub devices: Vec<serde_json::Value>,
+    /// Unix sockets QEMU connects to as a client (vhost-user backends);
+    /// `devices` refer to them by id.
+    #[serde(default)]
+    pub chardevs: Vec<SocketChardev>,
+}
+
+/// `-chardev socket,id=...,path=...`: QEMU connects to a listening socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketChardev {
+    pub id: String,
+    pub path: PathBuf,
 }
 
 /// The id of the `n`th hot-plug root port.
@@ -172,7 +188,21 @@ impl MachineSpec {
         if self.serial != Serial::None {
             push(&["-serial", "chardev:serial0"]);
         }
+        for c in &self.chardevs {
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id={},path={}",
+                    opt_escape(&c.id),
+                    opt_escape(&path_str(&c.path))
+                ),
+            ]);
+        }
         for (i, d) in self.disks.iter().enumerate() {
+            if d.interface == DiskInterface::VhostBlk {
+                // Served by a backend process; see `DiskInterface::VhostBlk`.
+                continue;
+            }
             let file = format!("disk{i}-file");
             let node = format!("disk{i}");
             push(&[
@@ -201,6 +231,7 @@ impl MachineSpec {
                 DiskInterface::Nvme => json!({
                     "driver": "nvme", "drive": node, "id": node, "serial": format!("tandem-{i}"),
                 }),
+                DiskInterface::VhostBlk => continue,
             };
             push(&["-device", &device.to_string()]);
         }
@@ -242,6 +273,7 @@ mod tests {
             qmp_fd: 3,
             root_ports: 2,
             devices: vec![json!({"driver": "vfio-user-pci", "id": "x", "bus": "tandem-rp0"})],
+            chardevs: vec![],
         }
     }
 
@@ -348,5 +380,61 @@ mod tests {
         assert_eq!(dev[0]["driver"], "virtio-blk-pci");
         assert_eq!(dev[1]["driver"], "nvme");
         assert_eq!(dev[1]["drive"], "disk1");
+    }
+
+    #[test]
+    fn vhost_blk_disks_become_a_chardev_and_no_blockdev() {
+        let mut s = spec();
+        s.disks = vec![
+            DiskSpec {
+                path: "/d/served.qcow2".into(),
+                format: DiskFormat::Qcow2,
+                interface: DiskInterface::VhostBlk,
+                readonly: false,
+                direct: true,
+            },
+            DiskSpec {
+                path: "/d/plain.img".into(),
+                format: DiskFormat::Raw,
+                interface: DiskInterface::VirtioBlk,
+                readonly: false,
+                direct: true,
+            },
+        ];
+        s.chardevs = vec![SocketChardev {
+            id: "vhost-disk0".into(),
+            path: "/run/a,b/disk0.sock".into(),
+        }];
+        s.devices
+            .push(json!({"driver": "vhost-user-blk-pci", "chardev": "vhost-disk0", "id": "disk0"}));
+        let a = args(&s);
+        assert!(value_after(&a, "-chardev")
+            .contains(&"socket,id=vhost-disk0,path=/run/a,,b/disk0.sock"));
+        let bd: Vec<serde_json::Value> = value_after(&a, "-blockdev")
+            .iter()
+            .map(|j| serde_json::from_str(j).unwrap())
+            .collect();
+        // Only the QEMU-served disk, still named after its index.
+        assert_eq!(bd.len(), 2);
+        assert_eq!(bd[0]["filename"], "/d/plain.img");
+        assert_eq!(bd[1]["node-name"], "disk1");
+        let drivers: Vec<String> = value_after(&a, "-device")
+            .iter()
+            .map(|j| serde_json::from_str::<serde_json::Value>(j).unwrap()["driver"].to_string())
+            .collect();
+        assert_eq!(
+            drivers
+                .iter()
+                .filter(|d| d.contains("vhost-user-blk-pci"))
+                .count(),
+            1
+        );
+        assert_eq!(
+            drivers
+                .iter()
+                .filter(|d| d.contains("\"virtio-blk-pci"))
+                .count(),
+            1
+        );
     }
 }

@@ -85,6 +85,8 @@ pub enum DeviceServerCmd {
         #[arg(long)]
         abi: Option<String>,
     },
+    /// A vhost-user-blk backend serving a disk chain (see `vhost.rs`).
+    VhostBlk(crate::vhost::VhostBlkArgs),
 }
 
 pub async fn channel(cmd: ChannelCmd) -> Result<i32> {
@@ -231,5 +233,6 @@ pub fn device_server(cmd: DeviceServerCmd) -> Result<i32> {
             .context("control device server")?;
             Ok(0)
         }
+        DeviceServerCmd::VhostBlk(args) => crate::vhost::device_server(args),
     }
 }

@@ -9,6 +9,7 @@ mod device;
 mod disk;
 mod host;
 mod run;
+mod vhost;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -300,8 +300,9 @@ pub fn serial_to_string(s: &Serial) -> String {
     }
 }
 
-/// Parses a `--disk` flag: `path=<file>[,format=raw|qcow2][,if=virtio-blk|nvme][,readonly=on][,direct=off]`,
-/// or just a path.
+/// Parses a `--disk` flag: `path=<file>[,format=raw|qcow2][,if=virtio-blk|nvme|vhost-blk][,readonly=on][,direct=off]`,
+/// or just a path. `if=vhost-blk` serves the disk (raw, qcow2 or VHDX, with
+/// its backing chain) from Tandem's vhost-user-blk backend instead of QEMU.
 pub fn parse_disk_flag(value: &str) -> Result<DiskConfig, ConfigError> {
     let err = |reason: &str| ConfigError::DiskSyntax {
         value: value.to_owned(),
@@ -340,7 +341,12 @@ pub fn parse_disk_flag(value: &str) -> Result<DiskConfig, ConfigError> {
                 disk.interface = Some(match v {
                     "virtio-blk" => DiskInterface::VirtioBlk,
                     "nvme" => DiskInterface::Nvme,
-                    _ => return Err(err(&format!("unknown interface {v:?} (virtio-blk, nvme)"))),
+                    "vhost-blk" => DiskInterface::VhostBlk,
+                    _ => {
+                        return Err(err(&format!(
+                            "unknown interface {v:?} (virtio-blk, nvme, vhost-blk)"
+                        )))
+                    }
                 })
             }
             "readonly" => disk.readonly = onoff(v)?,
@@ -616,6 +622,12 @@ mod tests {
         assert_eq!(
             parse_disk_flag("/plain.img").unwrap().path,
             Path::new("/plain.img")
+        );
+        assert_eq!(
+            parse_disk_flag("path=/c.vhdx,if=vhost-blk")
+                .unwrap()
+                .interface,
+            Some(DiskInterface::VhostBlk)
         );
         for bad in [
             "format=raw",

@@ -15,6 +15,7 @@ pub mod devices;
 pub mod lifecycle;
 pub mod probe;
 pub mod socket;
+pub mod vhost;
 pub mod vm;
 
 pub use config::{ImageDefaults, ResolvedVm, VmConfig};

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use crate::config::{serial_to_string, ResolvedVm};
 use crate::control::ControlServer;
 use crate::lifecycle::{self, Action, Ending, Lifecycle, LifecycleError, Observed};
+use crate::vhost::VhostBlkBackend;
 
 /// The file descriptor number QEMU sees its QMP socket as.
 const QMP_FD: i32 = 3;
@@ -56,6 +57,8 @@ pub enum VmError {
         #[source]
         source: QmpError,
     },
+    #[error(transparent)]
+    VhostBlk(#[from] crate::vhost::VhostError),
 }
 
 /// What the API and the signal handlers share with the VM.
@@ -78,6 +81,8 @@ pub struct Vm {
 pub struct Running {
     pub vm: Arc<Vm>,
     child: Child,
+    /// vhost-user-blk backends; stopped after QEMU.
+    backends: Vec<VhostBlkBackend>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -95,6 +100,13 @@ impl Vm {
         control: Option<Arc<ControlServer>>,
     ) -> Result<Running, VmError> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(VmError::Socket)?;
+        // vhost-user backends listen before QEMU starts: it connects while
+        // it creates the devices.
+        let backends = crate::vhost::start_all(
+            &resolved.api_socket.with_extension("devices"),
+            &resolved.disks,
+        )
+        .await?;
         let spec = MachineSpec {
             name: resolved.name.clone(),
             accel: accel.accel,
@@ -110,7 +122,12 @@ impl Vm {
             // Port 0 holds the control device; the others are free for
             // hot-plugged functions.
             root_ports: ROOT_PORTS,
-            devices: control.iter().map(|c| c.device_json()).collect(),
+            devices: control
+                .iter()
+                .map(|c| c.device_json())
+                .chain(backends.iter().map(|b| b.device_json()))
+                .collect(),
+            chardevs: backends.iter().map(|b| b.chardev()).collect(),
         };
         if let Serial::Unix(p) = &resolved.serial {
             crate::socket::prepare(p).map_err(|e| VmError::Socket(std::io::Error::other(e)))?;
@@ -207,7 +224,11 @@ impl Vm {
             });
         }
         vm.observe(Observed::Started).await;
-        Ok(Running { vm, child })
+        Ok(Running {
+            vm,
+            child,
+            backends,
+        })
     }
 
     pub fn uptime_ms(&self) -> u64 {
@@ -336,6 +357,7 @@ impl Vm {
                     interface: match d.interface {
                         DiskInterface::VirtioBlk => "virtio-blk",
                         DiskInterface::Nvme => "nvme",
+                        DiskInterface::VhostBlk => "vhost-blk",
                     }
                     .into(),
                     readonly: d.readonly,
@@ -422,6 +444,9 @@ impl Running {
         match &status {
             Ok(s) => info!(status = %s, "QEMU exited"),
             Err(e) => warn!(error = %e, "cannot wait for QEMU"),
+        }
+        for b in self.backends.drain(..) {
+            b.stop().await;
         }
         self.vm.observe(Observed::Exited).await;
         let ending = lock(&self.vm.life).ending();

@@ -90,11 +90,12 @@ impl AtomicCounters {
 
 /// A vhost-user-blk device over one chain.
 pub struct BlkDevice {
-    chain: Arc<Chain>,
+    top_path: PathBuf,
     geometry: Geometry,
     params: DiskParams,
-    /// Shared by requests, exclusive for a checkpoint.
-    gate: RwLock<()>,
+    /// The chain: shared by requests, exclusive for a checkpoint; `None`
+    /// once closed (requests then fail).
+    gate: RwLock<Option<Arc<Chain>>>,
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     event_idx: AtomicBool,
     counters: AtomicCounters,
@@ -131,8 +132,8 @@ impl BlkDevice {
                 discard: geometry.discard && !readonly,
             },
             geometry,
-            chain,
-            gate: RwLock::new(()),
+            top_path: chain.top_path().to_path_buf(),
+            gate: RwLock::new(Some(chain)),
             mem: Mutex::new(None),
             event_idx: AtomicBool::new(false),
             counters: AtomicCounters::default(),
@@ -144,8 +145,22 @@ impl BlkDevice {
         &self.geometry
     }
 
-    pub fn chain(&self) -> &Arc<Chain> {
-        &self.chain
+    fn read_gate(&self) -> std::sync::RwLockReadGuard<'_, Option<Arc<Chain>>> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_gate(&self) -> std::sync::RwLockWriteGuard<'_, Option<Arc<Chain>>> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The chain's layers (path and format), top first; empty once closed.
+    pub fn layers(&self) -> Vec<(PathBuf, String)> {
+        self.read_gate().as_ref().map_or_else(Vec::new, |c| {
+            c.layers()
+                .iter()
+                .map(|l| (l.path().to_path_buf(), l.format().to_string()))
+                .collect()
+        })
     }
 
     pub fn counters(&self) -> Counters {
@@ -164,14 +179,17 @@ impl BlkDevice {
     /// requests in progress, holds new ones back meanwhile. Returns the
     /// sealed layer's path.
     pub fn checkpoint(&self) -> Result<PathBuf, DeviceError> {
-        let _quiet = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let sealed = self
-            .chain
-            .checkpoint()
-            .map_err(|source| DeviceError::Checkpoint {
-                path: self.chain.top_path().to_path_buf(),
-                source,
-            });
+        let quiet = self.write_gate();
+        let err = |source| DeviceError::Checkpoint {
+            path: self.top_path.clone(),
+            source,
+        };
+        let sealed = match quiet.as_ref() {
+            Some(chain) => chain.checkpoint().map_err(err),
+            None => Err(err(tandem_disk::DiskError::Invalid(
+                "the device is closed".into(),
+            ))),
+        };
         match &sealed {
             Ok(p) => {
                 self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -182,10 +200,19 @@ impl BlkDevice {
         sealed
     }
 
-    /// Makes every completed write durable (when the guest goes away).
-    pub fn flush(&self) -> tandem_disk::Result<()> {
-        let _hold = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        self.chain.flush()
+    /// Makes every completed write durable and closes the chain (VHDX:
+    /// a clean close clears the log), once the guest has gone. Requests
+    /// after this fail.
+    pub fn close(&self) -> tandem_disk::Result<()> {
+        let Some(chain) = self.write_gate().take() else {
+            return Ok(());
+        };
+        let flushed = chain.flush();
+        if Arc::strong_count(&chain) > 1 {
+            warn!("the chain is still in use elsewhere; it closes when that ends");
+        }
+        drop(chain);
+        flushed
     }
 
     fn count(&self, kind: Kind, out: &request::Outcome) {
@@ -215,7 +242,7 @@ impl BlkDevice {
         let mem = atomic.memory();
         let mut served = false;
         loop {
-            let _hold = self.gate.read().unwrap_or_else(|p| p.into_inner());
+            let hold = self.read_gate();
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
@@ -229,8 +256,10 @@ impl BlkDevice {
                 .and_then(|descs| request::parse(&descs, &*mem))
             {
                 Ok(req) => {
-                    let (out, err) =
-                        request::execute(&req, &*mem, self.chain.as_ref(), &self.params);
+                    let (out, err) = match hold.as_deref() {
+                        Some(disk) => request::execute(&req, &*mem, disk, &self.params),
+                        None => request::execute(&req, &*mem, &Closed, &self.params),
+                    };
                     if let Some(e) = err {
                         warn!(kind = ?req.kind, sector = req.sector, error = %e, "request failed");
                         self.note_error(format!("{:?} at sector {}: {e}", req.kind, req.sector));
@@ -269,6 +298,34 @@ impl BlkDevice {
         }
         Ok(())
     }
+}
+
+/// The disk once the device is closed: every request fails.
+struct Closed;
+
+impl BlockDevice for Closed {
+    fn size(&self) -> u64 {
+        0
+    }
+    fn writable(&self) -> bool {
+        false
+    }
+    fn read_at(&self, _: &mut [u8], _: u64) -> tandem_disk::Result<()> {
+        Err(closed())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> tandem_disk::Result<()> {
+        Err(closed())
+    }
+    fn flush(&self) -> tandem_disk::Result<()> {
+        Err(closed())
+    }
+    fn discard(&self, _: u64, _: u64) -> tandem_disk::Result<()> {
+        Err(closed())
+    }
+}
+
+fn closed() -> tandem_disk::DiskError {
+    tandem_disk::DiskError::Invalid("the device is closed".into())
 }
 
 fn source_text(e: &dyn std::error::Error) -> String {

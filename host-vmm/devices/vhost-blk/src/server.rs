@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tandem_disk::{Chain, ChainOptions};
 use tracing::{info, warn};
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -50,7 +50,7 @@ pub enum ServerError {
     VhostListen { path: PathBuf, message: String },
     #[error("vhost-user: {0}")]
     Daemon(String),
-    #[error("cannot flush the disk {path} after QEMU left")]
+    #[error("cannot flush and close the disk {path} after QEMU left")]
     Flush {
         path: PathBuf,
         #[source]
@@ -112,10 +112,14 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|e| ServerError::Daemon(e.to_string()))?;
-    let served = daemon
-        .start(&mut listener)
-        .and_then(|()| daemon.wait())
-        .map_err(|e| ServerError::Daemon(e.to_string()));
+    let served = match daemon.start(&mut listener).and_then(|()| daemon.wait()) {
+        // QEMU closing the connection is how a VM ends.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(ServerError::Daemon(e.to_string())),
+    };
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();
     }
@@ -123,8 +127,9 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         Ok(()) => info!("QEMU disconnected; the backend stops"),
         Err(e) => warn!(error = %e, "the vhost-user connection failed"),
     }
-    // Whatever happened, what the guest wrote is made durable.
-    let flushed = dev.flush().map_err(|source| ServerError::Flush {
+    // Whatever happened, what the guest wrote is made durable and the
+    // chain is closed cleanly.
+    let flushed = dev.close().map_err(|source| ServerError::Flush {
         path: cfg.disk.clone(),
         source,
     });
@@ -143,13 +148,12 @@ pub fn answer(dev: &BlkDevice, req: Request) -> Response {
         Request::Info => {
             let g = dev.geometry();
             let chain = dev
-                .chain()
                 .layers()
-                .iter()
+                .into_iter()
                 .enumerate()
-                .map(|(i, l)| LayerInfo {
-                    path: l.path().display().to_string(),
-                    format: l.format().to_string(),
+                .map(|(i, (path, format))| LayerInfo {
+                    path: path.display().to_string(),
+                    format,
                     sealed: i > 0,
                 })
                 .collect();
