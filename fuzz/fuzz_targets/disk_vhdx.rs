@@ -1,7 +1,9 @@
 //! A VHDX image from the fuzzer: opened (headers, region tables, metadata,
-//! BAT, log replay) and read. Input byte 0 picks the mode: even, the rest is
-//! the start of the file (sparse up to 8 MiB); odd, the rest is patches
-//! (offset, length, bytes) applied to a valid image, to get past checksums.
+//! BAT, log replay) and read. Input byte 0 picks the mode: 0 mod 3, the rest
+//! is the start of the file (sparse up to 8 MiB); otherwise the rest is
+//! patches (offset, length, bytes) applied to a valid image, and in mode
+//! 2 mod 3 the header and region table checksums are recomputed afterwards,
+//! so the fuzzer reaches the structures behind them.
 #![no_main]
 
 use std::os::unix::fs::FileExt;
@@ -21,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let path = scratch("disk.vhdx");
     let _ = std::fs::remove_file(&path);
-    if mode % 2 == 0 {
+    if mode % 3 == 0 {
         let Ok(f) = std::fs::File::create(&path) else {
             return;
         };
@@ -47,6 +49,22 @@ fuzz_target!(|data: &[u8]| {
             let len = usize::from(u16::from_le_bytes([p[4], p[5]])).min(p.len() - 6);
             let _ = f.write_all_at(&p[6..6 + len], off);
             p = &p[6 + len..];
+        }
+        if mode % 3 == 2 {
+            for (off, size) in [
+                (64 << 10, 4096),
+                (128 << 10, 4096),
+                (192 << 10, 65536),
+                (256 << 10, 65536),
+            ] {
+                let mut b = vec![0u8; size];
+                if f.read_exact_at(&mut b, off).is_err() {
+                    return;
+                }
+                b[4..8].fill(0);
+                let crc = tandem_disk::crc32c(&b);
+                let _ = f.write_all_at(&crc.to_le_bytes(), off + 4);
+            }
         }
     }
     if let Ok(layer) = VhdxLayer::open(&path, VhdxOpenOptions::default()) {

@@ -44,4 +44,4 @@ pub use chain::{open_layer, probe, Chain, ChainOptions, LayerOptions};
 pub use error::{DiskError, Result};
 pub use fault::FaultHook;
 pub use layer::{BlockDevice, Format, Layer, ParentRef, Status};
-pub use util::Guid;
+pub use util::{crc32c, Guid};
