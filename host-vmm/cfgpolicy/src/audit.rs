@@ -158,7 +158,11 @@ impl AuditLog {
 
     /// Records with a sequence number above `seq` (for polling).
     pub fn since(&self, seq: u64) -> Vec<AuditRecord> {
-        self.records.iter().filter(|r| r.seq > seq).cloned().collect()
+        self.records
+            .iter()
+            .filter(|r| r.seq > seq)
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -94,20 +94,28 @@ pub fn decode(image: &[u8], sizes: &[u64; 6], patch: Option<(usize, u32)>) -> Ve
     out
 }
 
+/// The BAR's last byte (a BAR may end at the very top of the space).
+fn last(r: &BarRange) -> Result<u64, BarError> {
+    r.size
+        .checked_sub(1)
+        .and_then(|s| r.base.checked_add(s))
+        .ok_or(BarError::Wraps {
+            index: r.index,
+            base: r.base,
+            size: r.size,
+        })
+}
+
 fn check_one(r: &BarRange) -> Result<u64, BarError> {
-    let end = r.base.checked_add(r.size).ok_or(BarError::Wraps {
-        index: r.index,
-        base: r.base,
-        size: r.size,
-    })?;
-    if r.base < MSI_WINDOW.1 && end > MSI_WINDOW.0 {
+    let last = last(r)?;
+    if r.base < MSI_WINDOW.1 && last >= MSI_WINDOW.0 {
         return Err(BarError::MsiWindow {
             index: r.index,
             base: r.base,
             size: r.size,
         });
     }
-    Ok(end)
+    Ok(last)
 }
 
 /// Checks the ranges: each pair (or, with `only`, each pair involving the
@@ -115,13 +123,17 @@ fn check_one(r: &BarRange) -> Result<u64, BarError> {
 pub fn conflicts(ranges: &[BarRange], only: Option<usize>) -> Result<(), BarError> {
     for (ai, a) in ranges.iter().enumerate() {
         let a_mine = only.is_none_or(|o| a.holds(o));
-        let a_end = if a_mine { check_one(a)? } else { a.base.saturating_add(a.size) };
+        let a_last = if a_mine {
+            check_one(a)?
+        } else {
+            last(a).unwrap_or(u64::MAX)
+        };
         for b in &ranges[ai + 1..] {
             if !a_mine && !only.is_none_or(|o| b.holds(o)) {
                 continue;
             }
-            let b_end = b.base.saturating_add(b.size);
-            if a.base < b_end && b.base < a_end {
+            let b_last = last(b).unwrap_or(u64::MAX);
+            if a.base <= b_last && b.base <= a_last {
                 // Name the BAR being judged first.
                 let (a, b) = if a_mine { (a, b) } else { (b, a) };
                 return Err(BarError::Overlap {
@@ -170,13 +182,34 @@ mod tests {
         let r = decode(&h, &sizes, Some((0x20, 0x0000_0000)));
         assert_eq!(r.len(), 1, "BAR4 at 0 is unassigned");
         let h2 = header(&[(0, 0xfe00_2004), (1, 0), (4, 0xfe00_0000)]);
-        assert!(matches!(check(&h2, &sizes), Err(BarError::Overlap { a: 0, b: 4, .. })));
+        assert!(matches!(
+            check(&h2, &sizes),
+            Err(BarError::Overlap { a: 0, b: 4, .. })
+        ));
         let h3 = header(&[(4, 0xfee0_0000)]);
-        assert!(matches!(check(&h3, &sizes), Err(BarError::MsiWindow { index: 4, .. })));
+        assert!(matches!(
+            check(&h3, &sizes),
+            Err(BarError::MsiWindow { index: 4, .. })
+        ));
+        // A 64-bit BAR may end at the very top; a size past it wraps.
         let h4 = header(&[(0, 0xffff_c004), (1, 0xffff_ffff)]);
-        assert!(matches!(check(&h4, &sizes), Err(BarError::Wraps { index: 0, .. })));
+        assert_eq!(check(&h4, &sizes), Ok(()));
+        let r = [BarRange {
+            index: 0,
+            is64: true,
+            base: u64::MAX - 0xfff,
+            size: 0x2000,
+        }];
+        assert!(matches!(
+            conflicts(&r, None),
+            Err(BarError::Wraps { index: 0, .. })
+        ));
         // `only` ignores conflicts between other BARs.
-        let r = decode(&h2, &[0x4000, 0, 0, 0x1000, 0x4000, 0], Some((0x1c, 0x1000_0000)));
+        let r = decode(
+            &h2,
+            &[0x4000, 0, 0, 0x1000, 0x4000, 0],
+            Some((0x1c, 0x1000_0000)),
+        );
         assert_eq!(conflicts(&r, Some(3)), Ok(()));
         assert!(conflicts(&r, None).is_err());
     }

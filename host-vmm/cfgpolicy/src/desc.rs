@@ -52,7 +52,9 @@ fn reg_err(register: &str, msg: impl Into<String>) -> DescError {
 }
 
 /// Standard (list at 0x34) or extended (list at 0x100) capability.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum CapKind {
     Standard,
@@ -402,10 +404,10 @@ impl Description {
         match block {
             Block::Header => "header".to_owned(),
             Block::MsixTable => "msix-table".to_owned(),
-            Block::Capability(i) => self
-                .capabilities
-                .get(i)
-                .map_or_else(|| format!("capability #{i}"), |c| format!("capability `{}`", c.name)),
+            Block::Capability(i) => self.capabilities.get(i).map_or_else(
+                || format!("capability #{i}"),
+                |c| format!("capability `{}`", c.name),
+            ),
         }
     }
 
@@ -447,9 +449,17 @@ fn compile(raw: RawFile) -> Result<Description, DescError> {
         };
         let id = to_u16(c.id)
             .filter(|id| i64::from(*id) <= max_id)
-            .ok_or_else(|| err(format!("id {:#x} is out of range for a {} capability", c.id, c.kind)))?;
+            .ok_or_else(|| {
+                err(format!(
+                    "id {:#x} is out of range for a {} capability",
+                    c.id, c.kind
+                ))
+            })?;
         if !ids.insert((c.kind, id)) {
-            return Err(err(format!("{} capability id {id:#x} is declared twice", c.kind)));
+            return Err(err(format!(
+                "{} capability id {id:#x} is declared twice",
+                c.kind
+            )));
         }
         let size = to_u16(c.size)
             .filter(|s| (min_size..=max_size).contains(s))
@@ -486,16 +496,25 @@ fn compile(raw: RawFile) -> Result<Description, DescError> {
                 capabilities
                     .iter()
                     .position(|c| c.name == other)
-                    .ok_or_else(|| reg_err(&name, format!("`at = \"{other}\"` names no declared capability")))?,
+                    .ok_or_else(|| {
+                        reg_err(
+                            &name,
+                            format!("`at = \"{other}\"` names no declared capability"),
+                        )
+                    })?,
             ),
         };
         let width = match r.width {
             1 | 2 | 4 => r.width as u8,
             w => return Err(reg_err(&name, format!("width {w} is not 1, 2 or 4"))),
         };
-        let offset = to_u16(r.offset).ok_or_else(|| reg_err(&name, format!("offset {:#x} is out of range", r.offset)))?;
+        let offset = to_u16(r.offset)
+            .ok_or_else(|| reg_err(&name, format!("offset {:#x} is out of range", r.offset)))?;
         if offset % u16::from(width) != 0 {
-            return Err(reg_err(&name, format!("offset {offset:#x} is not aligned to its width {width}")));
+            return Err(reg_err(
+                &name,
+                format!("offset {offset:#x} is not aligned to its width {width}"),
+            ));
         }
         let size = match block {
             Block::Header => HEADER_SIZE,
@@ -513,7 +532,11 @@ fn compile(raw: RawFile) -> Result<Description, DescError> {
                 format!("offset {offset:#x} + width {width} is outside {b} ({size} bytes)"),
             ));
         }
-        let full: u32 = if width == 4 { u32::MAX } else { (1u32 << (8 * width)) - 1 };
+        let full: u32 = if width == 4 {
+            u32::MAX
+        } else {
+            (1u32 << (8 * width)) - 1
+        };
         let mut fields = Vec::new();
         let mut covered = 0u32;
         let mut field_names = BTreeSet::new();
@@ -530,7 +553,12 @@ fn compile(raw: RawFile) -> Result<Description, DescError> {
             let mask = u32::try_from(f.mask)
                 .ok()
                 .filter(|m| *m != 0 && m & !full == 0)
-                .ok_or_else(|| ferr(format!("mask {:#x} is empty or wider than the register", f.mask)))?;
+                .ok_or_else(|| {
+                    ferr(format!(
+                        "mask {:#x} is empty or wider than the register",
+                        f.mask
+                    ))
+                })?;
             if covered & mask != 0 {
                 let bit = (covered & mask).trailing_zeros();
                 return Err(ferr(format!("bit {bit} is given two classes")));
@@ -555,7 +583,11 @@ fn compile(raw: RawFile) -> Result<Description, DescError> {
                         "has a register-level `class` but its fields already cover every bit",
                     ));
                 }
-                let fname = if fields.is_empty() { name.clone() } else { "other-bits".to_owned() };
+                let fname = if fields.is_empty() {
+                    name.clone()
+                } else {
+                    "other-bits".to_owned()
+                };
                 fields.push(Field {
                     name: fname,
                     mask: rest,
@@ -660,7 +692,9 @@ fn compile_rule(
     let class = match class {
         "read-only" | "device-local" => {
             if rule.write.is_some() || rule.translation.is_some() {
-                return Err(format!("is `{class}` but has a write rule (only system-wide bits have one)"));
+                return Err(format!(
+                    "is `{class}` but has a write rule (only system-wide bits have one)"
+                ));
             }
             if class == "read-only" && rule.w1c {
                 return Err("is read-only and write-one-to-clear at once".into());
@@ -687,7 +721,9 @@ fn compile_rule(
             ("per-second", rule.per_second.is_some()),
         ] {
             if set {
-                return Err(format!("parameter `{key}` is given but no translation uses it"));
+                return Err(format!(
+                    "parameter `{key}` is given but no translation uses it"
+                ));
             }
         }
     }
@@ -717,7 +753,11 @@ fn compile_write(
             });
         }
         "translate" => {}
-        other => return Err(format!("unknown write rule `{other}` (permit, deny or translate)")),
+        other => {
+            return Err(format!(
+                "unknown write rule `{other}` (permit, deny or translate)"
+            ))
+        }
     }
     let names: Vec<&str> = match &rule.translation {
         None => return Err("`write = \"translate\"` without a `translation`".into()),
@@ -730,7 +770,9 @@ fn compile_write(
     let mut used = BTreeSet::new();
     let mut uses = |key: &'static str, by: &str| -> Result<(), String> {
         if !used.insert(key) {
-            return Err(format!("parameter `{key}` is needed by two steps (`{by}` is the second)"));
+            return Err(format!(
+                "parameter `{key}` is needed by two steps (`{by}` is the second)"
+            ));
         }
         Ok(())
     };
@@ -846,7 +888,9 @@ fn compile_write(
         ("per-second", rule.per_second.is_some()),
     ] {
         if set && !used.contains(key) {
-            return Err(format!("parameter `{key}` is given but no translation uses it"));
+            return Err(format!(
+                "parameter `{key}` is given but no translation uses it"
+            ));
         }
     }
     Ok(WriteRule::Translate(chain))

@@ -81,7 +81,8 @@ pub fn walk(image: &[u8]) -> Result<Vec<Found>, LayoutError> {
                     pointer: at,
                 });
             }
-            let header = u32::from_le_bytes([image[at], image[at + 1], image[at + 2], image[at + 3]]);
+            let header =
+                u32::from_le_bytes([image[at], image[at + 1], image[at + 2], image[at + 3]]);
             // An absent list reads as 0 (or all-ones from some hardware).
             if at == EXT_START && (header == 0 || header == u32::MAX) {
                 break;
@@ -125,12 +126,21 @@ mod tests {
             })
         );
         img[0x41] = 0x20;
-        assert!(matches!(walk(&img), Err(LayoutError::BadPointer { pointer: 0x20, .. })));
+        assert!(matches!(
+            walk(&img),
+            Err(LayoutError::BadPointer { pointer: 0x20, .. })
+        ));
         img[0x41] = 0;
         img[0x100..0x104].copy_from_slice(&(0x0010u32 | (1 << 16) | (0x100 << 20)).to_le_bytes());
-        assert!(matches!(walk(&img), Err(LayoutError::Loop { at: 0x100, .. })));
+        assert!(matches!(
+            walk(&img),
+            Err(LayoutError::Loop { at: 0x100, .. })
+        ));
         img[0x100..0x104].copy_from_slice(&(0x0010u32 | (1 << 16) | (0x20 << 20)).to_le_bytes());
-        assert!(matches!(walk(&img), Err(LayoutError::BadPointer { pointer: 0x20, .. })));
+        assert!(matches!(
+            walk(&img),
+            Err(LayoutError::BadPointer { pointer: 0x20, .. })
+        ));
         img[0x100..0x104].copy_from_slice(&(0x0010u32 | (1 << 16)).to_le_bytes());
         assert_eq!(
             walk(&img),

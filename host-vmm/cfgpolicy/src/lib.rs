@@ -42,7 +42,9 @@ pub mod policy;
 
 pub use audit::{AuditAction, AuditLog, AuditRecord, Function, FunctionId, Space};
 pub use desc::{DescError, Description};
-pub use policy::{BindError, Context, Decision, FieldDecision, Outcome, Policy, Verdict, WriteError};
+pub use policy::{
+    BindError, Context, Decision, FieldDecision, Outcome, Policy, Verdict, WriteError,
+};
 
 /// The descriptions of the devices Tandem serves: (name, TOML text).
 pub const DESCRIPTIONS: &[(&str, &str)] = &[
@@ -53,5 +55,8 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
 
 /// The text of a built-in description.
 pub fn builtin(name: &str) -> Option<&'static str> {
-    DESCRIPTIONS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+    DESCRIPTIONS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
 }

@@ -125,7 +125,12 @@ impl MockFunction {
     }
 
     pub fn read32(&self, at: usize) -> u32 {
-        u32::from_le_bytes([self.data[at], self.data[at + 1], self.data[at + 2], self.data[at + 3]])
+        u32::from_le_bytes([
+            self.data[at],
+            self.data[at + 1],
+            self.data[at + 2],
+            self.data[at + 3],
+        ])
     }
 
     /// A config write as the hardware takes it. Writing Initiate FLR

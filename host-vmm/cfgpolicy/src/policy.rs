@@ -14,8 +14,8 @@ use tracing::debug;
 use crate::audit::{AuditAction, AuditRecord, FunctionId, Space};
 use crate::bars;
 use crate::desc::{
-    Block, CapKind, Class, Description, HostFlag, HostLimit, Limit, Register, Translation, WriteRule,
-    HEADER_SIZE, MSIX_ENTRY_SIZE,
+    Block, CapKind, Class, Description, HostFlag, HostLimit, Limit, Register, Translation,
+    WriteRule, HEADER_SIZE, MSIX_ENTRY_SIZE,
 };
 use crate::layout::{self, LayoutError};
 
@@ -41,7 +41,9 @@ pub enum BindError {
         id: u16,
         offset: u16,
     },
-    #[error("capability `{name}` is required by description `{desc}` but the config space has none")]
+    #[error(
+        "capability `{name}` is required by description `{desc}` but the config space has none"
+    )]
     Missing { desc: String, name: String },
     #[error("capability `{name}` at {offset:#x} ({size} bytes) runs past {limit:#x}")]
     TooLong {
@@ -58,7 +60,11 @@ pub enum BindError {
         at: usize,
     },
     #[error("{block} offset {offset:#x} (config offset {at:#x}) is not described")]
-    Gap { block: String, offset: u16, at: usize },
+    Gap {
+        block: String,
+        offset: u16,
+        at: usize,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -66,7 +72,11 @@ pub enum WriteError {
     #[error("a write of no bytes")]
     Empty,
     #[error("write of {len} bytes at {offset:#x} is outside the {size}-byte space")]
-    OutOfRange { offset: u32, len: usize, size: usize },
+    OutOfRange {
+        offset: u32,
+        len: usize,
+        size: usize,
+    },
     #[error("config space image is {got} bytes; the policy was bound to {want}")]
     ImageSize { got: usize, want: usize },
     #[error("description `{0}` does not describe the MSI-X table")]
@@ -234,8 +244,8 @@ impl Policy {
                     limit,
                 });
             }
-            for at in start..end {
-                if let Some(other) = &block_of[at] {
+            for (at, slot) in block_of.iter_mut().enumerate().take(end).skip(start) {
+                if let Some(other) = slot {
                     return Err(BindError::Overlap {
                         name: cap.name.clone(),
                         offset: f.offset,
@@ -243,7 +253,7 @@ impl Policy {
                         at,
                     });
                 }
-                block_of[at] = Some(format!("capability `{}`", cap.name));
+                *slot = Some(format!("capability `{}`", cap.name));
             }
             placed.push((ci, f.offset));
         }
@@ -351,7 +361,10 @@ impl Policy {
         if data.is_empty() {
             return Err(WriteError::Empty);
         }
-        if offset.checked_add(data.len()).is_none_or(|end| end > image.len()) {
+        if offset
+            .checked_add(data.len())
+            .is_none_or(|end| end > image.len())
+        {
             return Err(WriteError::OutOfRange {
                 offset: u32::try_from(offset).unwrap_or(u32::MAX),
                 len: data.len(),
@@ -614,9 +627,16 @@ impl Job<'_> {
                             Fate::passed(g)
                         }
                     }
-                    Class::SystemWide(WriteRule::Translate(chain)) => {
-                        self.translate(flr, chain, (owner.reg, owner.base, fi), reg, m, guest, c, keep)
-                    }
+                    Class::SystemWide(WriteRule::Translate(chain)) => self.translate(
+                        flr,
+                        chain,
+                        (owner.reg, owner.base, fi),
+                        reg,
+                        m,
+                        guest,
+                        cur,
+                        keep,
+                    ),
                 };
                 let value = fate.value & m;
                 result = (result & !m) | value;
@@ -682,9 +702,9 @@ impl Job<'_> {
         }
     }
 
-    /// Runs a translation chain over a field. `guest` is the whole register
-    /// as the guest would leave it; `c` and `keep` are the field's current
-    /// bits and what leaving it alone means.
+    /// Runs a translation chain over a field. `guest` and `cur` are the
+    /// whole register as the guest would leave it and as it is; `keep` is
+    /// what leaving the field alone means.
     #[allow(clippy::too_many_arguments)]
     fn translate(
         &self,
@@ -694,14 +714,14 @@ impl Job<'_> {
         reg: &Register,
         m: u32,
         guest: u32,
-        c: u32,
+        cur: u32,
         keep: u32,
     ) -> Fate {
         let g = guest & m;
         let mut v = g;
         let mut changed: Option<(&'static str, String)> = None;
         for t in chain {
-            match self.step(flr, *t, key, reg, m, guest, v, c, keep) {
+            match self.step(flr, *t, key, reg, m, cur, v, keep) {
                 Ok((nv, why)) => {
                     let nv = nv & m;
                     if nv != v && changed.is_none() {
@@ -733,7 +753,8 @@ impl Job<'_> {
         }
     }
 
-    /// One translation: `Ok((value, why it changed))` or `Err(why denied)`.
+    /// One translation of field `m`'s bits `v`: `Ok((value, why it
+    /// changed))` or `Err(why denied)`. `cur` is the register as it is.
     #[allow(clippy::too_many_arguments)]
     fn step(
         &self,
@@ -742,16 +763,20 @@ impl Job<'_> {
         key: (usize, u16, usize),
         reg: &Register,
         m: u32,
-        guest: u32,
+        cur: u32,
         v: u32,
-        c: u32,
         keep: u32,
     ) -> Result<(u32, String), String> {
         let ctx = self.ctx;
+        let c = cur & m;
         let shift = m.trailing_zeros();
         match t {
-            Translation::ForceClear(bits) => Ok((v & !bits, format!("bits {bits:#x} are forced to 0"))),
-            Translation::ForceSet(bits) => Ok((v | bits, format!("bits {bits:#x} are forced to 1"))),
+            Translation::ForceClear(bits) => {
+                Ok((v & !bits, format!("bits {bits:#x} are forced to 0")))
+            }
+            Translation::ForceSet(bits) => {
+                Ok((v | bits, format!("bits {bits:#x} are forced to 1")))
+            }
             Translation::Clamp(limit) => {
                 let (max, what) = match limit {
                     Limit::Fixed(n) => (n, "the description's maximum".to_owned()),
@@ -770,7 +795,13 @@ impl Job<'_> {
                 let ignore = ctx.flag(f) == matches!(t, Translation::IgnoreIf(_));
                 if ignore {
                     let state = if ctx.flag(f) { "set" } else { "not set" };
-                    Ok((keep, format!("host flag `{}` is {state}: the bits keep their value", f.name())))
+                    Ok((
+                        keep,
+                        format!(
+                            "host flag `{}` is {state}: the bits keep their value",
+                            f.name()
+                        ),
+                    ))
                 } else {
                     Ok((v, String::new()))
                 }
@@ -796,7 +827,9 @@ impl Job<'_> {
                 if v == 0 {
                     Ok((v, String::new()))
                 } else {
-                    Err(format!("MSI upper address {v:#x} is not 0 (the interrupt window is below 4 GiB)"))
+                    Err(format!(
+                        "MSI upper address {v:#x} is not 0 (the interrupt window is below 4 GiB)"
+                    ))
                 }
             }
             Translation::MsiData => {
@@ -851,13 +884,18 @@ impl Job<'_> {
                     return Ok((v, String::new()));
                 };
                 let decoding = config.get(COMMAND).is_some_and(|b| b & COMMAND_MEMORY != 0);
-                // Sizing (all-ones address bits) is the device's business.
-                if !decoding || v | !m | 0xf == u32::MAX {
+                // With decode off the BAR decodes nothing: sizing and moves
+                // are the device's business. With decode on, a sizing
+                // write places the BAR at its size mask for a moment, so
+                // it is judged like any other placement (one BAR sized at
+                // a time, as OSes do, never conflicts).
+                if !decoding {
                     return Ok((v, String::new()));
                 }
                 let reg_off = usize::from(reg.offset);
                 let index = (reg_off - 0x10) / 4;
-                let value = (guest & !m) | v;
+                // Other bits of a BAR (its type) are read-only.
+                let value = (cur & !m) | v;
                 let ranges = bars::decode(config, self.bar_sizes, Some((reg_off, value)));
                 match bars::conflicts(&ranges, Some(index)) {
                     Ok(()) => Ok((v, String::new())),

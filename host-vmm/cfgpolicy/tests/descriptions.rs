@@ -5,7 +5,9 @@
 mod common;
 
 use common::*;
-use tandem_cfgpolicy::{mock::MockFunction, BindError, Description, Function, Policy, DESCRIPTIONS};
+use tandem_cfgpolicy::{
+    mock::MockFunction, BindError, Description, Function, Policy, DESCRIPTIONS,
+};
 
 #[test]
 fn every_builtin_description_parses() {
@@ -27,51 +29,132 @@ fn control_description_covers_the_real_control_device() {
         assert!(g.policy.register_at(at).is_some(), "byte {at:#x} uncovered");
     }
     assert!(g.policy.register_at(0x88).is_none());
-    assert_eq!(g.policy.register_at(0x7e).unwrap().name, "msix.message-control");
+    assert_eq!(
+        g.policy.register_at(0x7e).unwrap().name,
+        "msix.message-control"
+    );
 }
 
 #[test]
 fn nvme_descriptions_cover_the_tandem_pci_layout() {
     let pf = nvme_config(true);
-    let p = Policy::bind(desc("nvme-pf"), pf.bytes(), fid(Function::Pf), nvme_bar_sizes()).unwrap();
+    let p = Policy::bind(
+        desc("nvme-pf"),
+        pf.bytes(),
+        fid(Function::Pf),
+        nvme_bar_sizes(),
+    )
+    .unwrap();
     let caps: Vec<(&str, u16)> = p.capabilities().collect();
-    assert_eq!(caps, vec![("pm", 0x40), ("msix", 0x48), ("pcie", 0x54), ("sriov", 0x100)]);
+    assert_eq!(
+        caps,
+        vec![
+            ("pm", 0x40),
+            ("msix", 0x48),
+            ("pcie", 0x54),
+            ("sriov", 0x100)
+        ]
+    );
     assert_eq!(p.register_at(0x108).unwrap().name, "sriov.control");
     let vf = nvme_config(false);
-    let p = Policy::bind(desc("nvme-vf"), vf.bytes(), fid(Function::Vf(1)), nvme_bar_sizes()).unwrap();
+    let p = Policy::bind(
+        desc("nvme-vf"),
+        vf.bytes(),
+        fid(Function::Vf(1)),
+        nvme_bar_sizes(),
+    )
+    .unwrap();
     assert_eq!(p.capabilities().count(), 3);
-    assert!(p.register_at(0x108).is_none(), "a VF has no SR-IOV capability");
+    assert!(
+        p.register_at(0x108).is_none(),
+        "a VF has no SR-IOV capability"
+    );
 }
 
 #[test]
 fn nvme_descriptions_cover_the_documented_layout() {
     // PM at 0x40, MSI-X at 0x50, PCIe at 0x60, SR-IOV at 0x100.
     let pf = MockFunction::nvme(true);
-    let p = Policy::bind(desc("nvme-pf"), pf.config(), fid(Function::Pf), pf.bar_sizes()).unwrap();
+    let p = Policy::bind(
+        desc("nvme-pf"),
+        pf.config(),
+        fid(Function::Pf),
+        pf.bar_sizes(),
+    )
+    .unwrap();
     let caps: Vec<(&str, u16)> = p.capabilities().collect();
-    assert_eq!(caps, vec![("pm", 0x40), ("msix", 0x50), ("pcie", 0x60), ("sriov", 0x100)]);
-    for at in (0..0x48).chain(0x50..0x5c).chain(0x60..0x9c).chain(0x100..0x140) {
+    assert_eq!(
+        caps,
+        vec![
+            ("pm", 0x40),
+            ("msix", 0x50),
+            ("pcie", 0x60),
+            ("sriov", 0x100)
+        ]
+    );
+    for at in (0..0x48)
+        .chain(0x50..0x5c)
+        .chain(0x60..0x9c)
+        .chain(0x100..0x140)
+    {
         assert!(p.register_at(at).is_some(), "byte {at:#x} uncovered");
     }
     let vf = MockFunction::nvme(false);
-    Policy::bind(desc("nvme-vf"), vf.config(), fid(Function::Vf(2)), vf.bar_sizes()).unwrap();
+    Policy::bind(
+        desc("nvme-vf"),
+        vf.config(),
+        fid(Function::Vf(2)),
+        vf.bar_sizes(),
+    )
+    .unwrap();
 }
 
 #[test]
 fn a_description_is_refused_for_the_wrong_function() {
     let vf = nvme_config(false);
-    let e = Policy::bind(desc("nvme-pf"), vf.bytes(), fid(Function::Vf(1)), nvme_bar_sizes()).unwrap_err();
-    assert!(matches!(&e, BindError::Missing { name, .. } if name == "sriov"), "{e}");
+    let e = Policy::bind(
+        desc("nvme-pf"),
+        vf.bytes(),
+        fid(Function::Vf(1)),
+        nvme_bar_sizes(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, BindError::Missing { name, .. } if name == "sriov"),
+        "{e}"
+    );
     assert!(e.to_string().contains("`sriov`"), "{e}");
 
     let pf = nvme_config(true);
-    let e = Policy::bind(desc("nvme-vf"), pf.bytes(), fid(Function::Pf), nvme_bar_sizes()).unwrap_err();
+    let e = Policy::bind(
+        desc("nvme-vf"),
+        pf.bytes(),
+        fid(Function::Pf),
+        nvme_bar_sizes(),
+    )
+    .unwrap_err();
     assert_eq!(
         e.to_string(),
         "description `nvme-vf` does not describe the extended capability 0x10 found at 0x100 \
          (first uncovered byte: 0x100)"
     );
 
-    let e = Policy::bind(desc("control"), pf.bytes(), fid(Function::Pf), nvme_bar_sizes()).unwrap_err();
-    assert!(matches!(e, BindError::Undescribed { id: 0x01, offset: 0x40, .. }), "{e}");
+    let e = Policy::bind(
+        desc("control"),
+        pf.bytes(),
+        fid(Function::Pf),
+        nvme_bar_sizes(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BindError::Undescribed {
+                id: 0x01,
+                offset: 0x40,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }

@@ -8,7 +8,8 @@ mod common;
 use common::*;
 use tandem_cfgpolicy::mock::{MockFunction, PCIE_AT, PCIE_DEVCTL};
 use tandem_cfgpolicy::{
-    AuditAction, AuditLog, Context, Description, Function, FunctionId, Outcome, Policy, Space, Verdict,
+    AuditAction, AuditLog, Context, Description, Function, FunctionId, Outcome, Policy, Space,
+    Verdict,
 };
 
 #[test]
@@ -49,14 +50,25 @@ fn bar_overlap_and_the_msi_window_are_refused() {
     assert_eq!(d.verdict, Verdict::Deny);
     assert_eq!(d.audit.len(), 1);
     let r = &d.audit[0];
-    assert_eq!((r.register.as_str(), r.rule.as_str()), ("bar4", "bar-check"));
-    assert!(r.reason.contains("BAR4") && r.reason.contains("overlaps BAR0"), "{}", r.reason);
+    assert_eq!(
+        (r.register.as_str(), r.rule.as_str()),
+        ("bar4", "bar-check")
+    );
+    assert!(
+        r.reason.contains("BAR4") && r.reason.contains("overlaps BAR0"),
+        "{}",
+        r.reason
+    );
     assert_eq!((r.written, r.applied), (0xfe00_2000, 0xfd00_0000));
     assert_eq!(g.config.read32(0x20), 0xfd00_0000);
     // BAR4 into the MSI window.
     let d = g.write32(0x20, 0xfee0_0000);
     assert_eq!(d.verdict, Verdict::Deny);
-    assert!(d.audit[0].reason.contains("MSI window"), "{}", d.audit[0].reason);
+    assert!(
+        d.audit[0].reason.contains("MSI window"),
+        "{}",
+        d.audit[0].reason
+    );
     // With decode off BARs may pass through each other (an OS moving
     // them does), but decode cannot go on over an overlap.
     g.write16(0x04, 0);
@@ -64,10 +76,21 @@ fn bar_overlap_and_the_msi_window_are_refused() {
     let d = g.write16(0x04, 0x0006);
     assert_eq!(d.verdict, Verdict::Translate);
     assert_eq!(d.bytes, vec![0x04, 0x00]);
-    assert_eq!(g.config.command(), 0x0004, "bus master on, memory decode off");
+    assert_eq!(
+        g.config.command(),
+        0x0004,
+        "bus master on, memory decode off"
+    );
     assert_eq!(d.audit.len(), 1);
-    assert_eq!((d.audit[0].field.as_str(), d.audit[0].rule.as_str()), ("memory-space", "decode-check"));
-    let outcomes: Vec<(&str, Outcome)> = d.fields.iter().map(|f| (f.field.as_str(), f.outcome)).collect();
+    assert_eq!(
+        (d.audit[0].field.as_str(), d.audit[0].rule.as_str()),
+        ("memory-space", "decode-check")
+    );
+    let outcomes: Vec<(&str, Outcome)> = d
+        .fields
+        .iter()
+        .map(|f| (f.field.as_str(), f.outcome))
+        .collect();
     assert!(outcomes.contains(&("memory-space", Outcome::Denied)));
     assert!(outcomes.contains(&("bus-master", Outcome::Passed)));
     // The caller's own hook says the same.
@@ -77,7 +100,13 @@ fn bar_overlap_and_the_msi_window_are_refused() {
 #[test]
 fn msix_address_and_data_spoofing_is_denied_and_audited() {
     let mut m = MockFunction::nvme(false);
-    let mut p = Policy::bind(desc("nvme-vf"), m.config(), fid(Function::Vf(1)), m.bar_sizes()).unwrap();
+    let mut p = Policy::bind(
+        desc("nvme-vf"),
+        m.config(),
+        fid(Function::Vf(1)),
+        m.bar_sizes(),
+    )
+    .unwrap();
     let ctx = Context::default();
     let mut log = AuditLog::new(64);
     let mut put = |m: &mut MockFunction, off: u32, bytes: &[u8]| {
@@ -88,7 +117,12 @@ fn msix_address_and_data_spoofing_is_denied_and_audited() {
         d
     };
     // What Linux writes for vector 3: address, upper address, data, unmask.
-    for (off, v) in [(0x30, 0xfee0_1000u32), (0x34, 0), (0x38, 0x0000_0041), (0x3c, 0)] {
+    for (off, v) in [
+        (0x30, 0xfee0_1000u32),
+        (0x34, 0),
+        (0x38, 0x0000_0041),
+        (0x3c, 0),
+    ] {
         let d = put(&mut m, off, &v.to_le_bytes());
         assert_eq!(d.verdict, Verdict::Pass, "{off:#x}: {d:?}");
     }
@@ -96,12 +130,28 @@ fn msix_address_and_data_spoofing_is_denied_and_audited() {
     // Spoofed addresses (HPET, guest RAM, above 4 GiB, one byte changed)
     // and delivery modes (SMI, NMI, INIT).
     let attacks: [(u32, Vec<u8>, &str); 7] = [
-        (0x30, 0xfed0_0000u32.to_le_bytes().to_vec(), "msi-address-check"),
-        (0x30, 0x8000_0000u32.to_le_bytes().to_vec(), "msi-address-check"),
+        (
+            0x30,
+            0xfed0_0000u32.to_le_bytes().to_vec(),
+            "msi-address-check",
+        ),
+        (
+            0x30,
+            0x8000_0000u32.to_le_bytes().to_vec(),
+            "msi-address-check",
+        ),
         (0x34, 1u32.to_le_bytes().to_vec(), "msi-upper-address-check"),
         (0x33, vec![0x12], "msi-address-check"),
-        (0x38, 0x0000_0241u32.to_le_bytes().to_vec(), "msi-data-check"),
-        (0x38, 0x0000_0441u32.to_le_bytes().to_vec(), "msi-data-check"),
+        (
+            0x38,
+            0x0000_0241u32.to_le_bytes().to_vec(),
+            "msi-data-check",
+        ),
+        (
+            0x38,
+            0x0000_0441u32.to_le_bytes().to_vec(),
+            "msi-data-check",
+        ),
         (0x39, vec![0x05], "msi-data-check"),
     ];
     for (off, bytes, rule) in attacks {
@@ -117,7 +167,10 @@ fn msix_address_and_data_spoofing_is_denied_and_audited() {
     assert_eq!(m.msix_entry(3), good, "the entry is untouched");
     assert_eq!(log.len(), 7);
     let json = serde_json::to_value(&log).unwrap();
-    assert_eq!(json["records"][0]["register"], "msix-table.message-address[3]");
+    assert_eq!(
+        json["records"][0]["register"],
+        "msix-table.message-address[3]"
+    );
     assert_eq!(json["records"][0]["action"], "denied");
     assert_eq!(json["records"][0]["function"]["function"]["vf"], 1);
     // A write crossing entries is refused outright.
@@ -187,19 +240,34 @@ translation = "msi-data-check"
     let desc = std::sync::Arc::new(Description::parse(&text).unwrap());
     let mut c = control_config();
     let at = c
-        .add_capability(0x05, &[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[0x01, 0, 0xfc, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .add_capability(
+            0x05,
+            &[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[
+                0x01, 0, 0xfc, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
+        )
         .unwrap();
-    let id = FunctionId { device: "control".into(), function: Function::Single };
+    let id = FunctionId {
+        device: "control".into(),
+        function: Function::Single,
+    };
     let mut p = Policy::bind(desc, c.bytes(), id, control_bar_sizes()).unwrap();
     let ctx = Context::default();
-    let d = p.config_write(&ctx, c.bytes(), at + 4, &0xfee0_0000u32.to_le_bytes()).unwrap();
+    let d = p
+        .config_write(&ctx, c.bytes(), at + 4, &0xfee0_0000u32.to_le_bytes())
+        .unwrap();
     assert_eq!(d.verdict, Verdict::Pass);
     c.write(at + 4, &d.bytes);
-    let d = p.config_write(&ctx, c.bytes(), at + 4, &0xdead_0000u32.to_le_bytes()).unwrap();
+    let d = p
+        .config_write(&ctx, c.bytes(), at + 4, &0xdead_0000u32.to_le_bytes())
+        .unwrap();
     assert_eq!(d.verdict, Verdict::Deny);
     assert_eq!(d.audit[0].register, "msi.address");
     assert_eq!(d.audit[0].offset, at as u32 + 4);
-    let d = p.config_write(&ctx, c.bytes(), at + 0xc, &0x0400u16.to_le_bytes()).unwrap();
+    let d = p
+        .config_write(&ctx, c.bytes(), at + 0xc, &0x0400u16.to_le_bytes())
+        .unwrap();
     assert_eq!(d.verdict, Verdict::Deny);
     assert!(d.audit[0].reason.contains("NMI"));
 }
@@ -215,7 +283,10 @@ fn bus_master_and_memory_enable_follow_the_freeze_flag() {
     assert_eq!(d.verdict, Verdict::Deny);
     let fields: Vec<&str> = d.audit.iter().map(|r| r.field.as_str()).collect();
     assert_eq!(fields, vec!["memory-space", "bus-master"]);
-    assert!(d.audit.iter().all(|r| r.rule == "ignore-if" && r.action == AuditAction::Translated));
+    assert!(d
+        .audit
+        .iter()
+        .all(|r| r.rule == "ignore-if" && r.action == AuditAction::Translated));
     assert_eq!(g.config.command(), 0);
     // Other bits of the same write still reach the device.
     let d = g.write16(0x04, 0x0404);
@@ -253,12 +324,21 @@ fn power_state_allows_d0_and_d3hot_only() {
 fn sriov_control_written_from_a_vf_is_denied() {
     let mut g = Guarded::nvme(false);
     // Where the PF's SR-IOV capability would be: header, VF Enable, NumVFs.
-    for (off, bytes) in [(0x100, vec![0x10, 0, 1, 0]), (0x108, vec![1, 0]), (0x110, vec![8, 0])] {
+    for (off, bytes) in [
+        (0x100, vec![0x10, 0, 1, 0]),
+        (0x108, vec![1, 0]),
+        (0x110, vec![8, 0]),
+    ] {
         let d = g.write(off, &bytes);
         assert_eq!(d.verdict, Verdict::Deny, "{off:#x}");
-        assert!(d.audit.iter().all(|r| r.register == "unclaimed" && r.action == AuditAction::Denied));
+        assert!(d
+            .audit
+            .iter()
+            .all(|r| r.register == "unclaimed" && r.action == AuditAction::Denied));
         assert_eq!(d.audit[0].offset, off as u32);
-        assert!(g.config.bytes()[off..off + bytes.len()].iter().all(|b| *b == 0));
+        assert!(g.config.bytes()[off..off + bytes.len()]
+            .iter()
+            .all(|b| *b == 0));
     }
     // The VF's own controls exist.
     assert_eq!(g.write16(0x04, 0x0004).verdict, Verdict::Pass);
@@ -271,13 +351,20 @@ fn sriov_control_written_from_a_vf_is_denied() {
 #[test]
 fn num_vfs_is_clamped_and_vf_enable_needs_permission() {
     let mut g = Guarded::nvme(true);
-    g.ctx = Context { manage_vfs: true, num_vfs_ceiling: 4, ..Context::default() };
+    g.ctx = Context {
+        manage_vfs: true,
+        num_vfs_ceiling: 4,
+        ..Context::default()
+    };
     let d = g.write16(0x110, 8);
     assert_eq!(d.verdict, Verdict::Translate);
     assert_eq!(d.bytes, vec![4, 0]);
     assert_eq!(g.config.read16(0x110), 4);
     let r = &d.audit[0];
-    assert_eq!((r.register.as_str(), r.rule.as_str(), r.written, r.applied), ("sriov.num-vfs", "clamp", 8, 4));
+    assert_eq!(
+        (r.register.as_str(), r.rule.as_str(), r.written, r.applied),
+        ("sriov.num-vfs", "clamp", 8, 4)
+    );
     assert_eq!(r.action, AuditAction::Translated);
     assert_eq!(g.write16(0x110, 2).verdict, Verdict::Pass);
     assert_eq!(g.write16(0x108, 0x0009).verdict, Verdict::Pass);
@@ -286,7 +373,10 @@ fn num_vfs_is_clamped_and_vf_enable_needs_permission() {
     let d = g.write16(0x108, 0);
     assert_eq!(d.verdict, Verdict::Deny);
     assert_eq!(d.audit.len(), 2);
-    assert!(d.audit.iter().all(|r| r.rule == "deny-unless" && r.reason.contains("manage-vfs")));
+    assert!(d
+        .audit
+        .iter()
+        .all(|r| r.rule == "deny-unless" && r.reason.contains("manage-vfs")));
     assert_eq!(g.config.read16(0x108) & 9, 9);
     let d = g.write16(0x110, 1);
     assert_eq!(d.verdict, Verdict::Deny);
@@ -296,13 +386,24 @@ fn num_vfs_is_clamped_and_vf_enable_needs_permission() {
 #[test]
 fn flr_storm_is_rate_limited() {
     let mut m = MockFunction::nvme(true);
-    let mut p = Policy::bind(desc("nvme-pf"), m.config(), fid(Function::Pf), m.bar_sizes()).unwrap();
+    let mut p = Policy::bind(
+        desc("nvme-pf"),
+        m.config(),
+        fid(Function::Pf),
+        m.bar_sizes(),
+    )
+    .unwrap();
     let devctl = PCIE_AT + PCIE_DEVCTL;
-    let mut ctx = Context { now_ns: 5_000_000_000, ..Context::default() };
+    let mut ctx = Context {
+        now_ns: 5_000_000_000,
+        ..Context::default()
+    };
     let mut log = AuditLog::new(1000);
     let mut flr = |m: &mut MockFunction, ctx: &Context, log: &mut AuditLog| {
         let v = m.read16(devctl) | 0x8000;
-        let d = p.config_write(ctx, m.config(), devctl, &v.to_le_bytes()).unwrap();
+        let d = p
+            .config_write(ctx, m.config(), devctl, &v.to_le_bytes())
+            .unwrap();
         m.apply(&d);
         log.extend(d.audit);
     };
@@ -312,7 +413,9 @@ fn flr_storm_is_rate_limited() {
     }
     assert_eq!(m.flr_count, 4, "the description allows 4 a second");
     assert_eq!(log.len(), 96);
-    assert!(log.records().all(|r| r.rule == "flr" && r.field == "initiate-flr" && r.register == "pcie.device-control"));
+    assert!(log.records().all(|r| r.rule == "flr"
+        && r.field == "initiate-flr"
+        && r.register == "pcie.device-control"));
     assert_eq!(log.records().next().unwrap().time_ns, 5_005_000_000);
     // A second after the first ones, FLR is allowed again.
     ctx.now_ns += 1_000_000_000;
@@ -327,7 +430,10 @@ fn read_only_bits_keep_their_value_and_audited_registers_say_so() {
     assert_eq!(d.verdict, Verdict::Pass, "hardware ignores it too");
     assert_eq!(d.bytes, vec![0xf4, 0x1a]);
     assert_eq!(d.audit.len(), 1);
-    assert_eq!((d.audit[0].register.as_str(), d.audit[0].action), ("vendor-id", AuditAction::ReadOnly));
+    assert_eq!(
+        (d.audit[0].register.as_str(), d.audit[0].action),
+        ("vendor-id", AuditAction::ReadOnly)
+    );
     assert_eq!(g.config.read16(0x00), 0x1af4);
     // Not audited: the latency timer.
     let d = g.write(0x0d, &[0x40]);
@@ -337,7 +443,11 @@ fn read_only_bits_keep_their_value_and_audited_registers_say_so() {
     let d = g.write32(0x04, 0xffff_0006);
     assert_eq!(d.verdict, Verdict::Pass);
     assert_eq!(g.config.read16(0x06) & (1 << 13), 0);
-    assert_ne!(g.config.read16(0x06) & (1 << 4), 0, "capability list bit stays");
+    assert_ne!(
+        g.config.read16(0x06) & (1 << 4),
+        0,
+        "capability list bit stays"
+    );
     assert_eq!(g.config.command() & 0x6, 0x6);
 }
 

@@ -22,8 +22,19 @@ pub fn control_config() -> ConfigSpace {
         class_code: pci::CLASS_CODE,
         revision: pci::REVISION,
     });
-    for (i, size) in [(0, regs::BAR0_SIZE), (usize::from(regs::MSIX_BAR), regs::BAR2_SIZE)] {
-        c.add_bar(i, Bar { size, kind: BarKind::Mem32, prefetchable: false }).unwrap();
+    for (i, size) in [
+        (0, regs::BAR0_SIZE),
+        (usize::from(regs::MSIX_BAR), regs::BAR2_SIZE),
+    ] {
+        c.add_bar(
+            i,
+            Bar {
+                size,
+                kind: BarKind::Mem32,
+                prefetchable: false,
+            },
+        )
+        .unwrap();
     }
     c.add_pcie_endpoint().unwrap();
     c.add_msix(
@@ -52,14 +63,27 @@ pub fn nvme_config(pf: bool) -> ConfigSpace {
         class_code: 0x01_08_02,
         revision: 1,
     });
-    let bar0 = Bar { size: NVME_BAR_SIZE, kind: BarKind::Mem64, prefetchable: false };
+    let bar0 = Bar {
+        size: NVME_BAR_SIZE,
+        kind: BarKind::Mem64,
+        prefetchable: false,
+    };
     c.add_bar(0, bar0).unwrap();
-    c.add_bar(4, Bar { size: NVME_BAR_SIZE, kind: BarKind::Mem32, prefetchable: false }).unwrap();
+    c.add_bar(
+        4,
+        Bar {
+            size: NVME_BAR_SIZE,
+            kind: BarKind::Mem32,
+            prefetchable: false,
+        },
+    )
+    .unwrap();
     c.add_pm().unwrap();
     c.add_msix(17, 4, 0, 4, 0x2000).unwrap();
     c.add_pcie_endpoint().unwrap();
     if pf {
-        c.add_sriov(NVME_TOTAL_VFS, 1, 1, 0x10f2, &[(0, bar0)]).unwrap();
+        c.add_sriov(NVME_TOTAL_VFS, 1, 1, 0x10f2, &[(0, bar0)])
+            .unwrap();
     }
     c
 }
@@ -73,7 +97,10 @@ pub fn desc(name: &str) -> Arc<Description> {
 }
 
 pub fn fid(function: Function) -> FunctionId {
-    FunctionId { device: "nvme0".into(), function }
+    FunctionId {
+        device: "nvme0".into(),
+        function,
+    }
 }
 
 /// A tandem-pci function behind its policy.
@@ -86,9 +113,17 @@ pub struct Guarded {
 impl Guarded {
     pub fn nvme(pf: bool) -> Guarded {
         let config = nvme_config(pf);
-        let (name, f) = if pf { ("nvme-pf", Function::Pf) } else { ("nvme-vf", Function::Vf(1)) };
+        let (name, f) = if pf {
+            ("nvme-pf", Function::Pf)
+        } else {
+            ("nvme-vf", Function::Vf(1))
+        };
         let policy = Policy::bind(desc(name), config.bytes(), fid(f), nvme_bar_sizes()).unwrap();
-        Guarded { config, policy, ctx: Context::default() }
+        Guarded {
+            config,
+            policy,
+            ctx: Context::default(),
+        }
     }
 
     pub fn control() -> Guarded {
@@ -96,16 +131,26 @@ impl Guarded {
         let policy = Policy::bind(
             desc("control"),
             config.bytes(),
-            FunctionId { device: "control".into(), function: Function::Single },
+            FunctionId {
+                device: "control".into(),
+                function: Function::Single,
+            },
             control_bar_sizes(),
         )
         .unwrap();
-        Guarded { config, policy, ctx: Context::default() }
+        Guarded {
+            config,
+            policy,
+            ctx: Context::default(),
+        }
     }
 
     /// A guest config write: judged, then forwarded unless denied.
     pub fn write(&mut self, offset: usize, data: &[u8]) -> Decision {
-        let d = self.policy.config_write(&self.ctx, self.config.bytes(), offset, data).unwrap();
+        let d = self
+            .policy
+            .config_write(&self.ctx, self.config.bytes(), offset, data)
+            .unwrap();
         if d.verdict != Verdict::Deny {
             self.config.write(d.offset as usize, &d.bytes);
         }
@@ -122,6 +167,12 @@ impl Guarded {
 
     /// Offset of a capability as the policy found it.
     pub fn cap(&self, name: &str) -> usize {
-        usize::from(self.policy.capabilities().find(|(n, _)| *n == name).unwrap().1)
+        usize::from(
+            self.policy
+                .capabilities()
+                .find(|(n, _)| *n == name)
+                .unwrap()
+                .1,
+        )
     }
 }
