@@ -52,7 +52,7 @@ pub enum BindError {
         size: u16,
         limit: usize,
     },
-    #[error("capability `{name}` at {offset:#x} overlaps `{other}` at config offset {at:#x}")]
+    #[error("capability `{name}` at {offset:#x} overlaps {other} at config offset {at:#x}")]
     Overlap {
         name: String,
         offset: u16,

@@ -158,3 +158,33 @@ fn a_description_is_refused_for_the_wrong_function() {
         "{e}"
     );
 }
+
+#[test]
+fn broken_capability_placement_is_refused() {
+    let id = || fid(Function::Single);
+    // PCIe (60 bytes) at 0xf8 would run past the standard space.
+    let mut img = control_config().bytes().to_vec();
+    img[0x34] = 0xf8;
+    img[0xf8] = 0x10;
+    img[0xf9] = 0;
+    let e = Policy::bind(desc("control"), &img, id(), control_bar_sizes()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "capability `pcie` at 0xf8 (60 bytes) runs past 0x100"
+    );
+    // MSI-X chained inside the PCIe capability.
+    let mut img = control_config().bytes().to_vec();
+    img[0x41] = 0x50;
+    img[0x50] = 0x11;
+    img[0x51] = 0;
+    let e = Policy::bind(desc("control"), &img, id(), control_bar_sizes()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "capability `msix` at 0x50 overlaps capability `pcie` at config offset 0x50"
+    );
+    // A list that loops.
+    let mut img = control_config().bytes().to_vec();
+    img[0x7d] = 0x40;
+    let e = Policy::bind(desc("control"), &img, id(), control_bar_sizes()).unwrap_err();
+    assert!(e.to_string().contains("loops back to 0x40"), "{e}");
+}
