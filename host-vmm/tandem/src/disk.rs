@@ -244,4 +244,83 @@ mod tests {
         assert!(parse_size("99999999999T").is_err());
         assert!(parse_size("").is_err());
     }
+
+    #[test]
+    fn every_subcommand_on_real_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("d.vhdx");
+        let flat = dir.path().join("flat.qcow2");
+        let other = dir.path().join("other.img");
+        let run = |cmd| disk(cmd).unwrap();
+        assert_eq!(
+            run(DiskCmd::Create {
+                path: top.clone(),
+                format: Format::Vhdx,
+                size: Some(64 << 20),
+                parent: None
+            }),
+            0
+        );
+        assert_eq!(run(DiskCmd::Checkpoint { path: top.clone() }), 0);
+        assert_eq!(ops::info(&top).unwrap().len(), 2);
+        assert_eq!(
+            run(DiskCmd::Info {
+                path: top.clone(),
+                json: true
+            }),
+            0
+        );
+        assert_eq!(run(DiskCmd::Check { path: top.clone() }), 0);
+        assert_eq!(
+            run(DiskCmd::Convert {
+                src: top.clone(),
+                dst: flat.clone(),
+                format: Format::Qcow2
+            }),
+            0
+        );
+        assert!(
+            disk(DiskCmd::Convert {
+                src: top.clone(),
+                dst: flat.clone(),
+                format: Format::Qcow2
+            })
+            .is_err(),
+            "refuses to overwrite"
+        );
+        assert_eq!(
+            run(DiskCmd::Compare {
+                a: top.clone(),
+                b: flat.clone()
+            }),
+            0
+        );
+        assert_eq!(
+            run(DiskCmd::Create {
+                path: other.clone(),
+                format: Format::Raw,
+                size: Some(64 << 20),
+                parent: None
+            }),
+            0
+        );
+        std::fs::write(&other, [1u8]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&other)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        assert_eq!(
+            run(DiskCmd::Compare {
+                a: top.clone(),
+                b: other.clone()
+            }),
+            1
+        );
+        assert_eq!(run(DiskCmd::Commit { path: top.clone() }), 0);
+        assert_eq!(ops::info(&top).unwrap().len(), 1);
+        std::fs::write(&top, b"vhdxfile but broken").unwrap();
+        assert_eq!(run(DiskCmd::Check { path: top }), 1);
+    }
 }
