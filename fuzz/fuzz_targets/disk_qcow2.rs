@@ -11,7 +11,9 @@ use tandem_disk::{Layer, Status};
 fuzz_target!(|data: &[u8]| {
     let path = std::env::temp_dir().join(format!("tandem-fuzz-{}-disk.qcow2", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    let Ok(f) = std::fs::File::create(&path) else { return };
+    let Ok(f) = std::fs::File::create(&path) else {
+        return;
+    };
     if f.write_all_at(data, 0).is_err() {
         return;
     }
@@ -25,7 +27,9 @@ fuzz_target!(|data: &[u8]| {
             if off >= size {
                 break;
             }
-            let Ok((st, n)) = layer.status(off, size - off) else { break };
+            let Ok((st, n)) = layer.status(off, size - off) else {
+                break;
+            };
             if st == Status::Data {
                 let len = n.min(4096) as usize;
                 let _ = layer.read_data(&mut buf[..len], off);
