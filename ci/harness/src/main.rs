@@ -7,6 +7,7 @@ mod boot;
 mod channel;
 mod guest;
 mod nvme;
+mod vhost;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -55,6 +56,7 @@ fn main() {
                 "boot" => boot::e2e().await,
                 "channel" => channel::e2e().await,
                 "nvme" => nvme::e2e().await,
+                "vhost-blk" => vhost::e2e().await,
                 other => bail!("unknown scenario {other:?} (known: boot, channel, nvme)"),
             },
             What::Bench { scenario, runs } => match scenario.as_str() {
