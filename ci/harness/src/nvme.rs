@@ -41,8 +41,10 @@ pub(crate) async fn start_server(work: &Path, disks: &[PathBuf]) -> Result<NvmeS
         args.push(d.display().to_string());
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let child = spawn_tandem(&argv, &log)?;
     let api = dir.join("api.sock");
+    // A server killed earlier leaves its socket file behind.
+    let _ = std::fs::remove_file(&api);
+    let child = spawn_tandem(&argv, &log)?;
     let begun = Instant::now();
     while !api.exists() {
         if begun.elapsed() > Duration::from_secs(20) {
@@ -78,7 +80,7 @@ pub(crate) async fn show(dir: &Path) -> Result<Value> {
     serde_json::from_str(&out).with_context(|| format!("bad JSON from tandem nvme show: {out}"))
 }
 
-fn vf_state<'a>(info: &'a Value, vf: u64) -> Result<&'a Value> {
+fn vf_state(info: &Value, vf: u64) -> Result<&Value> {
     info["vfs"]
         .as_array()
         .and_then(|a| a.iter().find(|v| v["vf"] == vf))
@@ -297,6 +299,64 @@ pub async fn e2e() -> Result<()> {
         after["pf"]["sriov"]
     );
     let flrs = v2["function_resets"].as_u64().unwrap_or(0);
+    let audit_out = tandem_ok(&["nvme", "audit", "--json", "--dir", &dir]).await?;
+    let audit: Value = serde_json::from_str(&audit_out).context("tandem nvme audit --json")?;
+    let records = audit["records"].as_array().cloned().unwrap_or_default();
+    let mut by_register = std::collections::BTreeMap::<String, u64>::new();
+    for r in &records {
+        let key = format!(
+            "{} {}.{} {}",
+            r["action"].as_str().unwrap_or("?"),
+            r["register"].as_str().unwrap_or("?"),
+            r["field"].as_str().unwrap_or("?"),
+            r["rule"].as_str().unwrap_or("?")
+        );
+        *by_register.entry(key).or_default() += 1;
+    }
+    println!("audit log: {} records", records.len());
+    for (k, n) in &by_register {
+        println!("  {n:>4} x {k}");
+    }
+    let denied = records
+        .iter()
+        .filter(|r| r["action"] != "translated")
+        .count() as u64;
+    let count = |pred: &dyn Fn(&Value) -> bool| records.iter().filter(|r| pred(r)).count();
+    let vf2 = |r: &Value| {
+        r["function"]["function"] == serde_json::json!({"vf": 2})
+            || r["function"]["function"] == serde_json::json!({"Vf": 2})
+    };
+    let flr_denied = count(&|r| vf2(r) && r["rule"] == "flr" && r["action"] == "denied");
+    ensure!(
+        flr_denied >= 40,
+        "the FLR storm was not rate-limited: {flr_denied} FLR writes denied\n{audit_out}"
+    );
+    let overlap = count(&|r| vf2(r) && r["rule"] == "bar-check" && r["action"] == "denied");
+    ensure!(
+        overlap >= 1,
+        "the overlapping BAR was not denied\n{audit_out}"
+    );
+    let vf_enable = count(&|r| {
+        vf2(r)
+            && r["register"] == "unclaimed"
+            && r["offset"]
+                .as_u64()
+                .is_some_and(|o| (0x100..0x140).contains(&o))
+    });
+    ensure!(
+        vf_enable >= 2,
+        "SR-IOV control written from a VF was not denied\n{audit_out}"
+    );
+    let identity = count(&|r| vf2(r) && r["register"] == "vendor-id");
+    ensure!(
+        identity >= 1,
+        "the identity write was not audited\n{audit_out}"
+    );
+    ensure!(
+        v2["config_denied"].as_u64().unwrap_or(0) >= 40,
+        "VF2's denial counter: {}",
+        v2["config_denied"]
+    );
     ensure!(
         v1["controller"]["shadow_doorbells"] == true,
         "the guest driver did not take shadow doorbells: {v1}"
@@ -376,7 +436,6 @@ pub async fn e2e() -> Result<()> {
     );
     println!("server restarted, VF1 re-attached: all {acked} acknowledged blocks read back intact");
 
-    let denied = 0u64;
     println!("PASS nvme iops_qd32={qd32:.0} denied={denied} faults={faults}");
     drop(srv);
     Ok(())

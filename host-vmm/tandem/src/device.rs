@@ -81,6 +81,16 @@ pub enum NvmeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Guest config-space writes the policy denied or translated (F5).
+    Audit {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// The host policy of one function, enforced by the device.
     Policy {
         #[arg(long)]
@@ -151,6 +161,10 @@ fn print_function(f: &Value, indent: &str) {
         s["reads"], s["writes"], s["flushes"], s["dma_faults"], s["invalid_doorbells"],
         s["controller_resets"], f["function_resets"], s["policy_refusals"], s["error_completions"]
     );
+    println!(
+        "{indent}config writes denied {} translated {} (tandem nvme audit)",
+        f["config_denied"], f["config_translated"]
+    );
     if let Some(ns) = f["namespaces"].as_array() {
         for (i, n) in ns.iter().enumerate() {
             println!("{indent}namespace {}: {}", i + 1, n.as_str().unwrap_or("?"));
@@ -205,6 +219,39 @@ pub fn nvme(cmd: NvmeCmd) -> Result<i32> {
                 );
                 print_function(&vf.function, "  ");
             }
+            Ok(0)
+        }
+        NvmeCmd::Audit { dir, since, json } => {
+            let Response::Audit(rep) = nvme_request(&dir, &Request::Audit { since })? else {
+                bail!("unexpected answer");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+                return Ok(0);
+            }
+            for r in &rep.records {
+                let who = match r.function.function {
+                    tandem_cfgpolicy::Function::Pf => "PF".to_string(),
+                    tandem_cfgpolicy::Function::Vf(n) => format!("VF{n}"),
+                    tandem_cfgpolicy::Function::Single => "fn".to_string(),
+                };
+                println!(
+                    "#{:<5} {:>10.3}s {:<4} {:?} {}.{} @{:#05x}/{}: wrote {:#x}, applied {:#x} [{}] {}",
+                    r.seq,
+                    r.time_ns as f64 / 1e9,
+                    who,
+                    r.action,
+                    r.register,
+                    r.field,
+                    r.offset,
+                    r.width,
+                    r.written,
+                    r.applied,
+                    r.rule,
+                    r.reason
+                );
+            }
+            println!("{} records ({} dropped)", rep.records.len(), rep.dropped);
             Ok(0)
         }
         NvmeCmd::Policy {

@@ -4,9 +4,11 @@
 use std::fs::File;
 use std::io::Write;
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde::Serialize;
+use tandem_cfgpolicy::{AuditLog, Context, Description, FunctionId, Policy, Verdict};
 use tandem_pci::{command, Bar, BarKind, ConfigEvent, ConfigSpace, Identity};
 use tandem_vfio_server::{DmaSpace, PciFunction};
 use tracing::{debug, info, warn};
@@ -39,6 +41,94 @@ pub enum Notice {
     Sriov { vf_enable: bool, num_vfs: u16 },
 }
 
+/// The config-space policy (F5) of one function and where its audit
+/// records go.
+pub struct ConfigPolicy {
+    policy: Policy,
+    audit: Arc<Mutex<AuditLog>>,
+    clock: Instant,
+    /// The guest may enable this PF's VFs (a guest that owns the PF).
+    pub manage_vfs: bool,
+    /// How many VFs such a guest may enable.
+    pub num_vfs_ceiling: u16,
+    denied: u64,
+    translated: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("the built-in description {0:?} is missing")]
+    Missing(&'static str),
+    #[error("description {name}: {source}")]
+    Description {
+        name: &'static str,
+        #[source]
+        source: tandem_cfgpolicy::DescError,
+    },
+    #[error("description {name} does not fit the function's config space: {source}")]
+    Bind {
+        name: &'static str,
+        #[source]
+        source: tandem_cfgpolicy::BindError,
+    },
+}
+
+fn description_name(role: Role) -> &'static str {
+    match role {
+        Role::Pf => "nvme-pf",
+        Role::Vf(_) => "nvme-vf",
+    }
+}
+
+/// The description of a role's config space, parsed and checked.
+pub fn description(role: Role) -> Result<Arc<Description>, PolicyError> {
+    let name = description_name(role);
+    let text = tandem_cfgpolicy::builtin(name).ok_or(PolicyError::Missing(name))?;
+    Description::parse(text)
+        .map(Arc::new)
+        .map_err(|source| PolicyError::Description { name, source })
+}
+
+impl ConfigPolicy {
+    /// Binds `desc` to `config`; refuses a description with gaps or
+    /// contradictions for this layout, naming the register.
+    pub fn bind(
+        desc: Arc<Description>,
+        config: &ConfigSpace,
+        device: &str,
+        role: Role,
+        audit: Arc<Mutex<AuditLog>>,
+    ) -> Result<ConfigPolicy, PolicyError> {
+        let name = description_name(role);
+        let mut sizes = [0u64; 6];
+        for (i, s) in sizes.iter_mut().enumerate() {
+            *s = config.bar(i).map_or(0, |b| b.size);
+        }
+        let id = FunctionId {
+            device: device.to_string(),
+            function: match role {
+                Role::Pf => tandem_cfgpolicy::Function::Pf,
+                Role::Vf(n) => tandem_cfgpolicy::Function::Vf(n),
+            },
+        };
+        let policy = Policy::bind(desc, config.bytes(), id, sizes)
+            .map_err(|source| PolicyError::Bind { name, source })?;
+        Ok(ConfigPolicy {
+            policy,
+            audit,
+            clock: Instant::now(),
+            manage_vfs: false,
+            num_vfs_ceiling: 0,
+            denied: 0,
+            translated: 0,
+        })
+    }
+}
+
+fn lock_audit(m: &Mutex<AuditLog>) -> std::sync::MutexGuard<'_, AuditLog> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub struct NvmeFunction {
     role: Role,
     config: ConfigSpace,
@@ -51,6 +141,7 @@ pub struct NvmeFunction {
     gone: bool,
     interrupts: u64,
     flrs: u64,
+    cfg_policy: Option<ConfigPolicy>,
 }
 
 fn identity(role: Role) -> Identity {
@@ -106,6 +197,9 @@ pub struct FunctionInfo {
     pub function_resets: u64,
     pub namespaces: Vec<String>,
     pub sriov: Option<(bool, u16)>,
+    /// Guest config writes the policy denied or translated (F5).
+    pub config_denied: u64,
+    pub config_translated: u64,
     pub controller: ControllerState,
 }
 
@@ -128,6 +222,75 @@ impl NvmeFunction {
             gone: false,
             interrupts: 0,
             flrs: 0,
+            cfg_policy: None,
+        }
+    }
+
+    /// Puts guest config writes under `policy` (F5).
+    pub fn set_config_policy(&mut self, policy: ConfigPolicy) {
+        self.cfg_policy = Some(policy);
+    }
+
+    /// A config write by the host itself (the PF driver's role, e.g.
+    /// enabling VFs): not subject to the guest's policy.
+    pub fn host_config_write(&mut self, offset: usize, data: &[u8]) {
+        self.apply_config_write(offset, data);
+    }
+
+    /// Runs a guest config write through the policy; `None` drops it.
+    fn filter(&mut self, offset: usize, data: &[u8]) -> Option<Vec<u8>> {
+        let frozen = self.ctrl.policy().frozen;
+        let role = self.role;
+        let Some(p) = self.cfg_policy.as_mut() else {
+            return Some(data.to_vec());
+        };
+        let ctx = Context {
+            now_ns: u64::try_from(p.clock.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            frozen,
+            manage_vfs: p.manage_vfs,
+            num_vfs_ceiling: p.num_vfs_ceiling,
+        };
+        match p
+            .policy
+            .config_write(&ctx, self.config.bytes(), offset, data)
+        {
+            Ok(d) => {
+                match d.verdict {
+                    Verdict::Pass => {}
+                    Verdict::Translate => p.translated += 1,
+                    Verdict::Deny => p.denied += 1,
+                }
+                for r in &d.audit {
+                    info!(?role, register = %r.register, rule = %r.rule, action = ?r.action, reason = %r.reason, "config write audited");
+                }
+                if !d.audit.is_empty() {
+                    lock_audit(&p.audit).extend(d.audit);
+                }
+                (d.verdict != Verdict::Deny).then_some(d.bytes)
+            }
+            Err(e) => {
+                p.denied += 1;
+                warn!(?role, offset, len = data.len(), error = %e, "config write refused");
+                None
+            }
+        }
+    }
+
+    fn apply_config_write(&mut self, offset: usize, data: &[u8]) {
+        for ev in self.config.write(offset, data) {
+            match ev {
+                ConfigEvent::Command { new, .. } => {
+                    self.ctrl.set_bus_master(new & command::BUS_MASTER != 0);
+                }
+                ConfigEvent::FunctionLevelReset => self.function_level_reset(),
+                ConfigEvent::Sriov { vf_enable, num_vfs } => {
+                    self.notify(Notice::Sriov { vf_enable, num_vfs });
+                }
+                ConfigEvent::PowerState { old, new } => {
+                    info!(role = ?self.role, old, new, "power state");
+                }
+                ConfigEvent::MsixControl { .. } => {}
+            }
         }
     }
 
@@ -165,6 +328,8 @@ impl NvmeFunction {
                 .map(|n| n.describe())
                 .collect(),
             sriov: self.config.sriov_state(),
+            config_denied: self.cfg_policy.as_ref().map_or(0, |p| p.denied),
+            config_translated: self.cfg_policy.as_ref().map_or(0, |p| p.translated),
             controller: self.ctrl.state(),
         }
     }
@@ -222,20 +387,8 @@ impl PciFunction for NvmeFunction {
         if self.gone {
             return;
         }
-        for ev in self.config.write(offset, data) {
-            match ev {
-                ConfigEvent::Command { new, .. } => {
-                    self.ctrl.set_bus_master(new & command::BUS_MASTER != 0);
-                }
-                ConfigEvent::FunctionLevelReset => self.function_level_reset(),
-                ConfigEvent::Sriov { vf_enable, num_vfs } => {
-                    self.notify(Notice::Sriov { vf_enable, num_vfs });
-                }
-                ConfigEvent::PowerState { old, new } => {
-                    info!(role = ?self.role, old, new, "power state");
-                }
-                ConfigEvent::MsixControl { .. } => {}
-            }
+        if let Some(data) = self.filter(offset, data) {
+            self.apply_config_write(offset, &data);
         }
     }
 

@@ -25,8 +25,13 @@ use tracing::{info, warn};
 use crate::backend::{BlockBackend, OpenError, RawFile};
 use crate::ctrl::{Controller, HostPolicy, Params};
 use crate::function::{
-    config_space, FunctionInfo, Notice, NvmeFunction, Role, MAX_IO_QUEUES, MSIX_VECTORS,
+    config_space, description, ConfigPolicy, FunctionInfo, Notice, NvmeFunction, PolicyError, Role,
+    MAX_IO_QUEUES, MSIX_VECTORS,
 };
+use tandem_cfgpolicy::{AuditLog, AuditRecord, Description};
+
+/// Audit records kept (the oldest go first; the API reports how many).
+const AUDIT_CAPACITY: usize = 4096;
 
 const MAX_LINE: u64 = 64 * 1024;
 
@@ -62,6 +67,8 @@ pub enum ServerError {
     },
     #[error("bad PCI layout: {0}")]
     Layout(#[from] tandem_pci::BuildError),
+    #[error("config-space policy: {0}")]
+    Policy(#[from] PolicyError),
     #[error(transparent)]
     Vfio(#[from] tandem_vfio_server::ServeError),
 }
@@ -80,6 +87,18 @@ pub enum Request {
         vf: u16,
         policy: HostPolicy,
     },
+    /// Config-space audit records with a sequence number above `since`.
+    Audit {
+        #[serde(default)]
+        since: u64,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditReport {
+    pub records: Vec<AuditRecord>,
+    /// Records lost because the log was full.
+    pub dropped: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -104,6 +123,7 @@ pub struct VfInfo {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Info(Box<DeviceInfo>),
+    Audit(Box<AuditReport>),
     Ok,
     Error { message: String },
 }
@@ -124,6 +144,8 @@ struct Vf {
 struct Device {
     cfg: ServerConfig,
     pf: Shared,
+    vf_description: Arc<Description>,
+    audit: Arc<Mutex<AuditLog>>,
     vf_disks: Vec<Arc<dyn BlockBackend>>,
     vfs: BTreeMap<u16, Vf>,
 }
@@ -209,16 +231,25 @@ impl Device {
                     continue;
                 }
             };
+            let policy = match ConfigPolicy::bind(
+                self.vf_description.clone(),
+                &config,
+                &self.device_name(),
+                role,
+                self.audit.clone(),
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(vf = n, error = %e, "VF config-space policy");
+                    continue;
+                }
+            };
             let dma = Arc::new(DmaSpace::new());
             let disk = self.vf_disks[usize::from(n - 1)].clone();
             let ctrl = Controller::new(params(&self.cfg, role), vec![disk]);
-            let func = Arc::new(Mutex::new(NvmeFunction::new(
-                role,
-                config,
-                dma.clone(),
-                ctrl,
-                None,
-            )));
+            let mut f = NvmeFunction::new(role, config, dma.clone(), ctrl, None);
+            f.set_config_policy(policy);
+            let func = Arc::new(Mutex::new(f));
             let socket = vf_socket(&self.cfg.dir, n);
             let enabled = Arc::new(AtomicBool::new(true));
             {
@@ -242,6 +273,13 @@ impl Device {
                 },
             );
         }
+    }
+
+    fn device_name(&self) -> String {
+        self.cfg
+            .dir
+            .file_name()
+            .map_or_else(|| "nvme".into(), |n| n.to_string_lossy().into_owned())
     }
 
     fn info(&self) -> DeviceInfo {
@@ -297,13 +335,39 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         .collect::<Result<Vec<_>, _>>()?;
     let (tx, rx): (Sender<Notice>, Receiver<Notice>) = channel();
     let pf_dma = Arc::new(DmaSpace::new());
-    let pf = Arc::new(Mutex::new(NvmeFunction::new(
+    // The descriptions are checked against the real layouts before any
+    // socket is offered: a bad description stops the server, naming the
+    // register.
+    let audit = Arc::new(Mutex::new(AuditLog::new(AUDIT_CAPACITY)));
+    let pf_config = config_space(Role::Pf, vf_disks.len() as u16)?;
+    let device_name = cfg
+        .dir
+        .file_name()
+        .map_or_else(|| "nvme".into(), |n| n.to_string_lossy().into_owned());
+    let pf_policy = ConfigPolicy::bind(
+        description(Role::Pf)?,
+        &pf_config,
+        &device_name,
         Role::Pf,
-        config_space(Role::Pf, vf_disks.len() as u16)?,
+        audit.clone(),
+    )?;
+    let vf_description = description(Role::Vf(1))?;
+    ConfigPolicy::bind(
+        vf_description.clone(),
+        &config_space(Role::Vf(1), 0)?,
+        &device_name,
+        Role::Vf(1),
+        audit.clone(),
+    )?;
+    let mut pf_func = NvmeFunction::new(
+        Role::Pf,
+        pf_config,
         pf_dma.clone(),
         Controller::new(params(&cfg, Role::Pf), pf_ns),
         Some(tx),
-    )));
+    );
+    pf_func.set_config_policy(pf_policy);
+    let pf = Arc::new(Mutex::new(pf_func));
     let api_path = api_socket(&cfg.dir);
     let _ = std::fs::remove_file(&api_path);
     let api = UnixListener::bind(&api_path).map_err(|source| ServerError::Listen {
@@ -313,6 +377,8 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
     let dev = Arc::new(Mutex::new(Device {
         cfg: cfg.clone(),
         pf: pf.clone(),
+        vf_description,
+        audit,
         vf_disks,
         vfs: BTreeMap::new(),
     }));
@@ -372,6 +438,14 @@ fn serve_api(conn: UnixStream, dev: &Mutex<Device>) {
             },
             Ok(Request::Info) => Response::Info(Box::new(dev_lock(dev).info())),
             Ok(Request::SetVfs { count }) => set_vfs(dev, count),
+            Ok(Request::Audit { since }) => {
+                let audit = dev_lock(dev).audit.clone();
+                let log = audit.lock().unwrap_or_else(|p| p.into_inner());
+                Response::Audit(Box::new(AuditReport {
+                    records: log.since(since),
+                    dropped: log.dropped(),
+                }))
+            }
             Ok(Request::SetPolicy { vf, policy }) => {
                 let d = dev_lock(dev);
                 let f = if vf == 0 {
@@ -416,12 +490,13 @@ fn set_vfs(dev: &Mutex<Device>, count: u16) -> Response {
             message: "this device has no VFs (start it with --vf-disk)".into(),
         };
     };
-    // VF Enable must be clear while NumVFs changes.
-    f.config_write(at + sriov::CONTROL, &0u16.to_le_bytes());
+    // VF Enable must be clear while NumVFs changes. The host is the PF's
+    // driver here: its writes are not the guest's, no policy applies.
+    f.host_config_write(at + sriov::CONTROL, &0u16.to_le_bytes());
     if count > 0 {
-        f.config_write(at + sriov::NUM_VFS, &count.to_le_bytes());
+        f.host_config_write(at + sriov::NUM_VFS, &count.to_le_bytes());
         let ctl = sriov::CTL_VF_ENABLE | sriov::CTL_VF_MSE;
-        f.config_write(at + sriov::CONTROL, &ctl.to_le_bytes());
+        f.host_config_write(at + sriov::CONTROL, &ctl.to_le_bytes());
     }
     drop(f);
     // The notice is handled on the sriov thread; wait until it is seen.
