@@ -9,8 +9,22 @@ use shared_abi::SUPPORTED;
 use zerocopy::IntoBytes;
 
 fuzz_target!(|data: &[u8]| {
-    let mut host: Endpoint<4> = Endpoint::new(Role::Host, SUPPORTED, caps::ALL_V1_0, DEFAULT_HOST_PARAMS, "h", 0);
-    let mut guest: Endpoint<4> = Endpoint::new(Role::Guest, SUPPORTED, caps::ALL_V1_0, DEFAULT_HOST_PARAMS, "g", 0);
+    let mut host: Endpoint<4> = Endpoint::new(
+        Role::Host,
+        SUPPORTED,
+        caps::ALL_V1_0,
+        DEFAULT_HOST_PARAMS,
+        "h",
+        0,
+    );
+    let mut guest: Endpoint<4> = Endpoint::new(
+        Role::Guest,
+        SUPPORTED,
+        caps::ALL_V1_0,
+        DEFAULT_HOST_PARAMS,
+        "g",
+        0,
+    );
     // Start from a real negotiation, so later input reaches the "up" paths.
     let mut buf = [0u8; 512];
     if let Ok((out, hello)) = guest.hello(os::LINUX, 0, 100) {

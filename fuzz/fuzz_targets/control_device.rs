@@ -40,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
                 let mut b = [0u8; 4];
                 dev.bar_read(usize::from(op[7] % 3), u64::from(off), &mut b);
             }
-            2 => dev.config_write(usize::from(off & 0xfff), &val.to_le_bytes()[..usize::from(op[7] % 4) + 1]),
+            2 => dev.config_write(
+                usize::from(off & 0xfff),
+                &val.to_le_bytes()[..usize::from(op[7] % 4) + 1],
+            ),
             3 => {
                 // Guest memory: write a run of bytes from the input.
                 let n = usize::from(op[7]).min(rest.len());
@@ -50,7 +53,11 @@ fuzz_target!(|data: &[u8]| {
             }
             _ => {
                 // Ring a doorbell or enable with addresses inside the map.
-                dev.bar_write(0, 0x020, &((BASE as u32) + u32::from(off) * 64).to_le_bytes());
+                dev.bar_write(
+                    0,
+                    0x020,
+                    &((BASE as u32) + u32::from(off) * 64).to_le_bytes(),
+                );
                 dev.bar_write(0, 0x028, &((BASE as u32) + 0x2_0000).to_le_bytes());
                 dev.bar_write(0, 0x030, &val.to_le_bytes());
                 dev.bar_write(0, 0x018, &1u32.to_le_bytes());
@@ -64,7 +71,13 @@ fuzz_target!(|data: &[u8]| {
 
 fn tempfile() -> Option<std::fs::File> {
     let path = std::env::temp_dir().join(format!("tandem-fuzz-{}", std::process::id()));
-    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).ok()?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .ok()?;
     let _ = std::fs::remove_file(&path);
     Some(f)
 }

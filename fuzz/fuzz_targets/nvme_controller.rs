@@ -20,16 +20,26 @@ impl BlockBackend for MemDisk {
         64 * 1024
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let d = self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        let d = self
+            .0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
         let o = offset as usize;
-        let src = d.get(o..o + buf.len()).ok_or_else(|| std::io::Error::other("range"))?;
+        let src = d
+            .get(o..o + buf.len())
+            .ok_or_else(|| std::io::Error::other("range"))?;
         buf.copy_from_slice(src);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let mut d = self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        let mut d = self
+            .0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
         let o = offset as usize;
-        let dst = d.get_mut(o..o + buf.len()).ok_or_else(|| std::io::Error::other("range"))?;
+        let dst = d
+            .get_mut(o..o + buf.len())
+            .ok_or_else(|| std::io::Error::other("range"))?;
         dst.copy_from_slice(buf);
         Ok(())
     }
@@ -64,7 +74,11 @@ fuzz_target!(|data: &[u8]| {
     c.mmio_write(Some(&mem), 0x24, &0x000f_000fu32.to_le_bytes());
     c.mmio_write(Some(&mem), 0x28, &0x1000u64.to_le_bytes());
     c.mmio_write(Some(&mem), 0x30, &0x2000u64.to_le_bytes());
-    c.mmio_write(Some(&mem), 0x14, &(1u32 | (6 << 16) | (4 << 20)).to_le_bytes());
+    c.mmio_write(
+        Some(&mem),
+        0x14,
+        &(1u32 | (6 << 16) | (4 << 20)).to_le_bytes(),
+    );
     let mut rest = data;
     let mut sq_tail = 0u32;
     while rest.len() >= 12 {
@@ -90,7 +104,10 @@ fuzz_target!(|data: &[u8]| {
                     cdw12: u32::from(op[10]),
                     ..Command::default()
                 };
-                let _ = mem.write_slice(&cmd.encode(), GuestAddress(0x1000 + u64::from(sq_tail) * 64));
+                let _ = mem.write_slice(
+                    &cmd.encode(),
+                    GuestAddress(0x1000 + u64::from(sq_tail) * 64),
+                );
                 sq_tail = (sq_tail + 1) % 16;
                 c.mmio_write(Some(&mem), 0x1000, &sq_tail.to_le_bytes());
             }
@@ -100,6 +117,7 @@ fuzz_target!(|data: &[u8]| {
                     HostPolicy {
                         frozen: op[1] & 1 != 0,
                         max_io_queues: (op[2] & 1 != 0).then_some(u16::from(op[3] % 8)),
+                        ..HostPolicy::default()
                     },
                     Some(&mem),
                 );

@@ -13,8 +13,22 @@ fuzz_target!(|data: &[u8]| {
         class_code: 0x088000,
         revision: 1,
     });
-    let _ = c.add_bar(0, Bar { size: 0x1000, kind: BarKind::Mem32, prefetchable: false });
-    let _ = c.add_bar(2, Bar { size: 0x4000, kind: BarKind::Mem64, prefetchable: true });
+    let _ = c.add_bar(
+        0,
+        Bar {
+            size: 0x1000,
+            kind: BarKind::Mem32,
+            prefetchable: false,
+        },
+    );
+    let _ = c.add_bar(
+        2,
+        Bar {
+            size: 0x4000,
+            kind: BarKind::Mem64,
+            prefetchable: true,
+        },
+    );
     let _ = c.add_pcie_endpoint();
     let _ = c.add_msix(2, 2, 0, 2, 0x800);
     let mut rest = data;

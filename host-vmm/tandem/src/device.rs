@@ -104,6 +104,10 @@ pub enum NvmeCmd {
         /// Ceiling on the I/O queues the guest may create.
         #[arg(long)]
         max_io_queues: Option<u16>,
+        /// PF only: a guest that owns the PF may enable up to this many VFs
+        /// (default: none; its writes to the SR-IOV capability are denied).
+        #[arg(long)]
+        guest_vfs: Option<u16>,
     },
 }
 
@@ -259,6 +263,7 @@ pub fn nvme(cmd: NvmeCmd) -> Result<i32> {
             vf,
             frozen,
             max_io_queues,
+            guest_vfs,
         } => {
             nvme_request(
                 &dir,
@@ -267,6 +272,8 @@ pub fn nvme(cmd: NvmeCmd) -> Result<i32> {
                     policy: HostPolicy {
                         frozen,
                         max_io_queues,
+                        manage_vfs: guest_vfs.is_some(),
+                        num_vfs_ceiling: guest_vfs.unwrap_or(0),
                     },
                 },
             )?;

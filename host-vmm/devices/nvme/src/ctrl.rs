@@ -58,6 +58,12 @@ pub struct HostPolicy {
     pub frozen: bool,
     /// Ceiling on the I/O queue pairs granted by Set Features.
     pub max_io_queues: Option<u16>,
+    /// A guest that owns the PF may enable VFs (config-space policy).
+    #[serde(default)]
+    pub manage_vfs: bool,
+    /// How many VFs such a guest may enable.
+    #[serde(default)]
+    pub num_vfs_ceiling: u16,
 }
 
 /// Counters for the API and the tests.

@@ -335,6 +335,10 @@ impl NvmeFunction {
     }
 
     pub fn set_policy(&mut self, policy: HostPolicy) {
+        if let Some(p) = self.cfg_policy.as_mut() {
+            p.manage_vfs = policy.manage_vfs;
+            p.num_vfs_ceiling = policy.num_vfs_ceiling;
+        }
         let mem = self.dma.memory();
         let fx = self.ctrl.set_policy(policy, mem.as_deref());
         self.raise(fx);

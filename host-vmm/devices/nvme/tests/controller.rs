@@ -308,6 +308,7 @@ fn frozen_functions_hold_io_and_refuse_resets() {
     let mut h = Host::new(HostPolicy {
         frozen: false,
         max_io_queues: Some(2),
+        ..HostPolicy::default()
     });
     h.setup_io();
     assert_eq!(h.ctrl.state().io_queues_granted, 2, "ceiling applies");
@@ -315,6 +316,7 @@ fn frozen_functions_hold_io_and_refuse_resets() {
         HostPolicy {
             frozen: true,
             max_io_queues: Some(2),
+            ..HostPolicy::default()
         },
         None,
     );
