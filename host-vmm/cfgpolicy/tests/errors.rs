@@ -73,8 +73,8 @@ fn unknown_names() {
     let t = edit(
         &control(),
         "pcie.device-control",
-        "translation = \"flr\"",
-        "translation = \"flr-storm\"",
+        "\"flr\"]",
+        "\"flr-storm\"]",
     );
     let e = refused(&t);
     assert!(

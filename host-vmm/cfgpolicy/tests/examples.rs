@@ -424,6 +424,30 @@ fn flr_storm_is_rate_limited() {
 }
 
 #[test]
+fn no_flr_or_power_change_while_frozen() {
+    let mut g = Guarded::nvme(false);
+    g.ctx.frozen = true;
+    let devctl = g.cap("pcie") + 8;
+    let cur = g.config.read16(devctl);
+    let d = g.write16(devctl, cur | 0x8000);
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(
+        (d.audit[0].field.as_str(), d.audit[0].rule.as_str()),
+        ("initiate-flr", "deny-if")
+    );
+    assert!(d.audit[0].reason.contains("frozen"));
+    // Other device control bits still reach the device.
+    let d = g.write16(devctl, (cur ^ 0x0010) | 0x8000);
+    assert_eq!(d.verdict, Verdict::Translate);
+    assert_eq!(g.config.read16(devctl), cur ^ 0x0010);
+    let pmcsr = g.cap("pm") + 4;
+    assert_eq!(g.write16(pmcsr, 3).verdict, Verdict::Deny);
+    assert_eq!(g.config.read16(pmcsr) & 3, 0);
+    g.ctx.frozen = false;
+    assert_eq!(g.write16(pmcsr, 3).verdict, Verdict::Pass);
+}
+
+#[test]
 fn read_only_bits_keep_their_value_and_audited_registers_say_so() {
     let mut g = Guarded::control();
     let d = g.write16(0x00, 0xdead);

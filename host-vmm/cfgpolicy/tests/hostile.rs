@@ -85,7 +85,7 @@ fn raw_writes_to_a_frozen_vf() {
     });
     assert_eq!(fixed_parts(g.config.bytes()), before);
     let rules: std::collections::BTreeSet<&str> = log.records().map(|r| r.rule.as_str()).collect();
-    for rule in ["ignore-if", "unclaimed", "read-only", "power-state"] {
+    for rule in ["ignore-if", "deny-if", "unclaimed", "read-only"] {
         assert!(rules.contains(rule), "no `{rule}` record among {rules:?}");
     }
 }
@@ -118,6 +118,7 @@ fn raw_writes_to_a_pf_that_may_not_manage_vfs() {
     assert!(log
         .records()
         .any(|r| r.register == "sriov.control" && r.field == "vf-enable"));
+    assert!(log.records().any(|r| r.rule == "power-state"));
 }
 
 #[test]
