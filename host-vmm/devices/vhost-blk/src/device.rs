@@ -10,6 +10,7 @@
 //! straddles the swap.
 
 use std::io;
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,8 +20,8 @@ use tandem_disk::{BlockDevice, Chain};
 use tracing::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -252,31 +253,50 @@ impl BlkDevice {
             let Some(chain) = chain else { break };
             served = true;
             let head = chain.head_index();
-            let used_len = match request::collect(chain)
-                .and_then(|descs| request::parse(&descs, &*mem))
-            {
-                Ok(req) => {
-                    let (out, err) = match hold.as_deref() {
-                        Some(disk) => request::execute(&req, &*mem, disk, &self.params),
-                        None => request::execute(&req, &*mem, &Closed, &self.params),
-                    };
-                    if let Some(e) = err {
-                        warn!(kind = ?req.kind, sector = req.sector, error = %e, "request failed");
-                        self.note_error(format!("{:?} at sector {}: {e}", req.kind, req.sector));
-                    }
-                    self.count(req.kind, &out);
-                    out.used_len
-                }
-                Err(m) => {
-                    warn!(error = %m.error, "malformed request");
-                    self.note_error(format!("malformed request: {}", m.error));
-                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    request::reject(&m, &*mem)
-                }
-            };
+            let used_len = self.run_chain(chain, hold.as_deref());
             vring.add_used(head, used_len).map_err(DeviceError::Queue)?;
         }
         Ok(served)
+    }
+
+    /// Runs one request chain (outside a queue: tests, other frontends)
+    /// under the gate; returns the used length to report.
+    pub fn run_request<M>(&self, chain: DescriptorChain<M>) -> u32
+    where
+        M: Deref + Clone,
+        M::Target: GuestMemory + Sized,
+    {
+        let hold = self.read_gate();
+        self.run_chain(chain, hold.as_deref())
+    }
+
+    fn run_chain<M>(&self, chain: DescriptorChain<M>, disk: Option<&Chain>) -> u32
+    where
+        M: Deref + Clone,
+        M::Target: GuestMemory + Sized,
+    {
+        let mem = chain.memory();
+        let parsed = request::collect(chain.clone()).and_then(|descs| request::parse(&descs, mem));
+        match parsed {
+            Ok(req) => {
+                let (out, err) = match disk {
+                    Some(disk) => request::execute(&req, mem, disk, &self.params),
+                    None => request::execute(&req, mem, &Closed, &self.params),
+                };
+                if let Some(e) = err {
+                    warn!(kind = ?req.kind, sector = req.sector, error = %e, "request failed");
+                    self.note_error(format!("{:?} at sector {}: {e}", req.kind, req.sector));
+                }
+                self.count(req.kind, &out);
+                out.used_len
+            }
+            Err(m) => {
+                warn!(error = %m.error, "malformed request");
+                self.note_error(format!("malformed request: {}", m.error));
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                request::reject(&m, mem)
+            }
+        }
     }
 
     fn serve(&self, vring: &VringRwLock) -> Result<(), DeviceError> {
