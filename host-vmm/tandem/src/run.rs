@@ -40,7 +40,7 @@ pub struct RunArgs {
     /// vCPUs (default 1).
     #[arg(long)]
     cpus: Option<u32>,
-    /// A disk: path=<file>[,format=raw|qcow2][,if=virtio-blk|nvme][,readonly=on][,direct=off]. Repeatable.
+    /// A disk: path=<file>[,format=raw|qcow2][,if=virtio-blk|nvme|vhost-blk][,readonly=on][,direct=off]. Repeatable.
     #[arg(long = "disk")]
     disks: Vec<String>,
     /// Serial console: stdio (default), file:<path>, unix:<path> or none.
