@@ -179,7 +179,7 @@ pub fn config_space(role: Role, total_vfs: u16) -> Result<ConfigSpace, tandem_pc
     c.add_pm()?;
     c.add_msix(MSIX_VECTORS, MSIX_BAR, 0, MSIX_BAR, MSIX_PBA_OFFSET)?;
     c.add_pcie_endpoint()?;
-    if role == Role::Pf && total_vfs > 0 {
+    if role == Role::Pf {
         c.add_sriov(total_vfs, 1, 1, crate::VF_DEVICE_ID, &[(0, bar0)])?;
     }
     Ok(c)
