@@ -28,7 +28,7 @@ pub struct RawFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot open disk {path}: {source}")]
+    #[error("cannot open disk {path}")]
     Open {
         path: String,
         #[source]

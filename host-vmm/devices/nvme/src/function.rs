@@ -59,13 +59,13 @@ pub struct ConfigPolicy {
 pub enum PolicyError {
     #[error("the built-in description {0:?} is missing")]
     Missing(&'static str),
-    #[error("description {name}: {source}")]
+    #[error("description {name} is refused")]
     Description {
         name: &'static str,
         #[source]
         source: tandem_cfgpolicy::DescError,
     },
-    #[error("description {name} does not fit the function's config space: {source}")]
+    #[error("description {name} does not fit the function's config space")]
     Bind {
         name: &'static str,
         #[source]

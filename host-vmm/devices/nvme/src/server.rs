@@ -53,13 +53,13 @@ pub enum ServerError {
     Disk(#[from] OpenError),
     #[error("at most {max} VFs (got {got} --vf-disk)")]
     TooManyVfs { max: usize, got: usize },
-    #[error("cannot create socket directory {path}: {source}")]
+    #[error("cannot create socket directory {path}")]
     Dir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Listen {
         path: PathBuf,
         #[source]
