@@ -404,17 +404,23 @@ impl VhostUserBackend for BlkDevice {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        // An error returned here ends the worker thread for good, so only
+        // a bug of ours (an event for a queue we do not have) does that.
+        if !evset.contains(EventSet::IN) {
+            debug!(?evset, "queue event without input; ignored");
+            return Ok(());
         }
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             return Err(io::Error::other(format!("no queue {device_event}")));
         };
-        self.serve(vring).map_err(|e| {
-            // The guest broke its own queue (rings outside its memory): the
-            // queue stops, the process and the disk stay sound.
+        if let Err(e) = self.serve(vring) {
+            // The guest broke its own queue (rings outside its memory): its
+            // requests stall until it resets the device; the process and the
+            // disk stay sound.
+            warn!(error = %e, "the request queue is broken");
             self.note_error(e.to_string());
-            io::Error::other(e)
-        })
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
