@@ -20,6 +20,9 @@ use crate::tandem;
 const DISK: &str = "128M";
 const FIO_SECS: u64 = 30;
 const MIN_CHECKPOINTS: usize = 5;
+const RO_BYTES: usize = 8 << 20;
+/// md5 of 1 MiB of zeros.
+const ZERO_MIB_MD5: &str = "b6d81b360a5672d80c27430f39153e2c";
 
 /// One request to the backend's JSON-lines API.
 async fn api(socket: &Path, req: &Value) -> Result<Value> {
@@ -88,9 +91,21 @@ async fn run(w: &Path, format: &str) -> Result<usize> {
         "disk", "create", &disk_s, "--format", format, "--size", DISK,
     ])
     .await?;
+    // A second, read-only disk with a known pattern.
+    let ro = w.join(format!("ro-{format}.raw"));
+    let pattern: Vec<u8> = (0..RO_BYTES).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&ro, &pattern)?;
+    let ro_sum = host("md5sum", &[&ro.display().to_string()]).await?;
+    let ro_sum = ro_sum.split_whitespace().next().unwrap_or("").to_owned();
     let name = format!("e2e-vhost-{format}");
     let spec = format!("path={disk_s},if=vhost-blk");
-    let mut vm = boot_tandem(w, &name, &["--disk", &spec, "--memory", "512M"]).await?;
+    let ro_spec = format!("path={},if=vhost-blk,readonly=on", ro.display());
+    let mut vm = boot_tandem(
+        w,
+        &name,
+        &["--disk", &spec, "--disk", &ro_spec, "--memory", "512M"],
+    )
+    .await?;
     let backend_api = vm.api.with_extension("devices").join("vhost-disk0.api");
     println!("[{format}] booted in {:.2}s", vm.boot_s);
     let c = &mut vm.console;
@@ -102,6 +117,28 @@ async fn run(w: &Path, format: &str) -> Result<usize> {
         "capacity {sectors} sectors"
     );
     println!("[{format}] the guest's virtio-blk sees vda: {sectors} sectors, serial {serial}");
+    let ro_serial = c
+        .check("cat /sys/block/vdb/serial; echo; cat /sys/block/vdb/ro")
+        .await?;
+    ensure!(
+        ro_serial.split_whitespace().collect::<Vec<_>>() == ["tandem-disk1", "1"],
+        "read-only disk: serial and ro flag {ro_serial:?}"
+    );
+    let got = c
+        .check("dd if=/dev/vdb bs=1M iflag=direct 2>/dev/null | md5sum")
+        .await?;
+    ensure!(
+        got.starts_with(&ro_sum),
+        "vdb reads {got}, the file is {ro_sum}"
+    );
+    let (out, st) = c
+        .run(
+            "dd if=/dev/zero of=/dev/vdb bs=4k count=1 oflag=direct",
+            Duration::from_secs(30),
+        )
+        .await?;
+    ensure!(st != 0, "a write to the read-only disk succeeded: {out}");
+    println!("[{format}] read-only vdb: ro flag set, reads the file's bytes, writes refused");
 
     // fio with verify while the chain is checkpointed underneath it.
     let fio = format!(
@@ -153,6 +190,41 @@ async fn run(w: &Path, format: &str) -> Result<usize> {
         counter("writes"),
         counter("flushes")
     );
+
+    // Discard: the guest sees the limits, and a discarded range reads as zeros.
+    let max = c
+        .check("cat /sys/block/vda/queue/discard_max_bytes")
+        .await?;
+    ensure!(
+        max.parse::<u64>().unwrap_or(0) > 0,
+        "no discard on vda ({max})"
+    );
+    let before = c
+        .check("dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | md5sum")
+        .await?;
+    ensure!(
+        !before.starts_with(ZERO_MIB_MD5),
+        "fio left the second MiB zero: nothing to discard"
+    );
+    c.check(
+        "if command -v blkdiscard >/dev/null; then blkdiscard -o 1048576 -l 1048576 /dev/vda; \
+         else fio --name=t --filename=/dev/vda --rw=trim --bs=64k --offset=1M --size=1M \
+         --direct=1 >/dev/null; fi",
+    )
+    .await?;
+    let zeros = c
+        .check("dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | md5sum")
+        .await?;
+    ensure!(
+        zeros.starts_with(ZERO_MIB_MD5),
+        "a discarded MiB reads {zeros}"
+    );
+    let info = api(&backend_api, &json!({"op": "info"})).await?;
+    ensure!(
+        info["counters"]["discards"].as_u64().unwrap_or(0) > 0,
+        "the backend counted no discard: {info}"
+    );
+    println!("[{format}] discard: limit {max} bytes, a discarded MiB reads as zeros");
 
     // What the guest reads now, to compare with the chain once it is gone.
     c.check("sync").await?;
