@@ -1,0 +1,152 @@
+//! The backend process over a real vhost-user connection (the `vhost`
+//! crate's frontend, as QEMU would speak it): what it offers, its
+//! configuration space, its API socket, and a clean exit with the chain
+//! closed when the frontend goes away.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tandem_disk::{ops, Format};
+use tandem_vhost_blk::api::{Request, Response};
+use tandem_vhost_blk::{run, ServerConfig};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::VhostBackend;
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+fn wait_for(p: &Path) {
+    let begun = Instant::now();
+    while !p.exists() {
+        assert!(
+            begun.elapsed() < Duration::from_secs(10),
+            "{} never appeared",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn ask(api: &Path, req: &Request) -> Response {
+    let mut s = UnixStream::connect(api).unwrap();
+    let mut line = serde_json::to_string(req).unwrap();
+    line.push('\n');
+    s.write_all(line.as_bytes()).unwrap();
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap()
+}
+
+fn serve(
+    disk: &Path,
+    readonly: bool,
+) -> (
+    std::thread::JoinHandle<()>,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let dir = disk.parent().unwrap();
+    let socket = dir.join(format!("{readonly}.sock"));
+    let api = dir.join(format!("{readonly}.api"));
+    let cfg = ServerConfig {
+        socket: socket.clone(),
+        disk: disk.to_path_buf(),
+        readonly,
+        api_socket: Some(api.clone()),
+        serial: None,
+    };
+    let server = std::thread::spawn(move || run(cfg).unwrap());
+    wait_for(&socket);
+    wait_for(&api);
+    (server, socket, api)
+}
+
+#[test]
+fn a_frontend_reads_features_and_capacity_then_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.qcow2");
+    ops::create(&disk, Format::Qcow2, Some(48 << 20), None).unwrap();
+    let (server, socket, api) = serve(&disk, false);
+
+    let mut fe = Frontend::connect(&socket, 1).unwrap();
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    for bit in [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_DISCARD,
+    ] {
+        assert_ne!(features & (1 << bit), 0, "feature {bit} missing");
+    }
+    assert_eq!(features & (1 << VIRTIO_BLK_F_RO), 0);
+    fe.set_features(features).unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    assert!(proto.contains(VhostUserProtocolFeatures::CONFIG));
+    fe.set_protocol_features(proto).unwrap();
+    assert_eq!(fe.get_queue_num().unwrap(), 1);
+    let (_, config) = fe
+        .get_config(0, 24, VhostUserConfigFlags::WRITABLE, &[0u8; 24])
+        .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(config[..8].try_into().unwrap()),
+        (48 << 20) / 512
+    );
+    assert_eq!(u32::from_le_bytes(config[20..24].try_into().unwrap()), 512);
+
+    // A checkpoint through the API while connected.
+    match ask(&api, &Request::Checkpoint) {
+        Response::Checkpoint { sealed, .. } => {
+            assert!(sealed.ends_with("d.ckpt1.qcow2"), "{sealed}")
+        }
+        other => panic!("checkpoint: {other:?}"),
+    }
+    match ask(&api, &Request::Info) {
+        Response::Info(info) => {
+            assert_eq!(info.chain.len(), 2);
+            assert!(!info.chain[0].sealed && info.chain[1].sealed);
+            assert_eq!(info.capacity_bytes, 48 << 20);
+        }
+        other => panic!("info: {other:?}"),
+    }
+
+    // The frontend leaves: the backend exits cleanly and removes its sockets.
+    drop(fe);
+    server.join().unwrap();
+    assert!(!socket.exists() && !api.exists());
+    assert!(ops::check(&disk).unwrap().is_clean());
+    assert_eq!(ops::info(&disk).unwrap().len(), 2);
+}
+
+#[test]
+fn read_only_disks_are_offered_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("ro.vhdx");
+    ops::create(&disk, Format::Vhdx, Some(16 << 20), None).unwrap();
+    let (server, socket, api) = serve(&disk, true);
+    let fe = Frontend::connect(&socket, 1).unwrap();
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_eq!(features & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    match ask(&api, &Request::Info) {
+        Response::Info(info) => assert!(info.readonly),
+        other => panic!("info: {other:?}"),
+    }
+    // A bad API line gets an error, not a hang or a crash.
+    let mut s = UnixStream::connect(&api).unwrap();
+    s.write_all(b"{\"op\":\"explode\"}\n").unwrap();
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).unwrap();
+    assert!(
+        answer.contains("\"error\"") && answer.contains("bad request"),
+        "{answer}"
+    );
+    drop(fe);
+    server.join().unwrap();
+}
