@@ -629,6 +629,9 @@ mod tests {
                 .interface,
             Some(DiskInterface::VhostBlk)
         );
+        let from_toml: DiskConfig =
+            toml::from_str("path = \"/c.vhdx\"\ninterface = \"vhost-blk\"\n").unwrap();
+        assert_eq!(from_toml.interface, Some(DiskInterface::VhostBlk));
         for bad in [
             "format=raw",
             "path=/a,format=vhd",
