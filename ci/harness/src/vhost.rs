@@ -40,17 +40,37 @@ async fn api(socket: &Path, req: &Value) -> Result<Value> {
     serde_json::from_str(&line).with_context(|| format!("bad answer {line:?}"))
 }
 
-/// Checkpoints every `every` until `count` are done; returns the sealed
-/// layers and the longest pause.
+/// Checkpoints every `every` until `count` are done, the last one with
+/// `tandem disk checkpoint --disk disk0` against the VM at `vm_api`, the
+/// others through the backend's API socket; returns the sealed layers and
+/// the longest pause.
 async fn checkpoints(
     socket: &Path,
+    vm_api: &Path,
     count: usize,
     every: Duration,
 ) -> Result<(Vec<String>, Duration)> {
     let mut sealed = Vec::new();
     let mut longest = Duration::ZERO;
-    for _ in 0..count {
+    for i in 0..count {
         tokio::time::sleep(every).await;
+        if i + 1 == count {
+            let out = tandem_ok(&[
+                "disk",
+                "checkpoint",
+                "--disk",
+                "disk0",
+                "--api-socket",
+                &vm_api.display().to_string(),
+            ])
+            .await?;
+            let path = out
+                .strip_prefix("sealed the previous top as ")
+                .and_then(|r| r.split(';').next())
+                .with_context(|| format!("tandem disk checkpoint said {out:?}"))?;
+            sealed.push(path.to_owned());
+            continue;
+        }
         let r = api(socket, &json!({"op": "checkpoint"})).await?;
         ensure!(r["result"] == "checkpoint", "checkpoint failed: {r}");
         let us = r["elapsed_us"].as_u64().unwrap_or(0);
@@ -107,6 +127,7 @@ async fn run(w: &Path, format: &str) -> Result<usize> {
     )
     .await?;
     let backend_api = vm.api.with_extension("devices").join("vhost-disk0.api");
+    let vm_api = vm.api.clone();
     println!("[{format}] booted in {:.2}s", vm.boot_s);
     let c = &mut vm.console;
     let serial = c.check("cat /sys/block/vda/serial").await?;
@@ -150,7 +171,7 @@ async fn run(w: &Path, format: &str) -> Result<usize> {
     let begun = Instant::now();
     let (fio_result, ckpt_result) = tokio::join!(
         c.run(&fio, Duration::from_secs(FIO_SECS + 300)),
-        checkpoints(&backend_api, MIN_CHECKPOINTS + 1, every)
+        checkpoints(&backend_api, &vm_api, MIN_CHECKPOINTS + 1, every)
     );
     let (out, st) = fio_result?;
     let (sealed, longest) = ckpt_result?;

@@ -33,7 +33,17 @@ pub enum DiskCmd {
     /// Check every layer's structure; exits 1 if a problem is found.
     Check { path: PathBuf },
     /// Seal the top layer and start a new differencing layer at the same path.
-    Checkpoint { path: PathBuf },
+    /// With --disk: a running VM's disk, by its vhost-blk backend, while the guest writes.
+    Checkpoint {
+        /// The top of the chain (no VM may be using it).
+        #[arg(required_unless_present = "disk")]
+        path: Option<PathBuf>,
+        /// A running VM's `if=vhost-blk` disk, as `tandem info` names it (disk0, ...).
+        #[arg(long, conflicts_with = "path")]
+        disk: Option<String>,
+        #[command(flatten)]
+        target: crate::Target,
+    },
     /// Merge the top layer into its parent (the parent takes the top's path).
     Commit { path: PathBuf },
     /// Copy a chain into a new single-layer image of any format.
@@ -152,7 +162,15 @@ pub fn disk(cmd: DiskCmd) -> Result<i32> {
             Ok(0)
         }
         DiskCmd::Check { path } => check(&path),
-        DiskCmd::Checkpoint { path } => {
+        DiskCmd::Checkpoint {
+            disk: Some(disk),
+            target,
+            ..
+        } => crate::vhost::checkpoint_live(&target, &disk),
+        DiskCmd::Checkpoint { path: None, .. } => bail!("name a disk image, or --disk of a VM"),
+        DiskCmd::Checkpoint {
+            path: Some(path), ..
+        } => {
             let sealed = ops::checkpoint(&path, FaultHook::default())
                 .with_context(|| format!("checkpointing {}", path.display()))?;
             println!(
@@ -261,7 +279,17 @@ mod tests {
             }),
             0
         );
-        assert_eq!(run(DiskCmd::Checkpoint { path: top.clone() }), 0);
+        assert_eq!(
+            run(DiskCmd::Checkpoint {
+                path: Some(top.clone()),
+                disk: None,
+                target: crate::Target {
+                    vm: "vm0".into(),
+                    api_socket: None
+                },
+            }),
+            0
+        );
         assert_eq!(ops::info(&top).unwrap().len(), 2);
         assert_eq!(
             run(DiskCmd::Info {

@@ -1,12 +1,17 @@
 //! `tandem device-server vhost-blk`: the vhost-user-blk backend process
 //! `tandem run` starts for each `--disk ...,if=vhost-blk` (it can also be
 //! run by hand next to any QEMU). Its API socket answers `info` and
-//! `checkpoint` (JSON lines, see `tandem_vhost_blk::api`).
+//! `checkpoint` (JSON lines, see `tandem_vhost_blk::api`); `tandem disk
+//! checkpoint --disk ID` is the operator's way to the latter.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use tandem_vhost_blk::api::{Request, Response};
 
 #[derive(Args)]
 pub struct VhostBlkArgs {
@@ -37,4 +42,48 @@ pub fn device_server(args: VhostBlkArgs) -> Result<i32> {
     })
     .context("vhost-user-blk backend")?;
     Ok(0)
+}
+
+/// `tandem disk checkpoint --disk ID [--vm NAME | --api-socket PATH]`:
+/// asks the backend serving a running VM's disk to checkpoint it.
+pub fn checkpoint_live(target: &crate::Target, disk: &str) -> Result<i32> {
+    let index: usize = disk
+        .strip_prefix("disk")
+        .unwrap_or(disk)
+        .parse()
+        .map_err(|_| {
+            anyhow::anyhow!("bad disk id {disk:?} (disk0, disk1, ... as `tandem info` shows)")
+        })?;
+    let api = target.api_socket.clone().unwrap_or_else(|| {
+        tandem_vmm::config::default_run_dir().join(format!("{}.sock", target.vm))
+    });
+    let (_, backend) = tandem_vmm::vhost::socket_paths(&api.with_extension("devices"), index);
+    let mut conn = UnixStream::connect(&backend).with_context(|| {
+        format!(
+            "disk{index} of the VM at {} has no vhost-blk backend answering on {} (only if=vhost-blk disks can be checkpointed live)",
+            api.display(),
+            backend.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let mut line = serde_json::to_string(&Request::Checkpoint)?;
+    line.push('\n');
+    conn.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(conn)
+        .read_line(&mut answer)
+        .context("no answer from the backend")?;
+    match serde_json::from_str::<Response>(&answer)
+        .with_context(|| format!("bad answer from the backend: {answer:?}"))?
+    {
+        Response::Checkpoint { sealed, elapsed_us } => {
+            println!(
+                "sealed the previous top as {sealed}; disk{index} continues on a new top layer (guest I/O held back {:.1} ms)",
+                elapsed_us as f64 / 1000.0
+            );
+            Ok(0)
+        }
+        Response::Error { message } => bail!("checkpoint of disk{index} failed: {message}"),
+        other => bail!("unexpected answer from the backend: {other:?}"),
+    }
 }
