@@ -247,6 +247,24 @@ async fn run(w: &Path, format: &str) -> Result<usize> {
     );
     println!("[{format}] discard: limit {max} bytes, a discarded MiB reads as zeros");
 
+    // Pause and resume (QEMU stops and restarts the vhost-user device):
+    // the disk still writes and reads back.
+    let api_s = vm.api.display().to_string();
+    tandem_ok(&["pause", "--api-socket", &api_s]).await?;
+    tandem_ok(&["resume", "--api-socket", &api_s]).await?;
+    let c = &mut vm.console;
+    let same = c
+        .check(
+            "dd if=/dev/urandom of=/tmp/blk bs=4k count=16 2>/dev/null && \
+             dd if=/tmp/blk of=/dev/vda bs=4k seek=4096 oflag=direct conv=fsync 2>/dev/null && \
+             a=$(md5sum < /tmp/blk) && \
+             b=$(dd if=/dev/vda bs=4k skip=4096 count=16 iflag=direct 2>/dev/null | md5sum) && \
+             [ \"$a\" = \"$b\" ] && echo same",
+        )
+        .await?;
+    ensure!(same == "same", "after pause/resume: {same}");
+    println!("[{format}] paused and resumed: vda writes and reads back");
+
     // What the guest reads now, to compare with the chain once it is gone.
     c.check("sync").await?;
     let guest_sum = c
@@ -255,7 +273,6 @@ async fn run(w: &Path, format: &str) -> Result<usize> {
     let guest_sum = guest_sum.split_whitespace().next().unwrap_or("").to_owned();
     ensure!(guest_sum.len() == 32, "guest md5sum: {guest_sum:?}");
 
-    let api_s = vm.api.display().to_string();
     let (code, out, err) = tandem(&["shutdown", "--api-socket", &api_s, "--timeout", "60"]).await?;
     ensure!(
         code == 0 && out.contains("the guest powered off"),
