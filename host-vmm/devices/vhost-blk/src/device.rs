@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
-use tandem_disk::{BlockDevice, Chain};
+use tandem_disk::{BlockDevice, Chain, ChainOptions};
 use tracing::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -180,7 +180,7 @@ impl BlkDevice {
     /// requests in progress, holds new ones back meanwhile. Returns the
     /// sealed layer's path.
     pub fn checkpoint(&self) -> Result<PathBuf, DeviceError> {
-        let quiet = self.write_gate();
+        let mut quiet = self.write_gate();
         let err = |source| DeviceError::Checkpoint {
             path: self.top_path.clone(),
             source,
@@ -196,7 +196,26 @@ impl BlkDevice {
                 self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
                 debug!(sealed = %p.display(), "checkpoint");
             }
-            Err(e) => self.note_error(format!("{e}: {}", source_text(e))),
+            Err(e) => {
+                warn!(error = %e, cause = source_text(e), "checkpoint failed");
+                self.note_error(format!("{e}: {}", source_text(e)));
+                // A failed checkpoint leaves valid files (old chain or new),
+                // but the chain object may have lost its layers if reopening
+                // them failed: try once more rather than fail every request.
+                if let Some(chain) = quiet.as_ref().filter(|c| c.layers().is_empty()) {
+                    let opts = ChainOptions {
+                        writable: !self.params.readonly,
+                        ..Default::default()
+                    };
+                    match Chain::open(chain.top_path(), opts) {
+                        Ok(c) => *quiet = Some(Arc::new(c)),
+                        Err(e) => {
+                            warn!(error = %e, "cannot reopen the chain; requests fail");
+                            self.note_error(format!("chain lost after a failed checkpoint: {e}"));
+                        }
+                    }
+                }
+            }
         }
         sealed
     }

@@ -245,3 +245,48 @@ fn requests_after_close_fail_cleanly() {
     assert!(dev.checkpoint().is_err());
     assert!(dev.layers().is_empty());
 }
+
+#[test]
+fn a_failed_checkpoint_leaves_the_disk_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().join("d.qcow2");
+    ops::create(&top, Format::Qcow2, Some(DISK), None).unwrap();
+    let fail = Arc::new(AtomicBool::new(true));
+    let hook = {
+        let fail = fail.clone();
+        tandem_disk::FaultHook::new(move |step| {
+            step == "checkpoint.linked" && fail.load(Ordering::Relaxed)
+        })
+    };
+    let chain = Chain::open(
+        &top,
+        ChainOptions {
+            writable: true,
+            faults: hook,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dev = BlkDevice::new(Arc::new(chain), false, "t");
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    submit(&dev, &mem, VIRTIO_BLK_T_OUT, 0, Some(&pattern(1)));
+    let err = dev.checkpoint().unwrap_err();
+    assert!(
+        format!("{:?}", err).contains("checkpoint.linked"),
+        "{err:?}"
+    );
+    assert!(dev.last_error().is_some());
+    // Still serving, on a chain that reads what was written.
+    submit(&dev, &mem, VIRTIO_BLK_T_OUT, 8, Some(&pattern(2)));
+    fail.store(false, Ordering::Relaxed);
+    dev.checkpoint().unwrap();
+    submit(&dev, &mem, VIRTIO_BLK_T_OUT, 16, Some(&pattern(3)));
+    dev.close().unwrap();
+    let c = Chain::open(&top, ChainOptions::default()).unwrap();
+    assert_eq!(
+        (block_of(&c, 0), block_of(&c, 1), block_of(&c, 2)),
+        (1, 2, 3)
+    );
+    assert_eq!(c.layers().len(), 2);
+    assert!(ops::check(&top).unwrap().is_clean());
+}
