@@ -102,15 +102,34 @@ pub fn parse_version(output: &str) -> Option<(EngineVersion, String)> {
     ))
 }
 
+/// Runs `path args` and collects its output. An executable that was just
+/// written (a fresh build, or a test's fake engine) can still be open for
+/// writing in a child forked by another thread at that moment, and `execve`
+/// then fails with ETXTBSY until that child execs; that is transient, so it
+/// is retried for up to two seconds before it counts as an error.
+fn run_retrying_busy(path: &Path, args: &[&str]) -> std::io::Result<std::process::Output> {
+    const ETXTBSY: i32 = 26;
+    let mut delay = std::time::Duration::from_millis(5);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match Command::new(path).args(args).output() {
+            Err(e) if e.raw_os_error() == Some(ETXTBSY) && std::time::Instant::now() < deadline => {
+                tracing::debug!(path = %path.display(), "executable busy, retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Engine {
     /// Runs `path` to learn its version and devices, and checks them.
     pub fn inspect(path: &Path, origin: &str) -> Result<Engine, EngineError> {
         let run = |args: &[&str]| -> Result<String, EngineError> {
-            let out = Command::new(path).args(args).output().map_err(|source| {
-                EngineError::CannotRun {
-                    path: path.to_owned(),
-                    source,
-                }
+            let out = run_retrying_busy(path, args).map_err(|source| EngineError::CannotRun {
+                path: path.to_owned(),
+                source,
             })?;
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         };
@@ -165,7 +184,7 @@ impl Engine {
         match cached {
             Some(p) if p.is_file() => match Engine::inspect(p, "cache") {
                 Ok(e) => return Ok(e),
-                Err(e) => tried.push(format!("  cache: {e}")),
+                Err(e) => tried.push(format!("  cache: {}", with_causes(&e))),
             },
             Some(p) => tried.push(format!("  cache: {} is not built", p.display())),
             None => tried.push("  cache: no engine has been built".into()),
@@ -178,7 +197,7 @@ impl Engine {
         match system {
             Some(p) => match Engine::inspect(&p, "system") {
                 Ok(e) => return Ok(e),
-                Err(e) => tried.push(format!("  system: {e}")),
+                Err(e) => tried.push(format!("  system: {}", with_causes(&e))),
             },
             None => tried.push("  system: no qemu-system-x86_64 in PATH".into()),
         }
@@ -186,6 +205,18 @@ impl Engine {
             tried: tried.join("\n"),
         })
     }
+}
+
+/// `e` and its causes on one line, for the list of engines tried.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 fn check_devices(path: &Path, help: &str) -> Result<(), EngineError> {
