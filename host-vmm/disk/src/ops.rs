@@ -188,6 +188,37 @@ pub fn checkpoint(path: &Path, faults: FaultHook) -> Result<PathBuf> {
     .checkpoint()
 }
 
+/// Makes the layer at `path` name `parent_name` as its parent (a name
+/// relative to the layer's directory, or an absolute path), keeping the
+/// recorded parent format and identity: qcow2 rewrites its backing file
+/// name, VHDX its parent locator (through its log; its own DataWriteGuid is
+/// kept, so a child of it still accepts it). The layer must be closed and
+/// already have a parent. Used by a replica site on the layers it stores.
+pub fn relink(path: &Path, parent_name: &str) -> Result<()> {
+    match probe(path)? {
+        Format::Qcow2 => Qcow2Layer::set_backing_name(path, parent_name),
+        Format::Vhdx => {
+            let identity = VhdxLayer::open(path, VhdxOpenOptions::default())?
+                .header()
+                .data_write_guid;
+            let layer = VhdxLayer::open(
+                path,
+                VhdxOpenOptions {
+                    writable: true,
+                    data_write_guid: Some(identity),
+                    faults: FaultHook::default(),
+                },
+            )?;
+            layer.set_parent_path(parent_name)?;
+            layer.close()
+        }
+        Format::Raw => Err(DiskError::Unsupported {
+            path: path.into(),
+            what: "a parent for a raw image".into(),
+        }),
+    }
+}
+
 /// Merges the top layer of the chain at `path` into its parent, which then
 /// takes the top's path. Returns the path of the parent's old name (gone now).
 ///

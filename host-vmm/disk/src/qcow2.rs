@@ -127,6 +127,56 @@ impl Qcow2Layer {
             .ctx(path, "fsync")
     }
 
+    /// Rewrites the backing file name recorded in the header of the closed
+    /// image at `path` (the backing format is kept). The name stays where
+    /// the old one was, so it must fit in the header cluster. Not atomic: for
+    /// files no chain uses yet (a replica site relinks a received layer
+    /// under its temporary name, before the rename that publishes it).
+    pub fn set_backing_name(path: &Path, name: &str) -> Result<()> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .ctx(path, "open")?;
+        let cluster = cluster_size(path, &file)?;
+        let mut h = [0u8; 20];
+        file.read_exact_at(&mut h, 0)
+            .ctx(path, "read qcow2 header")?;
+        let offset = u64::from_be_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        let old_len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+        if offset == 0 {
+            return Err(qerr(
+                path,
+                Qcow2Error::Header("no backing file to rename".into()),
+            ));
+        }
+        // QEMU's limit on backing file names.
+        if name.is_empty() || name.len() > 1023 {
+            return Err(qerr(
+                path,
+                Qcow2Error::Header(format!("backing name of {} bytes", name.len())),
+            ));
+        }
+        let end = offset
+            .checked_add(name.len().max(old_len as usize) as u64)
+            .filter(|&e| e <= cluster && offset >= 72)
+            .ok_or_else(|| {
+                qerr(
+                    path,
+                    Qcow2Error::Header(format!(
+                        "backing name at {offset:#x} does not fit in the header cluster"
+                    )),
+                )
+            })?;
+        let mut region = vec![0u8; (end - offset) as usize];
+        region[..name.len()].copy_from_slice(name.as_bytes());
+        file.write_all_at(&region, offset)
+            .ctx(path, "write backing name")?;
+        file.write_all_at(&(name.len() as u32).to_be_bytes(), 16)
+            .ctx(path, "write backing name length")?;
+        file.sync_all().ctx(path, "fsync")
+    }
+
     fn io(&self, offset: u64, len: u64) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
         move |source| {
             qerr(

@@ -126,3 +126,74 @@ fn create_with_parent_and_info() {
     );
     assert!(ops::create(&dir.path().join("r.img"), Format::Raw, None, Some(&base)).is_err());
 }
+
+/// Moves a chain's layers to new names and relinks each child: the chain
+/// reads the same, `check` is clean, and qemu-img (for qcow2) follows the
+/// new backing names. A VHDX grandchild still accepts its relinked parent.
+#[test]
+fn relink_moves_a_chain_to_new_names() {
+    let dir = tempfile::tempdir().unwrap();
+    for (base_fmt, fmt) in [(Format::Raw, Format::Qcow2), (Format::Vhdx, Format::Vhdx)] {
+        let top = dir.path().join(format!("disk.{}", base_fmt.extension()));
+        ops::create(&top, base_fmt, Some(SIZE), None).unwrap();
+        let mirror = dir.path().join("mirror.raw");
+        raw_file(&mirror, SIZE);
+        let mut sealed = Vec::new();
+        for round in 0..3u8 {
+            let chain = Chain::open(
+                &top,
+                ChainOptions {
+                    writable: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let off = u64::from(round) * (1 << 20) + 4096;
+            let data = pattern(8192, off, round + 10);
+            chain.write_at(&data, off).unwrap();
+            chain.flush().unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&mirror)
+                .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &data, off))
+                .unwrap();
+            sealed.push(chain.checkpoint().unwrap());
+        }
+        // Copy the sealed layers (bottom first) under new names in another
+        // directory and relink each to the copy of its parent.
+        let site = dir.path().join(format!("site-{fmt}"));
+        std::fs::create_dir(&site).unwrap();
+        let mut prev: Option<String> = None;
+        for (i, layer) in sealed.iter().enumerate() {
+            let ext = layer.extension().unwrap().to_string_lossy().into_owned();
+            let name = format!("L{i}.{ext}");
+            std::fs::copy(layer, site.join(&name)).unwrap();
+            if let Some(parent) = &prev {
+                ops::relink(&site.join(&name), parent).unwrap();
+            } else {
+                // A base has no parent to rename.
+                assert!(ops::relink(&site.join(&name), "x").is_err());
+            }
+            prev = Some(name);
+        }
+        let new_top = site.join(prev.unwrap());
+        assert!(ops::check(&new_top).unwrap().is_clean());
+        assert_eq!(read_all(&new_top), read_all(&sealed[2]));
+        assert_eq!(read_all(&new_top), std::fs::read(&mirror).unwrap());
+        assert_eq!(ops::info(&new_top).unwrap().len(), 3);
+        for l in ops::info(&new_top).unwrap() {
+            assert!(
+                l.path.starts_with(&site),
+                "{} escaped the site",
+                l.path.display()
+            );
+        }
+        if fmt == Format::Qcow2 {
+            assert_qemu_check_clean("qcow2", &new_top);
+            assert_qemu_compare(("qcow2", &new_top), ("raw", &mirror));
+            let info = qemu_img(&["info", "--backing-chain", s(&new_top)]);
+            assert!(info.contains("backing file: L1.img"), "{info}");
+            assert!(!info.contains("disk.ckpt"), "{info}");
+        }
+    }
+}

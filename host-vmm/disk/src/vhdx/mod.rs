@@ -400,6 +400,33 @@ impl VhdxLayer {
     /// rewritten in Tandem's layout; optional items Tandem does not know
     /// are dropped.
     pub fn add_parent_linkage2(&self, guid: Guid) -> Result<()> {
+        self.rewrite_locator(|locator| {
+            locator.retain(|(k, _)| k != "parent_linkage2");
+            locator.push(("parent_linkage2".to_string(), guid.to_string()));
+        })
+    }
+
+    /// Points the parent locator at `relative_path` (resolved against this
+    /// file's directory), atomically through the log, and drops the
+    /// absolute and volume paths that would name the old place. The parent
+    /// linkage is kept. A replica site uses it on a layer it received, so the
+    /// layer names the site's own copy of its parent. Open the layer with
+    /// `data_write_guid` set to its current DataWriteGuid: a locator is not
+    /// user data, and a child naming this layer must keep accepting it.
+    pub fn set_parent_path(&self, relative_path: &str) -> Result<()> {
+        let value = relative_path.replace('/', "\\");
+        self.rewrite_locator(|locator| {
+            locator.retain(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "relative_path" | "absolute_win32_path" | "volume_path"
+                )
+            });
+            locator.push(("relative_path".to_string(), value));
+        })
+    }
+
+    fn rewrite_locator(&self, edit: impl FnOnce(&mut Vec<(String, String)>)) -> Result<()> {
         if !self.writable {
             return Err(DiskError::ReadOnly {
                 path: self.path.clone(),
@@ -416,12 +443,7 @@ impl VhdxLayer {
         self.file.sync_data().ctx(&self.path, "fdatasync")?;
         self.commit_metadata(&mut st)?;
         let mut params = self.params.clone();
-        params
-            .parent_locator
-            .retain(|(k, _)| k != "parent_linkage2");
-        params
-            .parent_locator
-            .push(("parent_linkage2".to_string(), guid.to_string()));
+        edit(&mut params.parent_locator);
         let new = metadata::encode(&params);
         let old = read_vec(&self.file, &self.path, self.meta_offset, new.len() as u64)?;
         let pages: Vec<(u64, Vec<u8>)> = new
