@@ -1,0 +1,473 @@
+//! The recovery site: `tandem replica serve`. Listens on TCP, runs a
+//! [`Session`] per connection and stores each verified layer atomically:
+//! written under a temporary name, synced, relinked to the site's copy of
+//! its parent, opened as a chain (which checks the link), renamed into
+//! place, the directory synced, and only then added to the manifest and
+//! acknowledged. A crash at any point leaves the manifest's chain intact;
+//! leftovers are removed when the site reopens.
+
+use std::fs;
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tandem_disk::{ops, Chain, ChainOptions};
+
+use crate::manifest::{fsync_dir, LayerRecord, Manifest, ManifestError, MANIFEST};
+use crate::proto::{hex, Message, RefuseCode};
+use crate::session::{Completed, Peer, Refusal, Session};
+use crate::wire::{self, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{path}: {what}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("layer {seq}")]
+    Disk {
+        seq: u64,
+        #[source]
+        source: tandem_disk::DiskError,
+    },
+}
+
+fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Name of the file that stores layer `seq`.
+pub fn layer_file(seq: u64, format: tandem_disk::Format) -> String {
+    format!("layer-{seq:06}.{}", format.extension())
+}
+
+fn is_ours(name: &str) -> bool {
+    (name.starts_with("layer-") || name.starts_with(".incoming-")) && !name.ends_with(".json")
+}
+
+/// The site's directory and manifest.
+pub struct Store {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl Store {
+    /// Opens (creating the directory if needed) and removes what an
+    /// interrupted store left: temporary files, layers not in the manifest.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        let manifest = Manifest::load(dir)?;
+        let keep: Vec<&str> = manifest.layers.iter().map(|l| l.file.as_str()).collect();
+        for entry in fs::read_dir(dir).map_err(io(dir, "list"))? {
+            let entry = entry.map_err(io(dir, "list"))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_ours(&name) && !keep.contains(&name.as_str()) {
+                tracing::info!(file = %name, "removing a leftover of an interrupted transfer");
+                fs::remove_file(entry.path()).map_err(io(&entry.path(), "remove leftover"))?;
+            }
+        }
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Records an accepted primary (its id on first contact, a higher generation).
+    pub fn accept(&mut self, peer: &Peer) -> Result<(), StoreError> {
+        let id = hex(&peer.chain_id);
+        if self.manifest.chain_id.as_deref() == Some(id.as_str())
+            && self.manifest.generation == peer.generation
+            && self.manifest.disk_size == Some(peer.disk_size)
+        {
+            return Ok(());
+        }
+        let mut m = self.manifest.clone();
+        m.chain_id = Some(id);
+        m.generation = m.generation.max(peer.generation);
+        m.disk_size = Some(peer.disk_size);
+        m.save(&self.dir)?;
+        self.manifest = m;
+        Ok(())
+    }
+
+    /// Temporary file for layer `seq` of `generation` (sessions of two
+    /// generations never share one).
+    pub fn incoming_path(&self, seq: u64, generation: u64) -> PathBuf {
+        self.dir.join(format!(".incoming-{seq:06}-g{generation}"))
+    }
+
+    /// Publishes a complete layer (its bytes in `tmp`) as the next recovery
+    /// point, if `peer` is still the newest generation.
+    pub fn commit(
+        &mut self,
+        peer: &Peer,
+        layer: &Completed,
+        tmp: &Path,
+    ) -> Result<LayerRecord, CommitError> {
+        if peer.generation < self.manifest.generation {
+            return Err(CommitError::Refused(Refusal::new(
+                RefuseCode::StaleGeneration,
+                format!(
+                    "stale primary: generation {} was superseded by {}",
+                    peer.generation, self.manifest.generation
+                ),
+            )));
+        }
+        let last = self.manifest.layers.last().map_or(0, |l| l.seq);
+        if layer.seq != last + 1 {
+            return Err(CommitError::Refused(Refusal::new(
+                RefuseCode::Protocol,
+                format!("layer {} does not follow layer {last}", layer.seq),
+            )));
+        }
+        let format = layer.format.to_disk();
+        let file = layer_file(layer.seq, format);
+        let path = self.dir.join(&file);
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(tmp)
+            .map_err(io(tmp, "open"))?;
+        f.sync_all().map_err(io(tmp, "fsync"))?;
+        drop(f);
+        let disk = |source| StoreError::Disk {
+            seq: layer.seq,
+            source,
+        };
+        if let Some(parent) = self.manifest.layers.last() {
+            ops::relink(tmp, &parent.file).map_err(disk)?;
+        }
+        // Opening the chain checks the format, the parent link (VHDX: the
+        // parent's identity) and the sizes before the layer is published.
+        let chain = Chain::open(
+            tmp,
+            ChainOptions {
+                format: Some(format),
+                ..ChainOptions::default()
+            },
+        )
+        .map_err(disk)?;
+        let size = tandem_disk::BlockDevice::size(&chain);
+        drop(chain);
+        if Some(size) != self.manifest.disk_size {
+            return Err(CommitError::Refused(Refusal::new(
+                RefuseCode::Size,
+                format!("layer {} has virtual size {size}", layer.seq),
+            )));
+        }
+        fs::rename(tmp, &path).map_err(io(&path, "rename into place"))?;
+        fsync_dir(&self.dir)?;
+        let record = LayerRecord {
+            seq: layer.seq,
+            file,
+            format: format.name().into(),
+            file_len: layer.file_len,
+            digest: hex(&layer.digest),
+            sealed_at_ms: layer.sealed_at_ms,
+            received_at_ms: now_ms(),
+            primary_name: layer.name.clone(),
+        };
+        let mut m = self.manifest.clone();
+        m.layers.push(record.clone());
+        m.save(&self.dir)?;
+        self.manifest = m;
+        Ok(record)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error(transparent)]
+    Refused(Refusal),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ManifestError> for CommitError {
+    fn from(e: ManifestError) -> Self {
+        CommitError::Store(e.into())
+    }
+}
+
+/// Options of `tandem replica serve`.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub dir: PathBuf,
+    pub listen: String,
+    /// A connection silent for this long is dropped.
+    pub idle_timeout: Duration,
+}
+
+/// A running site: the listener and its store.
+pub struct Server {
+    listener: TcpListener,
+    store: Arc<Mutex<Store>>,
+    idle_timeout: Duration,
+    stop: Arc<AtomicBool>,
+}
+
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    store.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Server {
+    pub fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
+        let store = Store::open(&cfg.dir)?;
+        let listener = TcpListener::bind(&cfg.listen).map_err(|source| ServeError::Listen {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+        Ok(Server {
+            listener,
+            store: Arc::new(Mutex::new(store)),
+            idle_timeout: cfg.idle_timeout,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// A flag that makes [`Server::run`] return after the next connection attempt.
+    pub fn stopper(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Accepts connections until stopped; each runs on its own thread.
+    pub fn run(&self) -> Result<(), ServeError> {
+        for conn in self.listener.incoming() {
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            let store = self.store.clone();
+            let timeout = self.idle_timeout;
+            std::thread::spawn(move || {
+                let peer = conn
+                    .peer_addr()
+                    .map_or_else(|_| "?".into(), |a| a.to_string());
+                let span = tracing::info_span!("replica session", %peer);
+                let _g = span.enter();
+                match serve_connection(conn, &store, timeout) {
+                    Ok(()) => tracing::info!("session ended"),
+                    Err(e) => tracing::warn!(error = %e, "session ended"),
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("refused the primary: {0}")]
+    Refused(Refusal),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Serves one connection to its end. Whatever happens, a partial layer's
+/// temporary file is removed.
+pub fn serve_connection(
+    conn: TcpStream,
+    store: &Mutex<Store>,
+    idle_timeout: Duration,
+) -> Result<(), String> {
+    conn.set_read_timeout(Some(idle_timeout))
+        .and_then(|_| conn.set_write_timeout(Some(idle_timeout)))
+        .and_then(|_| conn.set_nodelay(true))
+        .map_err(|e| e.to_string())?;
+    let mut reader =
+        BufReader::with_capacity(1 << 21, conn.try_clone().map_err(|e| e.to_string())?);
+    let mut writer = BufWriter::new(conn);
+    let mut session = Session::new();
+    let mut tmp: Option<(PathBuf, fs::File)> = None;
+    let result = session_loop(&mut session, &mut reader, &mut writer, store, &mut tmp);
+    if let Some((path, _)) = tmp {
+        let _ = fs::remove_file(path);
+    }
+    match result {
+        Ok(()) => Ok(()),
+        Err(SessionError::Refused(r)) => {
+            let _ = wire::send(&mut writer, &r.message());
+            Err(format!("refused the primary: {}", r.reason))
+        }
+        Err(SessionError::Store(e)) => {
+            let r = Refusal::new(RefuseCode::Storage, error_chain(&e));
+            let _ = wire::send(&mut writer, &r.message());
+            Err(r.reason)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn session_loop(
+    session: &mut Session,
+    reader: &mut impl std::io::Read,
+    writer: &mut impl Write,
+    store: &Mutex<Store>,
+    tmp: &mut Option<(PathBuf, fs::File)>,
+) -> Result<(), SessionError> {
+    let Some(first) = wire::recv(reader)? else {
+        return Ok(());
+    };
+    let peer = {
+        let mut st = lock(store);
+        let (peer, welcome) = session
+            .hello(&first, st.manifest())
+            .map_err(SessionError::Refused)?;
+        st.accept(&peer)?;
+        wire::send(writer, &welcome)?;
+        tracing::info!(
+            chain = %hex(&peer.chain_id),
+            generation = peer.generation,
+            resume_after = st.manifest().layers.last().map_or(0, |l| l.seq),
+            "primary accepted"
+        );
+        peer
+    };
+    loop {
+        let Some(msg) = wire::recv(reader)? else {
+            return Ok(());
+        };
+        match msg {
+            Message::LayerBegin { .. } => {
+                let (seq, file_len) = {
+                    let i = session.begin(msg).map_err(SessionError::Refused)?;
+                    (i.seq, i.file_len)
+                };
+                let path = lock(store).incoming_path(seq, peer.generation);
+                let f = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .map_err(io(&path, "create"))?;
+                f.set_len(file_len).map_err(io(&path, "size"))?;
+                *tmp = Some((path, f));
+            }
+            Message::Chunk { seq, offset, data } => {
+                let at = session
+                    .chunk(seq, offset, &data)
+                    .map_err(SessionError::Refused)?;
+                let (path, f) = tmp.as_ref().ok_or_else(|| {
+                    SessionError::Refused(Refusal::new(
+                        RefuseCode::Protocol,
+                        "chunk outside a layer",
+                    ))
+                })?;
+                f.write_all_at(&data, at).map_err(io(path, "write"))?;
+            }
+            Message::LayerEnd { .. } => {
+                let done = session.end(msg).map_err(SessionError::Refused)?;
+                let (path, f) = tmp.take().ok_or_else(|| {
+                    SessionError::Refused(Refusal::new(
+                        RefuseCode::Protocol,
+                        "layer-end outside a layer",
+                    ))
+                })?;
+                drop(f);
+                let committed = lock(store).commit(&peer, &done, &path);
+                let record = match committed {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = fs::remove_file(&path);
+                        return Err(match e {
+                            CommitError::Refused(r) => SessionError::Refused(r),
+                            CommitError::Store(s) => SessionError::Store(s),
+                        });
+                    }
+                };
+                session.committed(done.seq);
+                tracing::info!(
+                    point = record.seq,
+                    file = %record.file,
+                    bytes = record.file_len,
+                    "recovery point stored"
+                );
+                wire::send(
+                    writer,
+                    &Message::LayerAck {
+                        seq: done.seq,
+                        digest: done.digest,
+                    },
+                )?;
+            }
+            Message::Refuse { code, reason } => {
+                tracing::warn!(?code, %reason, "the primary ended the session");
+                return Ok(());
+            }
+            other => {
+                return Err(SessionError::Refused(Refusal::new(
+                    RefuseCode::Protocol,
+                    format!("unexpected {}", other.name()),
+                )))
+            }
+        }
+    }
+}
+
+/// Path of the manifest in `dir` (for tools that read it directly).
+pub fn manifest_path(dir: &Path) -> PathBuf {
+    dir.join(MANIFEST)
+}

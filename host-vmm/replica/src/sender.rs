@@ -1,0 +1,591 @@
+//! The primary: `tandem replica start`. Connects to the recovery site,
+//! learns what it already holds (resume without a full copy), ships the
+//! sealed layers it lacks (the base first, on an initial sync), then each
+//! interval seals the top layer (a checkpoint: through `tandem-disk` for a
+//! chain no VM uses, through the vhost-blk backend's API for a running VM's
+//! disk) and ships the new layer. A cut connection is retried with backoff;
+//! a site that refuses who we are stops the sender.
+//!
+//! The primary's identity is a chain id (random, made once) and a
+//! generation (one more at every start), kept in `.<disk>.replica.json`
+//! next to the disk and synced before the first connection: a site refuses
+//! a lower generation than it has seen, which fences off an old sender
+//! still running, or a primary restored from an old copy.
+
+use std::fs;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tandem_disk::{ops, probe, BlockDevice, Chain, ChainOptions, FaultHook, Guid};
+
+use crate::manifest::write_atomic;
+use crate::proto::{hex, unhex, LayerDigest, Message, RefuseCode, WireFormat, CHUNK, VERSION};
+use crate::receiver::now_ms;
+use crate::status::Status;
+use crate::wire::{self, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("{path}: {what}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {path}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: tandem_disk::DiskError,
+    },
+    #[error("{0}")]
+    Backend(String),
+    #[error("cannot reach {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("the recovery site refused this primary ({code:?}): {reason}")]
+    Refused { code: RefuseCode, reason: String },
+    #[error("the recovery site's chain has diverged from this primary's: {0}")]
+    Diverged(String),
+    #[error("unexpected {0} from the recovery site")]
+    Unexpected(&'static str),
+    #[error(transparent)]
+    State(#[from] crate::manifest::ManifestError),
+}
+
+impl SendError {
+    /// Errors a retry cannot fix.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            SendError::Refused { code, .. } => code.is_permanent(),
+            SendError::Diverged(_) | SendError::State(_) => true,
+            _ => false,
+        }
+    }
+}
+
+fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> SendError + 'a {
+    move |source| SendError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+/// Where the primary's chain is and how to checkpoint it.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The top of a chain no VM is using.
+    File(PathBuf),
+    /// The API socket of the vhost-blk backend serving a running VM's disk.
+    Vhost(PathBuf),
+}
+
+fn backend(
+    api: &Path,
+    req: &tandem_vhost_blk::api::Request,
+) -> Result<tandem_vhost_blk::api::Response, SendError> {
+    let berr = |e: std::io::Error| {
+        SendError::Backend(format!("vhost-blk backend at {}: {e}", api.display()))
+    };
+    let mut conn = UnixStream::connect(api).map_err(berr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(berr)?;
+    let mut line = serde_json::to_string(req).map_err(|e| SendError::Backend(e.to_string()))?;
+    line.push('\n');
+    conn.write_all(line.as_bytes()).map_err(berr)?;
+    let mut answer = String::new();
+    BufReader::new(conn).read_line(&mut answer).map_err(berr)?;
+    serde_json::from_str(&answer)
+        .map_err(|e| SendError::Backend(format!("bad answer from the backend {answer:?}: {e}")))
+}
+
+impl Source {
+    /// The top layer's path (and where the identity file lives).
+    pub fn top(&self) -> Result<PathBuf, SendError> {
+        match self {
+            Source::File(p) => Ok(p.clone()),
+            Source::Vhost(_) => Ok(PathBuf::from(
+                &self
+                    .vhost_info()?
+                    .chain
+                    .first()
+                    .ok_or_else(|| SendError::Backend("the backend reports no layers".into()))?
+                    .path,
+            )),
+        }
+    }
+
+    fn vhost_info(&self) -> Result<tandem_vhost_blk::api::Info, SendError> {
+        let Source::Vhost(api) = self else {
+            return Err(SendError::Backend("not a vhost-blk disk".into()));
+        };
+        match backend(api, &tandem_vhost_blk::api::Request::Info)? {
+            tandem_vhost_blk::api::Response::Info(i) => Ok(*i),
+            tandem_vhost_blk::api::Response::Error { message } => Err(SendError::Backend(message)),
+            other => Err(SendError::Backend(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// The sealed layers (all but the top), bottom first, and the disk's size.
+    pub fn sealed_layers(&self) -> Result<(Vec<PathBuf>, u64), SendError> {
+        match self {
+            Source::File(top) => {
+                let chain = Chain::open(top, ChainOptions::default()).map_err(|source| {
+                    SendError::Disk {
+                        path: top.clone(),
+                        source,
+                    }
+                })?;
+                let mut layers: Vec<PathBuf> = chain
+                    .layers()
+                    .iter()
+                    .skip(1)
+                    .map(|l| l.path().into())
+                    .collect();
+                layers.reverse();
+                Ok((layers, chain.size()))
+            }
+            Source::Vhost(_) => {
+                let info = self.vhost_info()?;
+                let mut layers: Vec<PathBuf> = info
+                    .chain
+                    .iter()
+                    .skip(1)
+                    .map(|l| PathBuf::from(&l.path))
+                    .collect();
+                layers.reverse();
+                Ok((layers, info.capacity_bytes))
+            }
+        }
+    }
+
+    /// Seals the top layer; returns the sealed layer's path.
+    pub fn checkpoint(&self) -> Result<PathBuf, SendError> {
+        match self {
+            Source::File(top) => {
+                ops::checkpoint(top, FaultHook::default()).map_err(|source| SendError::Disk {
+                    path: top.clone(),
+                    source,
+                })
+            }
+            Source::Vhost(api) => {
+                match backend(api, &tandem_vhost_blk::api::Request::Checkpoint)? {
+                    tandem_vhost_blk::api::Response::Checkpoint { sealed, .. } => Ok(sealed.into()),
+                    tandem_vhost_blk::api::Response::Error { message } => {
+                        Err(SendError::Backend(format!("checkpoint: {message}")))
+                    }
+                    other => Err(SendError::Backend(format!("unexpected answer {other:?}"))),
+                }
+            }
+        }
+    }
+}
+
+/// The primary's persistent identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub chain_id: String,
+    pub generation: u64,
+}
+
+impl Identity {
+    /// Where the identity of the chain whose top is `top` is kept.
+    pub fn path(top: &Path) -> PathBuf {
+        let name = top
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        top.with_file_name(format!(".{name}.replica.json"))
+    }
+
+    pub fn load(top: &Path) -> Result<Option<Identity>, SendError> {
+        let path = Self::path(top);
+        match fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| SendError::Backend(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path, "read")(e)),
+        }
+    }
+
+    /// Loads (or makes) the identity and takes the next generation, durably.
+    pub fn next(top: &Path) -> Result<Identity, SendError> {
+        let id = match Self::load(top)? {
+            Some(mut id) => {
+                id.generation += 1;
+                id
+            }
+            None => Identity {
+                chain_id: hex(&Guid::random().map_err(io(top, "random id"))?.0),
+                generation: 1,
+            },
+        };
+        let mut text =
+            serde_json::to_vec_pretty(&id).map_err(|e| SendError::Backend(e.to_string()))?;
+        text.push(b'\n');
+        write_atomic(&Self::path(top), &text)?;
+        Ok(id)
+    }
+
+    fn chain_id_bytes(&self) -> Result<[u8; 16], SendError> {
+        unhex(&self.chain_id).ok_or_else(|| {
+            SendError::Backend(format!("chain id {:?} is not 32 hex digits", self.chain_id))
+        })
+    }
+}
+
+/// Calls `f` with each non-zero chunk of the file (holes are skipped
+/// without reading them), in order, as the protocol sends them.
+pub fn for_each_chunk(
+    path: &Path,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), SendError>,
+) -> Result<u64, SendError> {
+    let file = fs::File::open(path).map_err(io(path, "open"))?;
+    let file_len = file.metadata().map_err(io(path, "stat"))?.len();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut offset = 0;
+    while offset < file_len {
+        // Jump over a hole; a file system without SEEK_DATA reads everything.
+        match nix::unistd::lseek(
+            file.as_raw_fd(),
+            offset as i64,
+            nix::unistd::Whence::SeekData,
+        ) {
+            Ok(data) if data as u64 >= file_len => break,
+            Ok(data) => offset = (data as u64 / CHUNK * CHUNK).max(offset),
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(_) => {}
+        }
+        let len = LayerDigest::chunk_len(file_len, offset) as usize;
+        let b = &mut buf[..len];
+        file.read_exact_at(b, offset).map_err(io(path, "read"))?;
+        if b.iter().any(|&x| x != 0) {
+            f(offset, b)?;
+        }
+        offset += len as u64;
+    }
+    Ok(file_len)
+}
+
+/// The layer digest of a file, as the receiver computes it.
+pub fn file_digest(path: &Path) -> Result<[u8; 32], SendError> {
+    let len = fs::metadata(path).map_err(io(path, "stat"))?.len();
+    let mut d = LayerDigest::new(len);
+    for_each_chunk(path, |off, data| {
+        d.add(off, data)
+            .map_err(|e| SendError::Backend(format!("{}: {e}", path.display())))
+    })?;
+    Ok(d.finish())
+}
+
+/// When the layer was sealed: its inode changed last when the checkpoint
+/// linked it under its sealed name and renamed the new top over the old.
+fn sealed_at_ms(meta: &fs::Metadata) -> u64 {
+    (meta.ctime().max(0) as u64) * 1000 + (meta.ctime_nsec().max(0) as u64) / 1_000_000
+}
+
+/// Options of `tandem replica start`.
+#[derive(Clone, Debug)]
+pub struct SendConfig {
+    pub source: Source,
+    pub to: String,
+    pub interval: Duration,
+    /// Connect, read and write timeout (a cut network is noticed within it).
+    pub timeout: Duration,
+    /// Stop once this many recovery points are on the site (tests, benches).
+    pub stop_after: Option<u64>,
+    /// Print a line per point on stderr.
+    pub print_progress: bool,
+}
+
+/// Runs the sender until `stop` is set, `stop_after` points are shipped, or
+/// a permanent error.
+pub fn run(cfg: &SendConfig, status: &Mutex<Status>, stop: &AtomicBool) -> Result<(), SendError> {
+    let top = cfg.source.top()?;
+    let identity = Identity::next(&top)?;
+    {
+        let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+        st.target = cfg.to.clone();
+        st.disk = top.display().to_string();
+        st.chain_id = identity.chain_id.clone();
+        st.generation = identity.generation;
+    }
+    tracing::info!(disk = %top.display(), to = %cfg.to, chain = %identity.chain_id, generation = identity.generation, "replication starting");
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        set(status, |s| s.state = "connecting".into());
+        let mut connected = false;
+        match session(cfg, &identity, status, stop, &mut connected) {
+            Ok(()) => {
+                set(status, |s| s.state = "stopped".into());
+                return Ok(());
+            }
+            Err(e) if e.is_permanent() => {
+                set(status, |s| {
+                    s.state = "failed".into();
+                    s.last_error = Some(crate::receiver::error_chain(&e));
+                });
+                return Err(e);
+            }
+            Err(e) => {
+                let msg = crate::receiver::error_chain(&e);
+                tracing::warn!(error = %msg, retry_in_ms = backoff.as_millis() as u64, "replication interrupted");
+                if cfg.print_progress {
+                    eprintln!("replica: interrupted ({msg}); retrying");
+                }
+                set(status, |s| {
+                    s.state = "disconnected".into();
+                    s.last_error = Some(msg);
+                    s.reconnects += 1;
+                });
+                if connected {
+                    backoff = Duration::from_millis(100);
+                }
+                sleep_unless(stop, backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn set(status: &Mutex<Status>, f: impl FnOnce(&mut Status)) {
+    f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
+}
+
+fn sleep_unless(stop: &AtomicBool, d: Duration) {
+    let end = Instant::now() + d;
+    while !stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(20)));
+    }
+}
+
+fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, SendError> {
+    let cerr = |source| SendError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let mut last = None;
+    for a in addr.to_socket_addrs().map_err(cerr)? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(cerr(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+    })))
+}
+
+fn session(
+    cfg: &SendConfig,
+    identity: &Identity,
+    status: &Mutex<Status>,
+    stop: &AtomicBool,
+    connected: &mut bool,
+) -> Result<(), SendError> {
+    let (mut layers, disk_size) = cfg.source.sealed_layers()?;
+    let conn = connect(&cfg.to, cfg.timeout)?;
+    conn.set_read_timeout(Some(cfg.timeout))
+        .and_then(|_| conn.set_write_timeout(Some(cfg.timeout)))
+        .and_then(|_| conn.set_nodelay(true))
+        .map_err(|source| SendError::Connect {
+            addr: cfg.to.clone(),
+            source,
+        })?;
+    let mut reader = BufReader::new(conn.try_clone().map_err(|source| SendError::Connect {
+        addr: cfg.to.clone(),
+        source,
+    })?);
+    let mut writer = BufWriter::with_capacity(1 << 21, conn);
+    wire::send(
+        &mut writer,
+        &Message::Hello {
+            version: VERSION,
+            chain_id: identity.chain_id_bytes()?,
+            generation: identity.generation,
+            disk_size,
+        },
+    )?;
+    let mut confirmed = match wire::recv(&mut reader)? {
+        Some(Message::Welcome {
+            last_seq,
+            last_digest,
+            ..
+        }) => {
+            let n = layers.len() as u64;
+            if last_seq > n {
+                return Err(SendError::Diverged(format!(
+                    "the site holds {last_seq} layers, this chain has {n} sealed ones"
+                )));
+            }
+            if last_seq > 0 {
+                let ours = file_digest(&layers[last_seq as usize - 1])?;
+                if ours != last_digest {
+                    return Err(SendError::Diverged(format!(
+                        "layer {last_seq} is {} here and {} there",
+                        hex(&ours),
+                        hex(&last_digest)
+                    )));
+                }
+            }
+            last_seq
+        }
+        Some(Message::Refuse { code, reason }) => return Err(SendError::Refused { code, reason }),
+        Some(other) => return Err(SendError::Unexpected(other.name())),
+        None => return Err(SendError::Unexpected("end of connection")),
+    };
+    *connected = true;
+    tracing::info!(resume_after = confirmed, sealed = layers.len(), "connected");
+    set(status, |s| {
+        s.state = "connected".into();
+        s.points = confirmed;
+    });
+    let mut next_checkpoint = Instant::now();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if cfg.stop_after.is_some_and(|n| confirmed >= n) {
+            return Ok(());
+        }
+        if confirmed as usize >= layers.len() {
+            // Caught up: seal the next layer when the interval is due.
+            sleep_unless(
+                stop,
+                next_checkpoint.saturating_duration_since(Instant::now()),
+            );
+            if stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let sealed = cfg.source.checkpoint()?;
+            next_checkpoint += cfg.interval;
+            if next_checkpoint < Instant::now() {
+                next_checkpoint = Instant::now() + cfg.interval;
+            }
+            layers = cfg.source.sealed_layers()?.0;
+            if layers.last() != Some(&sealed) {
+                return Err(SendError::Backend(format!(
+                    "after sealing {}, the chain's newest sealed layer is {:?}",
+                    sealed.display(),
+                    layers.last()
+                )));
+            }
+            continue;
+        }
+        let seq = confirmed + 1;
+        let path = layers[confirmed as usize].clone();
+        ship(&mut reader, &mut writer, &path, seq, status, cfg)?;
+        confirmed = seq;
+    }
+}
+
+fn ship(
+    reader: &mut impl std::io::Read,
+    writer: &mut impl Write,
+    path: &Path,
+    seq: u64,
+    status: &Mutex<Status>,
+    cfg: &SendConfig,
+) -> Result<(), SendError> {
+    let span = tracing::info_span!("ship layer", seq, path = %path.display());
+    let _g = span.enter();
+    let started = Instant::now();
+    let meta = fs::metadata(path).map_err(io(path, "stat"))?;
+    let format = probe(path).map_err(|source| SendError::Disk {
+        path: path.into(),
+        source,
+    })?;
+    let sealed_at = sealed_at_ms(&meta);
+    wire::queue(
+        writer,
+        &Message::LayerBegin {
+            seq,
+            format: WireFormat::from_disk(format),
+            file_len: meta.len(),
+            sealed_at_ms: sealed_at,
+            has_parent: seq > 1,
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        },
+    )?;
+    let mut digest = LayerDigest::new(meta.len());
+    let mut sent = 0u64;
+    for_each_chunk(path, |offset, data| {
+        digest
+            .add(offset, data)
+            .map_err(|e| SendError::Backend(format!("{}: {e}", path.display())))?;
+        wire::queue(
+            writer,
+            &Message::Chunk {
+                seq,
+                offset,
+                data: data.to_vec(),
+            },
+        )?;
+        sent += data.len() as u64;
+        set(status, |s| s.bytes_sent += data.len() as u64);
+        Ok(())
+    })?;
+    let chunks = digest.chunks();
+    let digest = digest.finish();
+    wire::send(
+        writer,
+        &Message::LayerEnd {
+            seq,
+            chunks,
+            digest,
+        },
+    )?;
+    match wire::recv(reader)? {
+        Some(Message::LayerAck { seq: s, digest: d }) if s == seq && d == digest => {}
+        Some(Message::LayerAck { seq: s, .. }) => {
+            return Err(SendError::Diverged(format!(
+                "the site acknowledged layer {s} with another digest, expected layer {seq}"
+            )))
+        }
+        Some(Message::Refuse { code, reason }) => return Err(SendError::Refused { code, reason }),
+        Some(other) => return Err(SendError::Unexpected(other.name())),
+        None => return Err(SendError::Unexpected("end of connection")),
+    }
+    let now = now_ms();
+    let elapsed = started.elapsed();
+    set(status, |s| {
+        s.point_acked(seq, sealed_at, now, sent, elapsed)
+    });
+    if cfg.print_progress {
+        let s = status.lock().unwrap_or_else(|p| p.into_inner());
+        eprintln!("{}", s.line());
+    }
+    tracing::info!(
+        seq,
+        bytes = sent,
+        ms = elapsed.as_millis() as u64,
+        "point acknowledged"
+    );
+    Ok(())
+}
