@@ -61,7 +61,7 @@ pub fn layer_file(seq: u64, format: tandem_disk::Format) -> String {
 }
 
 fn is_ours(name: &str) -> bool {
-    (name.starts_with("layer-") || name.starts_with(".incoming-")) && !name.ends_with(".json")
+    name.starts_with("layer-") || name.starts_with(".incoming-") || name == ".manifest.json.tmp"
 }
 
 /// The site's directory and manifest.

@@ -318,6 +318,17 @@ pub struct SendConfig {
 /// a permanent error.
 pub fn run(cfg: &SendConfig, status: &Mutex<Status>, stop: &AtomicBool) -> Result<(), SendError> {
     let top = cfg.source.top()?;
+    if let Source::File(_) = cfg.source {
+        // Reopening a chain no VM uses: a checkpoint we were killed in the
+        // middle of left its new layer under a temporary name.
+        let tmp = tandem_disk::checkpoint::temp_name(&top);
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(&tmp, "remove the leftover of a checkpoint")(e))
+            }
+            _ => {}
+        }
+    }
     let identity = Identity::next(&top)?;
     {
         let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
