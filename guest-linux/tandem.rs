@@ -24,6 +24,9 @@
 //! ("COUNT [SIZE]": guest-to-host pings, results in `ping_stats`) and
 //! `inject` (sends the host a deliberately broken message).
 //!
+//! With ABI 1.1 it also acts on assigned functions for the host (quiesce,
+//! resume, report, policy: `functions.rs`, F6's guest-side filter objects).
+//!
 //! Module parameters `abi_min` and `abi_max` (wire form, major << 16 |
 //! minor; 0 = this build's range) narrow or shift the versions offered, for
 //! compatibility tests.
@@ -54,6 +57,8 @@ use kernel::{
 #[allow(dead_code, unreachable_pub, unused_imports)]
 #[path = "../shared-abi/src/lib.rs"]
 mod abi;
+
+mod functions;
 
 use abi::channel::{BeginError, Endpoint, LastError, Outcome, Role, State, DEFAULT_HOST_PARAMS};
 use abi::msg::{self as wire, caps, encode, goodbye, os, Kind, Out};
@@ -154,6 +159,9 @@ struct Chan {
     ping: PingSlot,
     /// Whether the loss of the host has been logged (log once per loss).
     host_lost_logged: bool,
+    /// A host `FUNCTION` request waiting to be carried out outside this
+    /// lock (it may sleep while a function drains): its tag and payload.
+    function: Option<(u64, wire::FunctionRequest)>,
 }
 
 #[pin_data(PinnedDrop)]
@@ -221,7 +229,7 @@ impl Shared {
             doorbells: Atomic::new(0),
             ring_full: Atomic::new(0),
             chan <- new_mutex!(Chan {
-                ep: Endpoint::new(Role::Guest, offered(), caps::ALL_V1_0, DEFAULT_HOST_PARAMS, VERSION, 0),
+                ep: Endpoint::new(Role::Guest, offered(), caps::ALL_V1_1, DEFAULT_HOST_PARAMS, VERSION, 0),
                 g2h_producer: 0,
                 h2g_consumer: 0,
                 enabled: false,
@@ -231,6 +239,7 @@ impl Shared {
                 tx,
                 ping: PingSlot::default(),
                 host_lost_logged: false,
+                function: None,
             }, "tandem::chan"),
             ev <- new_spinlock_irq!(0, "tandem::ev"),
             ev_cv <- new_condvar!("tandem::ev_cv"),
@@ -388,8 +397,37 @@ impl Shared {
 
     // ---- receiving (threaded interrupt and work item) ----
 
-    /// Consumes everything in H2G.
+    /// Consumes everything in H2G, then carries out a host `FUNCTION`
+    /// request if one came.
     fn service(&self) {
+        self.service_rings();
+        self.run_function();
+    }
+
+    /// Carries out the pending `FUNCTION` request (outside the channel
+    /// lock: a drain sleeps) and answers it.
+    fn run_function(&self) {
+        let Some((tag, req)) = self.chan.lock().function.take() else {
+            return;
+        };
+        let (status, report) = functions::execute(&req);
+        let mut guard = self.chan.lock();
+        let c = &mut *guard;
+        // None: the channel restarted meanwhile and the request is void.
+        let Some(out) = c.ep.respond(Kind::Function, tag, status) else {
+            return;
+        };
+        let payload: &[u8] = match &report {
+            Some(r) => r.as_bytes(),
+            None => &[],
+        };
+        if let Err(e) = self.send(c, &out, payload) {
+            self.set_error(fmt!("cannot answer the host's function request: {e:?}"));
+        }
+    }
+
+    /// Consumes everything in H2G.
+    fn service_rings(&self) {
         let mut guard = self.chan.lock();
         let c = &mut *guard;
         if !c.enabled || c.broken {
@@ -441,8 +479,32 @@ impl Shared {
     fn handle(&self, c: &mut Chan) {
         let now = self.now_ms();
         let before = c.ep.state();
-        let Chan { ep, rx, tx, g2h_producer, ping, .. } = c;
+        let Chan { ep, rx, tx, g2h_producer, ping, function, .. } = c;
         match ep.receive(rx, now) {
+            Outcome::Request { kind, tag, payload, .. } => {
+                // Only FUNCTION reaches here (the endpoint checked the
+                // payload's length); one at a time.
+                let req = wire::payload::<wire::FunctionRequest>(payload);
+                let status = match (kind, req, function.is_some()) {
+                    (Kind::Function, Some(r), false) => {
+                        *function = Some((tag, r));
+                        None
+                    }
+                    (Kind::Function, Some(_), true) => Some(wire::Status::Busy),
+                    _ => Some(wire::Status::UnknownKind),
+                };
+                if let Some(st) = status {
+                    if let Some(out) = ep.respond(kind, tag, st) {
+                        let sent = match encode(tx, &out, &[]) {
+                            Ok(n) => self.send_raw(g2h_producer, &tx[..n]),
+                            Err(_) => Err(EMSGSIZE),
+                        };
+                        if let Err(e) = sent {
+                            self.set_error(fmt!("cannot refuse the host's {}: {e:?}", kind.name()));
+                        }
+                    }
+                }
+            }
             Outcome::Reply { out, payload } => {
                 let sent = match encode(tx, &out, payload.as_slice()) {
                     Ok(n) => self.send_raw(g2h_producer, &tx[..n]),
@@ -507,6 +569,7 @@ impl Shared {
     // ---- housekeeping (work item) ----
 
     fn tick(&self) {
+        functions::expire_leases();
         let now = self.now_ms();
         let mut guard = self.chan.lock();
         let c = &mut *guard;
@@ -1101,6 +1164,9 @@ struct TandemModule {
     /// First: unregistering unbinds every device before the rest goes.
     #[pin]
     driver: driver::Registration<pci::Adapter<CtlDriver>>,
+    /// Dropped after the driver is gone (no request can run any more):
+    /// releases whatever the host had quiesced or frozen.
+    _functions: functions::Registration,
     _version: Pin<KBox<debugfs::File<()>>>,
     _abi_version: Pin<KBox<debugfs::File<()>>>,
     _dir: Dir,
@@ -1141,7 +1207,11 @@ impl kernel::InPlaceModule for TandemModule {
                 b.0,
                 b.1
             );
+            let functions = functions::Registration::new()?;
             Ok(try_pin_init!(Self {
+                // Written first so that a failed driver registration drops
+                // it (initializers are undone in reverse order).
+                _functions: functions,
                 driver <- driver::Registration::new(<Self as kernel::ModuleMetadata>::NAME, module),
                 _version: version,
                 _abi_version: abi_version,

@@ -11,8 +11,8 @@ use zerocopy::byteorder::little_endian::{U32, U64};
 use zerocopy::IntoBytes;
 
 use super::msg::{
-    self, caps, parse, Goodbye, Heartbeat, Hello, HelloReply, Kind, Message, Out, ParseError,
-    Status,
+    self, caps, parse, FunctionRequest, Goodbye, Heartbeat, Hello, HelloReply, Kind, Message, Out,
+    ParseError, Status,
 };
 use super::version::{negotiate, AbiVersion, NegotiationError, VersionRange};
 
@@ -163,6 +163,15 @@ pub enum Outcome<'a> {
     Refused { peer: VersionRange },
     /// An event from the peer.
     PeerEvent { kind: Kind, payload: &'a [u8] },
+    /// Guest: a request the driver itself must carry out (`FUNCTION`). The
+    /// caller answers it, now or later, with [`Endpoint::respond`] and a
+    /// payload of its own.
+    Request {
+        kind: Kind,
+        tag: u64,
+        timeout_ms: u32,
+        payload: &'a [u8],
+    },
 }
 
 /// A request of ours that is outstanding.
@@ -298,6 +307,7 @@ impl<const N: usize> Endpoint<N> {
         let needed = match kind {
             Kind::Ping => caps::PING,
             Kind::Heartbeat => caps::HEARTBEAT,
+            Kind::Function => caps::FUNCTIONS,
             _ => 0,
         };
         if kind == Kind::Hello || kind.is_event_kind() || capabilities & needed != needed {
@@ -330,6 +340,20 @@ impl<const N: usize> Endpoint<N> {
     }
 
     /// An event of ours (no response expected).
+    /// The header of our answer to a request handed out as
+    /// [`Outcome::Request`]. `None` when the channel went down or was
+    /// renegotiated since (the request is void, section 2 of the spec).
+    pub fn respond(&mut self, kind: Kind, tag: u64, status: Status) -> Option<Out> {
+        let State::Up { version, .. } = self.state else {
+            return None;
+        };
+        self.counters.tx_messages = self.counters.tx_messages.wrapping_add(1);
+        if status != Status::Ok {
+            self.counters.error_replies = self.counters.error_replies.wrapping_add(1);
+        }
+        Some(Out::response(version, kind, tag, status))
+    }
+
     pub fn event(&mut self, kind: Kind) -> Out {
         self.counters.tx_messages = self.counters.tx_messages.wrapping_add(1);
         Out::event(self.wire_version(), kind)
@@ -510,6 +534,24 @@ impl<const N: usize> Endpoint<N> {
                 Outcome::Reply {
                     out: Out::response(version, Kind::Heartbeat, m.tag, Status::Ok),
                     payload: ReplyPayload::built(body.as_bytes()),
+                }
+            }
+            Kind::Function => {
+                let State::Up { capabilities, .. } = self.state else {
+                    return self.error_reply(&m, Status::NotNegotiated);
+                };
+                if self.role != Role::Guest || capabilities & caps::FUNCTIONS == 0 {
+                    return self.error_reply(&m, Status::UnknownKind);
+                }
+                if msg::payload::<FunctionRequest>(m.payload).is_none() {
+                    self.last_error = LastError::ShortPayload(Kind::Function);
+                    return self.error_reply(&m, Status::BadLength);
+                }
+                Outcome::Request {
+                    kind: m.kind,
+                    tag: m.tag,
+                    timeout_ms: m.timeout_ms,
+                    payload: m.payload,
                 }
             }
             // Hello is handled above; events never reach here.
@@ -702,6 +744,97 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    #[test]
+    fn function_requests_reach_the_guest_driver_and_back() {
+        use super::super::msg::{function, FunctionReport};
+        let mk = |role, c| Ep::new(role, SUPPORTED, c, DEFAULT_HOST_PARAMS, "x", 0);
+        let (mut g, mut h) = (
+            mk(Role::Guest, caps::ALL_V1_1),
+            mk(Role::Host, caps::ALL_V1_1),
+        );
+        let (out, hello) = g.hello(os::LINUX, 0, 1000).unwrap();
+        let reply = deliver(&mut h, &enc(&out, hello.as_bytes()), 1).unwrap();
+        assert!(matches!(
+            g.receive(&reply, 2),
+            Outcome::Negotiated {
+                capabilities: caps::ALL_V1_1,
+                ..
+            }
+        ));
+        let req = FunctionRequest {
+            op: U32::new(function::op::QUIESCE),
+            segment: 0.into(),
+            bus: 3,
+            devfn: 0,
+            drain_ms: U32::new(500),
+            lease_ms: U32::new(0),
+            policy: U32::new(0),
+            reserved: U32::new(0),
+        };
+        let out = h.begin(Kind::Function, 10, 2000).unwrap();
+        let bytes = enc(&out, req.as_bytes());
+        let (tag, got) = match g.receive(&bytes, 11) {
+            Outcome::Request {
+                kind: Kind::Function,
+                tag,
+                timeout_ms: 2000,
+                payload,
+            } => (tag, msg::payload::<FunctionRequest>(payload).unwrap()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got, req);
+        let report = FunctionReport {
+            state: U32::new(function::state::PRESENT | function::state::QUIESCED),
+            power_state: U32::new(0),
+            disks: U32::new(1),
+            in_flight: U32::new(0),
+            drain_us: U32::new(1234),
+            quiesces: U32::new(1),
+            driver: msg::version_field("nvme"),
+        };
+        let out = g.respond(Kind::Function, tag, Status::Ok).unwrap();
+        match h.receive(&enc(&out, report.as_bytes()), 12) {
+            Outcome::Completed {
+                kind: Kind::Function,
+                status: Status::Ok,
+                payload,
+                ..
+            } => {
+                assert_eq!(msg::payload::<FunctionReport>(payload), Some(report));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A short payload is refused by the endpoint, not handed out.
+        let out = h.begin(Kind::Function, 20, 2000).unwrap();
+        let r = deliver(&mut g, &enc(&out, &req.as_bytes()[..10]), 21).unwrap();
+        assert_eq!(parse(&r).unwrap().status, Status::BadLength);
+        // The host does not take FUNCTION requests.
+        let r = deliver(
+            &mut h,
+            &enc(&Out::request(ABI_1_1, Kind::Function, 5, 0), req.as_bytes()),
+            22,
+        )
+        .unwrap();
+        assert_eq!(parse(&r).unwrap().status, Status::UnknownKind);
+        // After a reset the late answer has no channel to go to.
+        g.reset();
+        assert_eq!(g.respond(Kind::Function, tag, Status::Ok), None);
+        // A 1.0 guest never gets them.
+        let (mut g0, mut h1) = (
+            mk(Role::Guest, caps::ALL_V1_0),
+            mk(Role::Host, caps::ALL_V1_1),
+        );
+        let (out, hello) = g0.hello(os::LINUX, 0, 1000).unwrap();
+        let reply = deliver(&mut h1, &enc(&out, hello.as_bytes()), 1).unwrap();
+        g0.receive(&reply, 2);
+        assert_eq!(
+            h1.begin(Kind::Function, 3, 100),
+            Err(BeginError::NotSupported)
+        );
+    }
+
+    const ABI_1_1: AbiVersion = AbiVersion { major: 1, minor: 1 };
 
     #[test]
     fn negotiate_ping_and_heartbeat() {

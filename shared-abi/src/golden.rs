@@ -7,16 +7,18 @@
 //! and with this file. A Windows driver author can test against the same
 //! bytes.
 
-use zerocopy::byteorder::little_endian::{U32, U64};
+use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::IntoBytes;
 
 use super::msg::{
-    self, caps, encode, goodbye, os, parse, Goodbye, Hello, HelloReply, Kind, Out, Status,
+    self, caps, encode, function, goodbye, os, parse, FunctionReport, FunctionRequest, Goodbye,
+    Hello, HelloReply, Kind, Out, Status,
 };
 use super::ring::DEFAULT_GEOMETRY;
 use super::version::AbiVersion;
 
 const V1_0: AbiVersion = AbiVersion { major: 1, minor: 0 };
+const V1_1: AbiVersion = AbiVersion { major: 1, minor: 1 };
 
 /// `HELLO` from a Linux guest speaking 1.0 only, tag 1, timeout 1000 ms.
 pub const HELLO: [u8; 72] = [
@@ -64,6 +66,33 @@ pub const GOODBYE: [u8; 40] = [
     0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
     0x00, //
     0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+];
+
+/// ABI 1.1: the host asks the guest to quiesce the function at 0000:03:00.0
+/// and wait up to 1000 ms for it to drain; tag 7, timeout 2000 ms.
+pub const FUNCTION_QUIESCE: [u8; 56] = [
+    0x54, 0x4e, 0x44, 0x4d, 0x01, 0x00, 0x01, 0x00, 0x06, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, //
+    0x00, 0x18, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xd0,
+    0x07, //
+    0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0x00, 0xe8, 0x03, 0x00, 0x00,
+    0x00, //
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+];
+
+/// The guest's answer: present, bound to `nvme`, enabled, bus master,
+/// MSI-X, quiesced and drained; one disk, nothing in flight, drained in
+/// 250 us, the first quiesce.
+pub const FUNCTION_REPORT: [u8; 72] = [
+    0x54, 0x4e, 0x44, 0x4d, 0x01, 0x00, 0x01, 0x00, 0x06, 0x00, 0x01, 0x00, 0x00, 0x00,
+    0x00, //
+    0x00, 0x28, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, //
+    0x00, 0x00, 0x7f, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,
+    0x00, //
+    0x00, 0x00, 0x00, 0xfa, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x6e, 0x76, 0x6d,
+    0x65, //
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
 ];
 
 /// `RING_GEOMETRY` for the default 64 slots of 512 bytes.
@@ -143,16 +172,56 @@ pub fn check() -> Result<usize, &'static str> {
         &Out::event(V1_0, Kind::Goodbye),
         bye.as_bytes(),
     )?;
+    let quiesce = FunctionRequest {
+        op: U32::new(function::op::QUIESCE),
+        segment: U16::new(0),
+        bus: 3,
+        devfn: 0,
+        drain_ms: U32::new(1000),
+        lease_ms: U32::new(0),
+        policy: U32::new(0),
+        reserved: U32::new(0),
+    };
+    same(
+        "function-quiesce",
+        &FUNCTION_QUIESCE,
+        &Out::request(V1_1, Kind::Function, 7, 2000),
+        quiesce.as_bytes(),
+    )?;
+    use function::state as st;
+    let report = FunctionReport {
+        state: U32::new(
+            st::PRESENT
+                | st::BOUND
+                | st::ENABLED
+                | st::BUS_MASTER
+                | st::MSIX
+                | st::QUIESCED
+                | st::DRAINED,
+        ),
+        power_state: U32::new(0),
+        disks: U32::new(1),
+        in_flight: U32::new(0),
+        drain_us: U32::new(250),
+        quiesces: U32::new(1),
+        driver: msg::version_field("nvme"),
+    };
+    same(
+        "function-report",
+        &FUNCTION_REPORT,
+        &Out::response(V1_1, Kind::Function, 7, Status::Ok),
+        report.as_bytes(),
+    )?;
     if DEFAULT_GEOMETRY.to_register() != DEFAULT_GEOMETRY_REGISTER {
         return Err("ring-geometry");
     }
-    Ok(5)
+    Ok(7)
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn golden_vectors_hold() {
-        assert_eq!(super::check(), Ok(5));
+        assert_eq!(super::check(), Ok(7));
     }
 }

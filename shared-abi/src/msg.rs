@@ -90,6 +90,11 @@ pub enum Kind {
     Goodbye = 4,
     /// Host to guest event. Payload [`Event`].
     Event = 5,
+    /// Host to guest request (ABI 1.1, capability [`caps::FUNCTIONS`]):
+    /// act on an assigned PCI function's driver stack in the guest (quiesce
+    /// its I/O, resume it, report it, apply the host's policy). Payload
+    /// [`FunctionRequest`]; response payload [`FunctionReport`].
+    Function = 6,
 }
 
 impl Kind {
@@ -100,6 +105,7 @@ impl Kind {
             3 => Some(Kind::Ping),
             4 => Some(Kind::Goodbye),
             5 => Some(Kind::Event),
+            6 => Some(Kind::Function),
             _ => None,
         }
     }
@@ -117,6 +123,7 @@ impl Kind {
             Kind::Ping => "ping",
             Kind::Goodbye => "goodbye",
             Kind::Event => "event",
+            Kind::Function => "function",
         }
     }
 }
@@ -143,6 +150,10 @@ pub enum Status {
     Busy = 7,
     /// The responder failed for its own reasons.
     Internal = 8,
+    /// `FUNCTION`: the guest has no device at that address (ABI 1.1).
+    NoDevice = 9,
+    /// `FUNCTION`: the operation did not finish in the time asked (ABI 1.1).
+    TimedOut = 10,
 }
 
 impl Status {
@@ -157,6 +168,8 @@ impl Status {
             6 => Some(Status::NoCommonVersion),
             7 => Some(Status::Busy),
             8 => Some(Status::Internal),
+            9 => Some(Status::NoDevice),
+            10 => Some(Status::TimedOut),
             _ => None,
         }
     }
@@ -172,6 +185,8 @@ impl Status {
             Status::NoCommonVersion => "no common version",
             Status::Busy => "busy",
             Status::Internal => "internal error",
+            Status::NoDevice => "no such function",
+            Status::TimedOut => "timed out",
         }
     }
 }
@@ -187,6 +202,11 @@ pub mod caps {
     pub const EVENTS: u64 = 1 << 2;
     /// Everything ABI 1.0 defines.
     pub const ALL_V1_0: u64 = PING | HEARTBEAT | EVENTS;
+    /// `FUNCTION` requests (ABI 1.1): the guest driver acts on assigned
+    /// functions for the host.
+    pub const FUNCTIONS: u64 = 1 << 3;
+    /// Everything ABI 1.1 defines.
+    pub const ALL_V1_1: u64 = ALL_V1_0 | FUNCTIONS;
 }
 
 /// Operating systems in [`Hello::os`].
@@ -276,6 +296,95 @@ wire_struct! {
 pub mod event {
     /// Informational: the host wants the guest to log `arg`.
     pub const NOTICE: u32 = 1;
+}
+
+wire_struct! {
+    /// `FUNCTION` request payload.
+    pub struct FunctionRequest {
+        /// One of [`function::op`].
+        pub op: U32,
+        /// The function's PCI address as the guest enumerated it.
+        pub segment: U16,
+        pub bus: u8,
+        /// Device << 3 | function.
+        pub devfn: u8,
+        /// `QUIESCE`: how long to wait for requests already sent to the
+        /// function to complete before answering (0: do not wait).
+        pub drain_ms: U32,
+        /// `QUIESCE`: the guest resumes by itself after this long without
+        /// a `RESUME`, so a host that vanished cannot stall it forever
+        /// (0: [`function::DEFAULT_LEASE_MS`]).
+        pub lease_ms: U32,
+        /// `POLICY`: [`function::policy`] bits.
+        pub policy: U32,
+        pub reserved: U32,
+    }
+}
+
+wire_struct! {
+    /// `FUNCTION` response payload: the guest's view of the function after
+    /// the operation.
+    pub struct FunctionReport {
+        /// [`function::state`] bits.
+        pub state: U32,
+        /// PCI power state: 0 D0, 1 D1, 2 D2, 3 D3hot, 4 D3cold.
+        pub power_state: U32,
+        /// Block devices the function's driver created.
+        pub disks: U32,
+        /// Requests sent to the function and not completed.
+        pub in_flight: U32,
+        /// `QUIESCE`: how long the drain took, in microseconds.
+        pub drain_us: U32,
+        /// Quiesces since the driver loaded.
+        pub quiesces: U32,
+        /// The driver bound to the function, ASCII, NUL-padded (empty:
+        /// none).
+        pub driver: [u8; 16],
+    }
+}
+
+/// Values for [`FunctionRequest`] and [`FunctionReport`].
+pub mod function {
+    /// Operations in [`super::FunctionRequest::op`].
+    pub mod op {
+        /// Hold new I/O to the function (it waits in the guest's queues,
+        /// it does not fail) and wait up to `drain_ms` for I/O already
+        /// sent to complete. Answered `TIMED_OUT` (with the report) if it
+        /// did not drain; the function stays quiesced either way.
+        pub const QUIESCE: u32 = 1;
+        /// Let held I/O go.
+        pub const RESUME: u32 = 2;
+        /// Only report.
+        pub const REPORT: u32 = 3;
+        /// Apply the host's policy bits to guest-originated management of
+        /// the function.
+        pub const POLICY: u32 = 4;
+    }
+    /// Bits of [`super::FunctionRequest::policy`].
+    pub mod policy {
+        /// The host holds the function frozen: the guest refuses its own
+        /// function resets (sysfs `reset`, and kernel-initiated ones).
+        pub const FROZEN: u32 = 1 << 0;
+    }
+    /// Bits of [`super::FunctionReport::state`].
+    pub mod state {
+        /// The guest has a device at that address.
+        pub const PRESENT: u32 = 1 << 0;
+        /// A driver is bound to it.
+        pub const BOUND: u32 = 1 << 1;
+        /// The driver enabled the device.
+        pub const ENABLED: u32 = 1 << 2;
+        pub const BUS_MASTER: u32 = 1 << 3;
+        pub const MSIX: u32 = 1 << 4;
+        /// New I/O is held (after `QUIESCE`, until `RESUME` or the lease ends).
+        pub const QUIESCED: u32 = 1 << 5;
+        /// Nothing is in flight.
+        pub const DRAINED: u32 = 1 << 6;
+        /// The `FROZEN` policy is applied.
+        pub const FROZEN: u32 = 1 << 7;
+    }
+    /// The lease of a quiesce when the request says 0.
+    pub const DEFAULT_LEASE_MS: u32 = 60_000;
 }
 
 /// Why a message was refused by [`parse`].
@@ -601,5 +710,7 @@ mod tests {
         assert_eq!(size_of::<Heartbeat>(), 16);
         assert_eq!(size_of::<Goodbye>(), 8);
         assert_eq!(size_of::<Event>(), 16);
+        assert_eq!(size_of::<FunctionRequest>(), 24);
+        assert_eq!(size_of::<FunctionReport>(), 40);
     }
 }

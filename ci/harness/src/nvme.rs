@@ -189,6 +189,173 @@ async fn fio_verify(c: &mut Console, dev: &str, qd: u32, secs: u32) -> Result<f6
     Ok(iops)
 }
 
+/// `tandem device <op> nvme-vf1 --json`: the guest driver stack's answer.
+async fn guest_op(vm: &Booted, op: &str, extra: &[&str]) -> Result<Value> {
+    let api = vm.api.display().to_string();
+    let mut args = vec!["device", op, "nvme-vf1", "--json", "--api-socket", &api];
+    args.extend_from_slice(extra);
+    let (code, out, err) = tandem(&args).await?;
+    let v: Value = serde_json::from_str(&out)
+        .with_context(|| format!("tandem device {op} ({code}): {out}{err}"))?;
+    Ok(v)
+}
+
+fn vf1_io(info: &Value) -> Result<u64> {
+    let s = &vf_state(info, 1)?["controller"]["stats"];
+    Ok(s["reads"].as_u64().unwrap_or(0) + s["writes"].as_u64().unwrap_or(0))
+}
+
+/// F6 through the control channel: quiesce under fio (new I/O held in the
+/// guest, nothing in flight, the device sees no command), resume (fio
+/// finishes with verify and no error), a lease that ends by itself, and the
+/// frozen policy refusing the guest's own function reset.
+async fn f6(vm: &mut Booted, dir: &Path, dev: &str, bdf: &str) -> Result<()> {
+    let r = guest_op(vm, "report", &[]).await?;
+    let g = &r["guest"];
+    ensure!(
+        g["status"] == "ok"
+            && g["present"] == true
+            && g["driver"] == "nvme"
+            && g["enabled"] == true
+            && g["bus_master"] == true
+            && g["msix"] == true
+            && g["disks"] == 1
+            && g["power_state"] == "D0"
+            && r["guest_address"] == bdf,
+        "guest report of VF1: {r}"
+    );
+    println!(
+        "F6 report: the guest sees {} bound to {}, enabled, bus master, MSI-X, D0, 1 disk",
+        r["guest_address"], g["driver"]
+    );
+    vm.console
+        .check(&format!(
+            "{{ (fio --name=q --filename={dev} --rw=randwrite --bs=4k --size=64M --ioengine=libaio \
+             --direct=1 --iodepth=16 --time_based --runtime=20 --verify=crc32c \
+             --verify_backlog=256 --verify_fatal=1 --randrepeat=0; echo fio-exit=$?) \
+             > /tmp/f6.log 2>&1 & }}"
+        ))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The device server stops fetching VF1's I/O (host policy, enforced in
+    // the device): the guest's requests stay in flight, the guest counts
+    // them, and a quiesce cannot drain them in 500 ms ("timed out").
+    let d = dir.display().to_string();
+    tandem_ok(&["nvme", "policy", "--dir", &d, "--vf", "1", "--frozen"]).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = guest_op(vm, "report", &[]).await?;
+    let stuck = r["guest"]["in_flight"].as_u64().unwrap_or(0);
+    let early = guest_op(vm, "quiesce", &["--drain-ms", "500", "--lease-ms", "60000"]).await;
+    // Thaw first, whatever the guest said, so that its requests complete
+    // long before the nvme driver's own timeout.
+    tandem_ok(&["nvme", "policy", "--dir", &d, "--vf", "1"]).await?;
+    let early = early?;
+    ensure!(
+        stuck > 0
+            && early["guest"]["status"] == "timed out"
+            && early["guest"]["quiesced"] == true
+            && early["guest"]["in_flight"].as_u64().unwrap_or(0) > 0,
+        "with the device frozen: report {r}, quiesce {early}"
+    );
+    // The device completes them; a second quiesce (a new lease) drains.
+    let q = guest_op(
+        vm,
+        "quiesce",
+        &["--drain-ms", "5000", "--lease-ms", "60000"],
+    )
+    .await?;
+    let g = &q["guest"];
+    ensure!(
+        g["status"] == "ok" && g["quiesced"] == true && g["drained"] == true && g["in_flight"] == 0,
+        "quiesce under fio: {q}"
+    );
+    let held_from = vf1_io(&show(dir).await?)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held_to = vf1_io(&show(dir).await?)?;
+    ensure!(
+        held_from == held_to,
+        "VF1 executed {} commands while quiesced",
+        held_to - held_from
+    );
+    let r = guest_op(vm, "resume", &[]).await?;
+    ensure!(
+        r["guest"]["status"] == "ok" && r["guest"]["quiesced"] == false,
+        "resume: {r}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let moving = vf1_io(&show(dir).await?)?;
+    ensure!(moving > held_to, "no I/O reached VF1 after resume");
+    println!(
+        "F6 quiesce under fio QD16: with the device frozen {stuck} requests stayed in flight and the quiesce timed out; thawed, it drained in {} us (round trip {} us); no command reached the device for 2 s; resumed, I/O flows again",
+        g["drain_us"], g["round_trip_us"]
+    );
+    let begun = Instant::now();
+    let log = loop {
+        let log = vm.console.check("cat /tmp/f6.log").await?;
+        if log.contains("fio-exit=") {
+            break log;
+        }
+        ensure!(
+            begun.elapsed() < Duration::from_secs(180),
+            "fio did not finish:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    ensure!(
+        log.contains("fio-exit=0") && log.contains("err= 0"),
+        "fio across quiesce/resume failed:\n{}",
+        tail(&log, 30)
+    );
+    println!("fio randwrite+verify across the quiesce: no errors");
+
+    // A lease that runs out: the guest resumes by itself.
+    let q = guest_op(vm, "quiesce", &["--drain-ms", "1000", "--lease-ms", "1500"]).await?;
+    ensure!(q["guest"]["quiesced"] == true, "quiesce: {q}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = guest_op(vm, "report", &[]).await?;
+    ensure!(
+        r["guest"]["quiesced"] == false,
+        "the lease did not end: {r}"
+    );
+    let (_, st) = vm
+        .console
+        .run(
+            &format!("dd if={dev} of=/dev/null bs=4k count=16 iflag=direct"),
+            Duration::from_secs(30),
+        )
+        .await?;
+    ensure!(st == 0, "I/O after the lease ended failed");
+    println!("F6 lease: a quiesce the host never resumed ended by itself after 1.5 s");
+
+    // The frozen policy in the guest's filter: its own function reset is refused.
+    let reset = format!("echo 1 > /sys/bus/pci/devices/{bdf}/reset");
+    let r = guest_op(vm, "guest-policy", &["--frozen"]).await?;
+    ensure!(r["guest"]["frozen"] == true, "policy: {r}");
+    let (out, st) = vm.console.run(&reset, Duration::from_secs(30)).await?;
+    ensure!(st != 0, "a function reset went through while frozen: {out}");
+    let r = guest_op(vm, "guest-policy", &[]).await?;
+    ensure!(r["guest"]["frozen"] == false, "policy: {r}");
+    let before = show(dir).await?;
+    let (out, st) = vm.console.run(&reset, Duration::from_secs(60)).await?;
+    ensure!(st == 0, "the function reset failed after the thaw: {out}");
+    let after = show(dir).await?;
+    let flrs = |v: &Value| vf_state(v, 1).map(|f| f["function_resets"].as_u64().unwrap_or(0));
+    ensure!(
+        flrs(&after)? > flrs(&before)?,
+        "the reset after the thaw did not reach the device"
+    );
+    let (_, st) = vm
+        .console
+        .run(
+            &format!("dd if={dev} of=/dev/null bs=4k count=16 iflag=direct"),
+            Duration::from_secs(60),
+        )
+        .await?;
+    ensure!(st == 0, "VF1 I/O after its function reset failed");
+    println!("F6 policy: the guest refused its own reset of VF1 while frozen; after the thaw the reset reached the device (FLR) and I/O works");
+    Ok(())
+}
+
 pub async fn e2e() -> Result<()> {
     let work = tempdir()?;
     let w = work.path();
@@ -259,7 +426,10 @@ pub async fn e2e() -> Result<()> {
         &sum[..sum.len().min(32)]
     );
 
-    // 3. The hostile suite on VF2 (unbound), doorbells on VF1 (in use).
+    // 3. F6: the host acts on VF1's driver stack in the guest.
+    f6(&mut vm, &srv.dir, &dev1, &bdf1).await?;
+
+    // 4. The hostile suite on VF2 (unbound), doorbells on VF1 (in use).
     let (c2, bdf2) = attach(&mut vm, &srv.dir, 2).await?;
     vm.console
         .check(&format!("echo {bdf2} > /sys/bus/pci/drivers/nvme/unbind"))

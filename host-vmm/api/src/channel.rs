@@ -135,3 +135,68 @@ pub enum Fault {
 pub struct InjectRequest {
     pub fault: Fault,
 }
+
+/// What the host asks the guest driver to do with an assigned function
+/// (ABI 1.1 `FUNCTION` requests, `shared-abi/README.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FunctionOp {
+    /// Hold new I/O in the guest and wait for I/O in flight to complete.
+    Quiesce,
+    /// Let held I/O go.
+    Resume,
+    /// Only report the guest's view.
+    Report,
+    /// Apply the host's policy (`frozen`) in the guest's filter.
+    Policy,
+}
+
+/// A `FUNCTION` request as the control device server takes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub op: FunctionOp,
+    /// The function's address as the guest enumerated it.
+    pub segment: u16,
+    pub bus: u8,
+    pub devfn: u8,
+    /// `quiesce`: how long the guest waits for I/O in flight.
+    #[serde(default)]
+    pub drain_ms: u32,
+    /// `quiesce`: the guest resumes by itself after this long without a
+    /// `resume` (0: one minute).
+    #[serde(default)]
+    pub lease_ms: u32,
+    /// `policy`: the host holds the function frozen.
+    #[serde(default)]
+    pub frozen: bool,
+    /// How long the host waits for the answer.
+    pub timeout_ms: u32,
+}
+
+/// The guest driver's answer: its view of the function after the operation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestFunction {
+    /// The guest's status: "ok", or why the operation did not complete
+    /// ("timed out": I/O was still in flight after `drain_ms`).
+    pub status: String,
+    pub present: bool,
+    /// The guest driver bound to it ("" when none).
+    pub driver: String,
+    pub enabled: bool,
+    pub bus_master: bool,
+    pub msix: bool,
+    /// New I/O is held in the guest.
+    pub quiesced: bool,
+    /// Nothing is in flight.
+    pub drained: bool,
+    /// The guest's filter applies the frozen policy.
+    pub frozen: bool,
+    /// "D0" to "D3cold".
+    pub power_state: String,
+    pub disks: u32,
+    pub in_flight: u32,
+    pub drain_us: u32,
+    pub quiesces: u32,
+    /// Host-side round trip of the request.
+    pub round_trip_us: u64,
+}

@@ -27,6 +27,9 @@ pub mod routes {
     pub const DEVICE_LIST: &str = "/api/v1/device.list";
     pub const DEVICE_ATTACH: &str = "/api/v1/device.attach";
     pub const DEVICE_DETACH: &str = "/api/v1/device.detach";
+    /// Asks the guest driver to quiesce, resume or report an attached
+    /// function, or to apply the host's policy to it (F6).
+    pub const DEVICE_GUEST: &str = "/api/v1/device.guest";
     /// Every route with its method, for the OpenAPI check.
     pub const ALL: &[(&str, &str)] = &[
         ("get", PING),
@@ -40,5 +43,6 @@ pub mod routes {
         ("get", DEVICE_LIST),
         ("put", DEVICE_ATTACH),
         ("put", DEVICE_DETACH),
+        ("put", DEVICE_GUEST),
     ];
 }

@@ -151,3 +151,30 @@ pub struct DeviceList {
     /// Hot-plug root ports not in use.
     pub free_ports: Vec<String>,
 }
+
+/// `device.guest`: an operation of the guest driver stack on an attached
+/// function, carried over the control channel (ABI 1.1 `FUNCTION`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceGuestRequest {
+    pub id: String,
+    pub op: crate::channel::FunctionOp,
+    /// `quiesce`: how long the guest waits for I/O in flight (default 5000).
+    #[serde(default)]
+    pub drain_ms: Option<u32>,
+    /// `quiesce`: the guest resumes by itself after this long without a
+    /// `resume` (default one minute).
+    #[serde(default)]
+    pub lease_ms: Option<u32>,
+    /// `policy`: the host holds the function frozen.
+    #[serde(default)]
+    pub frozen: bool,
+}
+
+/// `device.guest`'s answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceGuestResponse {
+    pub id: String,
+    /// The function's address in the guest, `SSSS:BB:DD.F`.
+    pub guest_address: String,
+    pub guest: crate::channel::GuestFunction,
+}

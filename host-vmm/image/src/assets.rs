@@ -43,6 +43,7 @@ pub const MODULE_SOURCES: &[Asset] = &[
     asset!("guest-linux/Kbuild"),
     asset!("guest-linux/Makefile"),
     asset!("guest-linux/tandem.rs"),
+    asset!("guest-linux/functions.rs"),
     asset!("shared-abi/src/lib.rs"),
     asset!("shared-abi/src/channel.rs"),
     asset!("shared-abi/src/faults.rs"),

@@ -9,7 +9,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde_json::Value;
-use tandem_api::{routes, AttachedDevice, DeviceAttachRequest, DeviceDetachRequest, DeviceList};
+use tandem_api::channel::FunctionOp;
+use tandem_api::{
+    routes, AttachedDevice, DeviceAttachRequest, DeviceDetachRequest, DeviceGuestRequest,
+    DeviceGuestResponse, DeviceList,
+};
 use tandem_nvme_device::ctrl::HostPolicy;
 use tandem_nvme_device::server::{self, Request, Response};
 
@@ -49,6 +53,112 @@ pub enum DeviceCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Ask the guest driver stack to hold new I/O to a function and wait
+    /// for I/O in flight to complete (needs tandem.ko with ABI 1.1).
+    Quiesce {
+        id: String,
+        /// How long the guest waits for I/O in flight.
+        #[arg(long, default_value_t = 5000)]
+        drain_ms: u32,
+        /// The guest resumes by itself after this long without `resume`.
+        #[arg(long, default_value_t = 60_000)]
+        lease_ms: u32,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Let the I/O held by `quiesce` go.
+    Resume {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The guest driver stack's view of a function.
+    Report {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Apply the host's policy in the guest's filter as well (the device
+    /// server enforces it regardless: `tandem nvme policy`).
+    GuestPolicy {
+        id: String,
+        /// The host holds the function frozen: the guest refuses its own
+        /// function resets.
+        #[arg(long)]
+        frozen: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn print_guest(r: &DeviceGuestResponse, indent: &str) {
+    let g = &r.guest;
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    println!(
+        "{indent}guest {}: status {} | driver {} | enabled {} bus master {} msi-x {} | {}",
+        r.guest_address,
+        g.status,
+        if g.driver.is_empty() {
+            "none"
+        } else {
+            &g.driver
+        },
+        yes(g.enabled),
+        yes(g.bus_master),
+        yes(g.msix),
+        g.power_state
+    );
+    println!(
+        "{indent}disks {} | in flight {} | quiesced {} drained {} (drain {} us, {} quiesces) | frozen {} | round trip {} us",
+        g.disks,
+        g.in_flight,
+        yes(g.quiesced),
+        yes(g.drained),
+        g.drain_us,
+        g.quiesces,
+        yes(g.frozen),
+        g.round_trip_us
+    );
+}
+
+async fn guest_op(
+    target: &Target,
+    id: String,
+    op: FunctionOp,
+    drain_ms: Option<u32>,
+    lease_ms: Option<u32>,
+    frozen: bool,
+) -> Result<DeviceGuestResponse> {
+    let req = DeviceGuestRequest {
+        id,
+        op,
+        drain_ms,
+        lease_ms,
+        frozen,
+    };
+    let wait = u64::from(drain_ms.unwrap_or(5000)) + 15_000;
+    Ok(target
+        .client()
+        .with_timeout(Duration::from_millis(wait))
+        .put(routes::DEVICE_GUEST, &req)
+        .await?)
+}
+
+fn show_guest(r: &DeviceGuestResponse, json: bool) -> Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        print_guest(r, "");
+    }
+    Ok(if r.guest.status == "ok" { 0 } else { 1 })
 }
 
 #[derive(Subcommand)]
@@ -345,9 +455,48 @@ pub async fn device(cmd: DeviceCmd) -> Result<i32> {
                     (None, Some(e)) => println!("  state unknown: {e}"),
                     (None, None) => println!("  state unknown: no device server API"),
                 }
+                match guest_op(&target, d.id.clone(), FunctionOp::Report, None, None, false).await {
+                    Ok(r) => print_guest(&r, "  "),
+                    Err(e) => println!("  guest view unknown: {e:#}"),
+                }
             }
             println!("free root ports: {}", l.free_ports.join(", "));
             Ok(0)
+        }
+        DeviceCmd::Quiesce {
+            id,
+            drain_ms,
+            lease_ms,
+            json,
+            target,
+        } => {
+            let r = guest_op(
+                &target,
+                id,
+                FunctionOp::Quiesce,
+                Some(drain_ms),
+                Some(lease_ms),
+                false,
+            )
+            .await?;
+            show_guest(&r, json)
+        }
+        DeviceCmd::Resume { id, json, target } => {
+            let r = guest_op(&target, id, FunctionOp::Resume, None, None, false).await?;
+            show_guest(&r, json)
+        }
+        DeviceCmd::Report { id, json, target } => {
+            let r = guest_op(&target, id, FunctionOp::Report, None, None, false).await?;
+            show_guest(&r, json)
+        }
+        DeviceCmd::GuestPolicy {
+            id,
+            frozen,
+            json,
+            target,
+        } => {
+            let r = guest_op(&target, id, FunctionOp::Policy, None, None, frozen).await?;
+            show_guest(&r, json)
         }
     }
 }

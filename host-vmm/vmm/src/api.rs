@@ -61,6 +61,7 @@ pub fn router(vm: Arc<Vm>) -> Router {
         .route(routes::DEVICE_LIST, get(device_list))
         .route(routes::DEVICE_ATTACH, put(device_attach))
         .route(routes::DEVICE_DETACH, put(device_detach))
+        .route(routes::DEVICE_GUEST, put(device_guest))
         .fallback(|| async {
             Error(
                 StatusCode::NOT_FOUND,
@@ -197,7 +198,7 @@ async fn channel_ping(State(vm): State<Arc<Vm>>, body: Bytes) -> Result<Json<Pin
     match r {
         DevResponse::Ping(p) => Ok(Json(p)),
         DevResponse::Error { message } => Err(Error(StatusCode::BAD_REQUEST, message)),
-        DevResponse::Info(_) | DevResponse::Injected => Err(Error(
+        DevResponse::Info(_) | DevResponse::Injected | DevResponse::Function(_) => Err(Error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "unexpected answer".into(),
         )),
@@ -239,7 +240,8 @@ fn device_error(e: crate::devices::DeviceError) -> Error {
         D::NoPort(_) => StatusCode::CONFLICT,
         D::NotFound(_) => StatusCode::NOT_FOUND,
         D::Qemu(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        D::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        D::Timeout { .. } | D::GuestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        D::NotInGuest(_) | D::Guest(_) => StatusCode::CONFLICT,
     };
     Error(status, e.to_string())
 }
@@ -283,4 +285,16 @@ async fn device_detach(
         .await
         .map_err(device_error)?;
     Ok(Json(serde_json::json!({})))
+}
+
+async fn device_guest(
+    State(vm): State<Arc<Vm>>,
+    b: Bytes,
+) -> Result<Json<tandem_api::DeviceGuestResponse>, Error> {
+    let req: tandem_api::DeviceGuestRequest = body(&b)?;
+    let c = control(&vm)?.clone();
+    crate::devices::guest_op(&vm, &c, req)
+        .await
+        .map(Json)
+        .map_err(device_error)
 }

@@ -37,6 +37,12 @@ pub enum DeviceError {
     Qemu(String),
     #[error("the guest did not release {id} within {after:?}")]
     Timeout { id: String, after: Duration },
+    #[error("{0} has no address in the guest yet (not enumerated; is the VM booted?)")]
+    NotInGuest(String),
+    #[error("the guest driver: {0}")]
+    Guest(String),
+    #[error("the guest driver did not answer: {0}")]
+    GuestTimeout(String),
 }
 
 fn valid_id(id: &str) -> bool {
@@ -238,9 +244,112 @@ pub async fn list(vm: &Arc<Vm>) -> DeviceList {
     }
 }
 
+/// Finds a device's PCI address as the guest enumerated it, from QEMU's
+/// `query-pci` (devices behind root ports are nested under their bridge).
+fn find_in_pci(buses: &Value, id: &str) -> Option<(u8, u8)> {
+    fn walk(devices: &Value, id: &str) -> Option<(u8, u8)> {
+        for d in devices.as_array()? {
+            if d.get("qdev_id").and_then(Value::as_str) == Some(id) {
+                let bus = u8::try_from(d.get("bus")?.as_u64()?).ok()?;
+                let slot = d.get("slot")?.as_u64()?;
+                let func = d.get("function")?.as_u64()?;
+                let devfn = u8::try_from((slot << 3) | func).ok()?;
+                return Some((bus, devfn));
+            }
+            if let Some(found) = d
+                .get("pci_bridge")
+                .and_then(|b| b.get("devices"))
+                .and_then(|ds| walk(ds, id))
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+    buses
+        .as_array()?
+        .iter()
+        .find_map(|b| b.get("devices").and_then(|ds| walk(ds, id)))
+}
+
+/// Default time the guest gets to drain a function on `quiesce`.
+const DEFAULT_DRAIN_MS: u32 = 5000;
+
+/// Carries a `device.guest` operation to the guest driver over the control
+/// channel and returns its answer.
+pub async fn guest_op(
+    vm: &Arc<Vm>,
+    control: &Arc<crate::control::ControlServer>,
+    req: tandem_api::DeviceGuestRequest,
+) -> Result<tandem_api::DeviceGuestResponse, DeviceError> {
+    use tandem_control_device::api::{Request as DevRequest, Response as DevResponse};
+    if !lock(&vm.assigned).contains_key(&req.id) {
+        return Err(DeviceError::NotFound(req.id));
+    }
+    let pci = vm
+        .qmp()
+        .execute("query-pci", None)
+        .await
+        .map_err(|e| DeviceError::Qemu(e.to_string()))?;
+    let (bus, devfn) =
+        find_in_pci(&pci, &req.id).ok_or_else(|| DeviceError::NotInGuest(req.id.clone()))?;
+    if bus == 0 {
+        // A root port the guest has not given a bus number yet.
+        return Err(DeviceError::NotInGuest(req.id));
+    }
+    let drain_ms = req.drain_ms.unwrap_or(DEFAULT_DRAIN_MS);
+    let timeout_ms = drain_ms.saturating_add(5000);
+    let call = tandem_api::channel::FunctionCall {
+        op: req.op,
+        segment: 0,
+        bus,
+        devfn,
+        drain_ms,
+        lease_ms: req.lease_ms.unwrap_or(0),
+        frozen: req.frozen,
+        timeout_ms,
+    };
+    let answer = control
+        .request(
+            &DevRequest::Function { call },
+            Duration::from_millis(u64::from(timeout_ms) + 3000),
+        )
+        .await
+        .map_err(|e| DeviceError::GuestTimeout(e.to_string()))?;
+    let guest = match answer {
+        DevResponse::Function(g) => g,
+        DevResponse::Error { message } => return Err(DeviceError::Guest(message)),
+        _ => {
+            return Err(DeviceError::Guest(
+                "unexpected answer from the control device".into(),
+            ))
+        }
+    };
+    info!(id = %req.id, op = ?req.op, status = %guest.status, in_flight = guest.in_flight, quiesced = guest.quiesced, "guest function operation");
+    Ok(tandem_api::DeviceGuestResponse {
+        id: req.id,
+        guest_address: format!("0000:{bus:02x}:{:02x}.{}", devfn >> 3, devfn & 7),
+        guest,
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::valid_id;
+    use super::{find_in_pci, valid_id};
+
+    #[test]
+    fn finds_devices_behind_root_ports() {
+        let pci = serde_json::json!([{"bus": 0, "devices": [
+            {"bus": 0, "slot": 1, "function": 0, "qdev_id": "", "class_info": {}},
+            {"bus": 0, "slot": 2, "function": 0, "qdev_id": "rp1",
+             "pci_bridge": {"bus": {"number": 3}, "devices": [
+                {"bus": 3, "slot": 0, "function": 0, "qdev_id": "nvme-vf1"}]}},
+        ]}]);
+        assert_eq!(find_in_pci(&pci, "nvme-vf1"), Some((3, 0)));
+        assert_eq!(find_in_pci(&pci, "rp1"), Some((0, 16)));
+        assert_eq!(find_in_pci(&pci, "nope"), None);
+        assert_eq!(find_in_pci(&serde_json::json!({}), "x"), None);
+    }
 
     #[test]
     fn ids() {

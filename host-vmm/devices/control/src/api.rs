@@ -2,7 +2,7 @@
 //! one JSON object per line each way over a Unix socket.
 
 use serde::{Deserialize, Serialize};
-pub use tandem_api::channel::{ChannelInfo, Counters, PingReport};
+pub use tandem_api::channel::{ChannelInfo, Counters, FunctionCall, GuestFunction, PingReport};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -20,6 +20,9 @@ pub enum Request {
         /// Seed of the payload generator (reproducible runs).
         seed: u64,
     },
+    /// A `FUNCTION` request to the guest driver (ABI 1.1). (A struct
+    /// variant: the call has its own `op`, which would clash with the tag.)
+    Function { call: FunctionCall },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -27,8 +30,32 @@ pub enum Request {
 pub enum Response {
     Info(Box<ChannelInfo>),
     Ping(PingReport),
+    Function(GuestFunction),
     Injected,
     Error { message: String },
 }
 
 pub use tandem_api::channel::Fault;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_requests_round_trip_as_json() {
+        let r = Request::Function {
+            call: FunctionCall {
+                op: tandem_api::channel::FunctionOp::Quiesce,
+                segment: 0,
+                bus: 2,
+                devfn: 0,
+                drain_ms: 100,
+                lease_ms: 0,
+                frozen: false,
+                timeout_ms: 1000,
+            },
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+    }
+}

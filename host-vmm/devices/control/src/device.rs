@@ -42,9 +42,13 @@ pub enum RequestError {
     Refused(String),
     #[error("the channel went down: {0}")]
     Down(String),
+    #[error("the guest driver does not take {0} requests (an older ABI)")]
+    NotSupported(&'static str),
 }
 
-type Waiter = Sender<Result<Vec<u8>, RequestError>>;
+/// A completed request of ours: the guest's status and response payload.
+pub type Answer = Result<(msg::Status, Vec<u8>), RequestError>;
+type Waiter = Sender<Answer>;
 
 #[derive(Clone, Copy, Debug)]
 struct Rings {
@@ -175,7 +179,7 @@ impl ControlDevice {
         Endpoint::new(
             Role::Host,
             range,
-            caps::ALL_V1_0,
+            caps::ALL_V1_1,
             HostParams {
                 session: u64::from(session),
                 ..DEFAULT_HOST_PARAMS
@@ -194,8 +198,8 @@ impl ControlDevice {
             regs::MAGIC => msg::MSG_MAGIC,
             regs::VERSION_MAX => self.range.max.to_wire(),
             regs::VERSION_MIN => self.range.min.to_wire(),
-            regs::CAPS_LO => caps::ALL_V1_0 as u32,
-            regs::CAPS_HI => (caps::ALL_V1_0 >> 32) as u32,
+            regs::CAPS_LO => caps::ALL_V1_1 as u32,
+            regs::CAPS_HI => (caps::ALL_V1_1 >> 32) as u32,
             regs::STATUS => self.status,
             regs::CONTROL => self.ctl,
             regs::ERROR => self.error,
@@ -462,12 +466,7 @@ impl ControlDevice {
                 ..
             } => {
                 if let Some(w) = self.waiters.remove(&tag) {
-                    let r = if status == msg::Status::Ok {
-                        Ok(payload.to_vec())
-                    } else {
-                        Err(RequestError::Refused(status.name().into()))
-                    };
-                    let _ = w.send(r);
+                    let _ = w.send(Ok((status, payload.to_vec())));
                 }
             }
             Outcome::PeerEvent { kind, .. } => {
@@ -476,7 +475,10 @@ impl ControlDevice {
                     self.fail_waiters(RequestError::Down("the guest driver said goodbye".into()));
                 }
             }
-            Outcome::Negotiated { .. } | Outcome::Refused { .. } | Outcome::Nothing => {}
+            Outcome::Negotiated { .. }
+            | Outcome::Refused { .. }
+            | Outcome::Request { .. }
+            | Outcome::Nothing => {}
         }
         let after = self.endpoint.state();
         if after != before {
@@ -507,7 +509,19 @@ impl ControlDevice {
         &mut self,
         payload: &[u8],
         timeout_ms: u32,
-    ) -> Result<Receiver<Result<Vec<u8>, RequestError>>, RequestError> {
+    ) -> Result<Receiver<Answer>, RequestError> {
+        self.begin_request(Kind::Ping, payload, timeout_ms)
+    }
+
+    /// Starts a host-to-guest request of any kind the channel negotiated.
+    /// The guest's status and payload (or an error) arrive on the returned
+    /// channel.
+    pub fn begin_request(
+        &mut self,
+        kind: Kind,
+        payload: &[u8],
+        timeout_ms: u32,
+    ) -> Result<Receiver<Answer>, RequestError> {
         let Some(r) = self.rings else {
             return Err(RequestError::NotUp(
                 "the guest has not enabled the rings".into(),
@@ -522,9 +536,12 @@ impl ControlDevice {
         let now = self.now_ms();
         let out = self
             .endpoint
-            .begin(Kind::Ping, now, timeout_ms)
+            .begin(kind, now, timeout_ms)
             .map_err(|e| match e {
                 shared_abi::channel::BeginError::Full => RequestError::Busy,
+                shared_abi::channel::BeginError::NotSupported => {
+                    RequestError::NotSupported(kind.name())
+                }
                 _ => RequestError::NotUp(state_name(self.endpoint.state()).into()),
             })?;
         if !self.queue(&out, payload) {

@@ -15,7 +15,7 @@ use shared_abi::VersionRange;
 use tandem_vfio_server::{DmaSpace, Listener, ServeError};
 use tracing::{info, warn};
 
-use crate::api::{PingReport, Request, Response};
+use crate::api::{FunctionCall, GuestFunction, PingReport, Request, Response};
 use crate::device::{ControlDevice, RequestError};
 
 /// The longest API request line accepted.
@@ -125,6 +125,12 @@ fn serve_api(conn: UnixStream, dev: &Mutex<ControlDevice>) {
                     message: e.to_string(),
                 },
             },
+            Ok(Request::Function { call }) => match function(dev, &call) {
+                Ok(r) => Response::Function(r),
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
             Ok(Request::Ping {
                 count,
                 size,
@@ -150,6 +156,78 @@ fn respond(w: &mut UnixStream, r: &Response) -> std::io::Result<()> {
     let mut s = serde_json::to_string(r).map_err(std::io::Error::other)?;
     s.push('\n');
     w.write_all(s.as_bytes())
+}
+
+/// Sends one `FUNCTION` request to the guest driver and waits for its
+/// answer. A guest status other than OK with a full report (for example
+/// `timed out`: still draining) is an answer, not an error.
+pub fn function(
+    dev: &Mutex<ControlDevice>,
+    call: &FunctionCall,
+) -> Result<GuestFunction, RequestError> {
+    use shared_abi::msg::{function as f, FunctionReport, FunctionRequest, Kind, Status};
+    use zerocopy::IntoBytes;
+    let op = match call.op {
+        tandem_api::channel::FunctionOp::Quiesce => f::op::QUIESCE,
+        tandem_api::channel::FunctionOp::Resume => f::op::RESUME,
+        tandem_api::channel::FunctionOp::Report => f::op::REPORT,
+        tandem_api::channel::FunctionOp::Policy => f::op::POLICY,
+    };
+    let req = FunctionRequest {
+        op: op.into(),
+        segment: call.segment.into(),
+        bus: call.bus,
+        devfn: call.devfn,
+        drain_ms: call.drain_ms.into(),
+        lease_ms: call.lease_ms.into(),
+        policy: if call.frozen { f::policy::FROZEN } else { 0 }.into(),
+        reserved: 0.into(),
+    };
+    let timeout_ms = call.timeout_ms.max(1);
+    let begun = Instant::now();
+    let rx = lock(dev).begin_request(Kind::Function, req.as_bytes(), timeout_ms)?;
+    let (status, payload) = rx
+        .recv_timeout(Duration::from_millis(u64::from(timeout_ms) + 1000))
+        .map_err(|_| RequestError::Timeout)??;
+    let round_trip_us = u64::try_from(begun.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let Some(r) = shared_abi::msg::payload::<FunctionReport>(&payload) else {
+        // Refusals before the driver looked (unknown kind, bad length,
+        // no such function) carry no report.
+        return Err(RequestError::Refused(status.name().into()));
+    };
+    let st = r.state.get();
+    let has = |bit| st & bit != 0;
+    info!(op = ?call.op, bus = call.bus, devfn = call.devfn, status = status.name(), round_trip_us, "function request answered");
+    Ok(GuestFunction {
+        status: if status == Status::Ok {
+            "ok"
+        } else {
+            status.name()
+        }
+        .into(),
+        present: has(f::state::PRESENT),
+        driver: shared_abi::msg::version_str(&r.driver).into(),
+        enabled: has(f::state::ENABLED),
+        bus_master: has(f::state::BUS_MASTER),
+        msix: has(f::state::MSIX),
+        quiesced: has(f::state::QUIESCED),
+        drained: has(f::state::DRAINED),
+        frozen: has(f::state::FROZEN),
+        power_state: match r.power_state.get() {
+            0 => "D0",
+            1 => "D1",
+            2 => "D2",
+            3 => "D3hot",
+            4 => "D3cold",
+            _ => "unknown",
+        }
+        .into(),
+        disks: r.disks.get(),
+        in_flight: r.in_flight.get(),
+        drain_us: r.drain_us.get(),
+        quiesces: r.quiesces.get(),
+        round_trip_us,
+    })
 }
 
 /// xorshift64*: a small reproducible payload generator.
@@ -215,7 +293,14 @@ pub fn ping(
             }
         };
         match rx.recv_timeout(Duration::from_millis(u64::from(timeout_ms) + 1000)) {
-            Ok(Ok(echo)) => {
+            Ok(Ok((status, _))) if status != shared_abi::msg::Status::Ok => {
+                rep.failed += 1;
+                note(
+                    &mut rep,
+                    RequestError::Refused(status.name().into()).to_string(),
+                );
+            }
+            Ok(Ok((_, echo))) => {
                 rtts.push(begun.elapsed().as_secs_f64() * 1e6);
                 if echo == payload {
                     rep.ok += 1;

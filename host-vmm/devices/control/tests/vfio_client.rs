@@ -146,7 +146,7 @@ impl Guest {
             ep: Endpoint::new(
                 Role::Guest,
                 SUPPORTED,
-                caps::ALL_V1_0,
+                caps::ALL_V1_1,
                 DEFAULT_HOST_PARAMS,
                 name,
                 0,
@@ -248,9 +248,49 @@ fn negotiation_pings_and_interrupts_through_the_rings() {
                 g.send(rig, &b[..n]);
             }
         });
-        let echo = rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        let (status, echo) = rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(status, shared_abi::msg::Status::Ok);
         assert_eq!(echo, payload);
     }
+
+    // A FUNCTION request (ABI 1.1) reaches the guest driver, which answers
+    // later with its report; the host gets the status and the payload.
+    let req = shared_abi::msg::FunctionRequest {
+        op: shared_abi::msg::function::op::REPORT.into(),
+        segment: 0.into(),
+        bus: 3,
+        devfn: 0,
+        drain_ms: 0.into(),
+        lease_ms: 0.into(),
+        policy: 0.into(),
+        reserved: 0.into(),
+    };
+    let rx = rig
+        .dev
+        .lock()
+        .unwrap()
+        .begin_request(shared_abi::msg::Kind::Function, req.as_bytes(), 2000)
+        .unwrap();
+    assert!(rig.wait_irq(regs::VECTOR_RING as usize));
+    guest.drain(&mut rig, |g, rig, slot| {
+        if let Outcome::Request {
+            kind, tag, payload, ..
+        } = g.ep.receive(&slot, 3)
+        {
+            let got =
+                shared_abi::msg::payload::<shared_abi::msg::FunctionRequest>(payload).unwrap();
+            assert_eq!(got.bus, 3);
+            let out =
+                g.ep.respond(kind, tag, shared_abi::msg::Status::NoDevice)
+                    .unwrap();
+            let mut b = [0u8; 512];
+            let n = encode(&mut b, &out, &[]).unwrap();
+            g.send(rig, &b[..n]);
+        }
+    });
+    let (status, body) = rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!(status, shared_abi::msg::Status::NoDevice);
+    assert!(body.is_empty());
     let info = rig.dev.lock().unwrap().info();
     assert_eq!(info.counters.malformed, 0);
     assert!(info.counters.interrupts >= 51);
