@@ -9,6 +9,7 @@ mod device;
 mod disk;
 mod host;
 mod run;
+mod share;
 mod vhost;
 
 use std::path::PathBuf;
@@ -96,6 +97,11 @@ enum Cmd {
         #[command(subcommand)]
         command: disk::DiskCmd,
     },
+    /// Serve disks to other hosts: `tandem share iscsi`.
+    Share {
+        #[command(subcommand)]
+        command: share::ShareCmd,
+    },
     /// Run a device server (started by `tandem run`, not by hand).
     #[command(hide = true)]
     DeviceServer {
@@ -178,6 +184,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Disk { command } => disk::disk(command),
         Cmd::Device { command } => runtime()?.block_on(device::device(command)),
         Cmd::Nvme { command } => device::nvme(command),
+        Cmd::Share { command } => share::share(command),
         other => runtime()?.block_on(control(other)),
     }
 }
@@ -320,7 +327,8 @@ async fn control(cmd: Cmd) -> Result<i32> {
         | Cmd::DeviceServer { .. }
         | Cmd::Disk { .. }
         | Cmd::Device { .. }
-        | Cmd::Nvme { .. } => {
+        | Cmd::Nvme { .. }
+        | Cmd::Share { .. } => {
             unreachable!("dispatched in real_main")
         }
     }
