@@ -588,7 +588,8 @@ impl<const N: usize> Endpoint<N> {
         self.counters.tx_messages = self.counters.tx_messages.wrapping_add(1);
         match negotiate(guest, self.range) {
             Ok(version) => {
-                let capabilities = h.capabilities.get() & self.capabilities;
+                let capabilities =
+                    h.capabilities.get() & self.capabilities & caps::known_in(version);
                 reply.version = U32::new(version.to_wire());
                 reply.capabilities = U64::new(capabilities);
                 self.state = State::Up {
@@ -657,7 +658,7 @@ impl<const N: usize> Endpoint<N> {
                 self.last_error = LastError::NoCommonVersion { peer: host };
                 return Outcome::Refused { peer: host };
             }
-            let capabilities = r.capabilities.get() & self.capabilities;
+            let capabilities = r.capabilities.get() & self.capabilities & caps::known_in(chosen);
             self.state = State::Up {
                 version: chosen,
                 capabilities,
@@ -820,7 +821,34 @@ mod tests {
         // After a reset the late answer has no channel to go to.
         g.reset();
         assert_eq!(g.respond(Kind::Function, tag, Status::Ok), None);
-        // A 1.0 guest never gets them.
+        // Peers that settle on 1.0 do not use them, whatever their builds have.
+        let r10 = VersionRange {
+            min: AbiVersion { major: 1, minor: 0 },
+            max: AbiVersion { major: 1, minor: 0 },
+        };
+        let mut g10 = Ep::new(
+            Role::Guest,
+            r10,
+            caps::ALL_V1_1,
+            DEFAULT_HOST_PARAMS,
+            "x",
+            0,
+        );
+        let mut h11 = mk(Role::Host, caps::ALL_V1_1);
+        let (out, hello) = g10.hello(os::LINUX, 0, 1000).unwrap();
+        let reply = deliver(&mut h11, &enc(&out, hello.as_bytes()), 1).unwrap();
+        assert!(matches!(
+            g10.receive(&reply, 2),
+            Outcome::Negotiated {
+                capabilities: caps::ALL_V1_0,
+                ..
+            }
+        ));
+        assert_eq!(
+            h11.begin(Kind::Function, 3, 100),
+            Err(BeginError::NotSupported)
+        );
+        // A guest build without them never gets them.
         let (mut g0, mut h1) = (
             mk(Role::Guest, caps::ALL_V1_0),
             mk(Role::Host, caps::ALL_V1_1),

@@ -207,6 +207,16 @@ pub mod caps {
     pub const FUNCTIONS: u64 = 1 << 3;
     /// Everything ABI 1.1 defines.
     pub const ALL_V1_1: u64 = ALL_V1_0 | FUNCTIONS;
+
+    /// The capabilities a version defines: two peers that settle on 1.0
+    /// use no 1.1 capability even if both builds have it.
+    pub const fn known_in(v: super::AbiVersion) -> u64 {
+        match (v.major, v.minor) {
+            (1, 0) => ALL_V1_0,
+            (1, _) => ALL_V1_1,
+            _ => 0,
+        }
+    }
 }
 
 /// Operating systems in [`Hello::os`].

@@ -114,7 +114,17 @@ pub async fn e2e() -> Result<()> {
     // 1. Negotiation, seen from both sides.
     let i = wait_up(&api, 1, Duration::from_secs(30)).await?;
     let d = &i["device"];
-    ensure!(d["version"] == "1.0", "host: version {}", d["version"]);
+    let abi = shared_abi::ABI_VERSION.to_string();
+    ensure!(
+        d["version"] == abi.as_str(),
+        "host: version {}",
+        d["version"]
+    );
+    ensure!(
+        d["capabilities"] == shared_abi::msg::caps::ALL_V1_1,
+        "host: capabilities {}",
+        d["capabilities"]
+    );
     ensure!(
         d["guest_driver"] == env!("CARGO_PKG_VERSION"),
         "host: guest driver {}",
@@ -122,9 +132,12 @@ pub async fn e2e() -> Result<()> {
     );
     let st = guest_file(&mut vm.console, "state").await?;
     ensure!(field(&st, "state") == Some("up"), "guest state:\n{st}");
-    ensure!(field(&st, "version") == Some("1.0"), "guest version:\n{st}");
+    ensure!(
+        field(&st, "version") == Some(abi.as_str()),
+        "guest version:\n{st}"
+    );
     ensure!(field(&st, "session") == Some("1"), "guest session:\n{st}");
-    println!("negotiated: ABI 1.0 on both sides, session 1");
+    println!("negotiated: ABI {abi} on both sides (capabilities 0xf: ping, heartbeat, events, functions), session 1");
 
     // 2. Heartbeats flow and the host sees the guest alive.
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -318,7 +331,8 @@ pub async fn e2e() -> Result<()> {
     );
 
     // 7. Version mismatch: a guest driver that speaks only 2.0 is refused,
-    // and both sides say so; one that speaks 1.0..1.5 settles on 1.0.
+    // and both sides say so; one that speaks 1.0..1.5 settles on the host's
+    // highest; one that speaks only 1.0 gets 1.0 without 1.1's capabilities.
     let c = &mut vm.console;
     c.check("rmmod tandem").await?;
     c.check("insmod /lib/modules/tandem.ko abi_min=0x20000 abi_max=0x20000")
@@ -330,12 +344,14 @@ pub async fn e2e() -> Result<()> {
         "guest with ABI 2.0:\n{st}"
     );
     ensure!(
-        field(&st, "host_speaks") == Some("1.0..1.0"),
+        field(&st, "host_speaks") == Some(format!("1.0..{abi}").as_str()),
         "guest with ABI 2.0:\n{st}"
     );
     let err = guest_file(c, "last_error").await?;
     ensure!(
-        err.contains("no common ABI version: this driver speaks 2.0..2.0, the host 1.0..1.0"),
+        err.contains(&format!(
+            "no common ABI version: this driver speaks 2.0..2.0, the host 1.0..{abi}"
+        )),
         "guest message: {err}"
     );
     let i = info(&api).await?;
@@ -346,7 +362,7 @@ pub async fn e2e() -> Result<()> {
     ensure!(i["device"]["refused_guest_versions"] == "2.0..2.0", "{i}");
     let host_msg = i["device"]["last_error"].as_str().unwrap_or("").to_owned();
     ensure!(
-        host_msg.contains("guest 2.0..2.0, host 1.0..1.0"),
+        host_msg.contains(&format!("guest 2.0..2.0, host 1.0..{abi}")),
         "host message: {host_msg}"
     );
     println!("ABI 2.0-only guest: refused on both sides ({host_msg})");
@@ -354,13 +370,23 @@ pub async fn e2e() -> Result<()> {
     c.check("insmod /lib/modules/tandem.ko abi_max=0x10005")
         .await?;
     let i = wait_up(&api, 2, Duration::from_secs(20)).await?;
-    ensure!(i["device"]["version"] == "1.0", "{i}");
+    ensure!(i["device"]["version"] == abi.as_str(), "{i}");
     let st = guest_file(c, "state").await?;
     ensure!(
-        field(&st, "offered") == Some("1.0..1.5") && field(&st, "version") == Some("1.0"),
+        field(&st, "offered") == Some("1.0..1.5") && field(&st, "version") == Some(abi.as_str()),
         "{st}"
     );
-    println!("ABI 1.0..1.5 guest with a 1.0 host: degraded to 1.0 on both sides");
+    println!("ABI 1.0..1.5 guest with a 1.0..{abi} host: settled on {abi} on both sides");
+    c.check("rmmod tandem").await?;
+    c.check("insmod /lib/modules/tandem.ko abi_max=0x10000")
+        .await?;
+    let i = wait_up(&api, 2, Duration::from_secs(20)).await?;
+    ensure!(
+        i["device"]["version"] == "1.0"
+            && i["device"]["capabilities"] == shared_abi::msg::caps::ALL_V1_0,
+        "{i}"
+    );
+    println!("ABI 1.0-only guest: negotiated 1.0 with 1.0's capabilities only (0x7)");
 
     // 8. Unload cleanly: the host hears goodbye; no kernel complaint.
     c.check("rmmod tandem").await?;
@@ -379,7 +405,8 @@ pub async fn e2e() -> Result<()> {
     ensure!(dm.contains("tandem 0.1.0 unloaded"), "no unload message");
     println!("unloaded cleanly; the host saw the goodbye");
 
-    // 9. A host that speaks 1.0..1.4 and a 1.0 guest settle on 1.0.
+    // 9. A host that speaks 1.0..1.4 and this guest settle on this build's
+    // highest version.
     let (code, _, err) = tandem(&["shutdown", "--api-socket", &api, "--timeout", "30"]).await?;
     ensure!(code == 0, "shutdown: {err}");
     let _ = tokio::time::timeout(Duration::from_secs(30), vm.child.wait()).await;
@@ -392,10 +419,10 @@ pub async fn e2e() -> Result<()> {
     let api2 = vm2.api.display().to_string();
     let i = wait_up(&api2, 1, Duration::from_secs(30)).await?;
     ensure!(
-        i["device"]["version"] == "1.0" && i["device"]["host_versions"] == "1.0..1.4",
+        i["device"]["version"] == abi.as_str() && i["device"]["host_versions"] == "1.0..1.4",
         "{i}"
     );
-    println!("host 1.0..1.4 with a 1.0 guest: negotiated 1.0");
+    println!("host 1.0..1.4 with a 1.0..{abi} guest: negotiated {abi}");
     let (code, _, err) = tandem(&["shutdown", "--api-socket", &api2, "--timeout", "30"]).await?;
     ensure!(code == 0, "shutdown: {err}");
 
