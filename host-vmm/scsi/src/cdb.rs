@@ -25,8 +25,11 @@ pub mod op {
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
+    pub const MAINTENANCE_IN: u8 = 0xa3;
     pub const READ_12: u8 = 0xa8;
     pub const WRITE_12: u8 = 0xaa;
+    /// MAINTENANCE IN service action.
+    pub const MI_REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
     /// SERVICE ACTION IN(16) service action.
     pub const SAI_READ_CAPACITY_16: u8 = 0x10;
 }
@@ -100,6 +103,13 @@ pub enum Command {
     },
     PrIn {
         action: PrInAction,
+        alloc: u32,
+    },
+    ReportSupportedOpcodes {
+        rctd: bool,
+        options: u8,
+        opcode: u8,
+        sa: u16,
         alloc: u32,
     },
     PrOut {
@@ -266,6 +276,16 @@ impl Command {
                     alloc,
                 }
             }
+            op::MAINTENANCE_IN => match c[1] & 0x1f {
+                op::MI_REPORT_SUPPORTED_OPCODES => Command::ReportSupportedOpcodes {
+                    rctd: c[2] & 0x80 != 0,
+                    options: c[2] & 0x07,
+                    opcode: c[3],
+                    sa: be16(&c[4..]) as u16,
+                    alloc: be32(&c[6..]),
+                },
+                _ => return Err(sense::INVALID_FIELD_IN_CDB),
+            },
             op::PERSISTENT_RESERVE_IN => {
                 let action = match c[1] & 0x1f {
                     0 => PrInAction::ReadKeys,

@@ -9,6 +9,7 @@
 pub mod cdb;
 pub mod lu;
 pub mod mem;
+pub mod opcodes;
 pub mod pr;
 pub mod sense;
 pub mod target;

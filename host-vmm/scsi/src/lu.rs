@@ -227,6 +227,16 @@ impl LogicalUnit {
                 }
                 Response::good(truncate(d, alloc))
             }
+            Command::ReportSupportedOpcodes {
+                rctd,
+                options,
+                opcode,
+                sa,
+                alloc,
+            } => match crate::opcodes::report(options, rctd, opcode, sa, self.cfg.unmap) {
+                Ok(d) => Response::good(truncate(d, alloc)),
+                Err(s) => Response::check(s),
+            },
             Command::Read { lba, blocks } => self.read(lba, blocks),
             Command::Write { lba, blocks, fua } => self.write(lba, blocks, fua, data_out),
             Command::SynchronizeCache { lba, blocks } => {
