@@ -300,6 +300,21 @@ fn sealed_at_ms(meta: &fs::Metadata) -> u64 {
     (meta.ctime().max(0) as u64) * 1000 + (meta.ctime_nsec().max(0) as u64) / 1_000_000
 }
 
+/// Reopens a chain no VM uses after a crash: a checkpoint interrupted
+/// before its last step left the new layer under a temporary name (the
+/// chain itself is intact). Returns whether there was one.
+pub fn recover(top: &Path) -> Result<bool, SendError> {
+    let tmp = tandem_disk::checkpoint::temp_name(top);
+    match fs::remove_file(&tmp) {
+        Ok(()) => {
+            tracing::info!(file = %tmp.display(), "removed the leftover of an interrupted checkpoint");
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io(&tmp, "remove the leftover of a checkpoint")(e)),
+    }
+}
+
 /// Options of `tandem replica start`.
 #[derive(Clone, Debug)]
 pub struct SendConfig {
@@ -319,15 +334,7 @@ pub struct SendConfig {
 pub fn run(cfg: &SendConfig, status: &Mutex<Status>, stop: &AtomicBool) -> Result<(), SendError> {
     let top = cfg.source.top()?;
     if let Source::File(_) = cfg.source {
-        // Reopening a chain no VM uses: a checkpoint we were killed in the
-        // middle of left its new layer under a temporary name.
-        let tmp = tandem_disk::checkpoint::temp_name(&top);
-        match fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io(&tmp, "remove the leftover of a checkpoint")(e))
-            }
-            _ => {}
-        }
+        recover(&top)?;
     }
     let identity = Identity::next(&top)?;
     {
