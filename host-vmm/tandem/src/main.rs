@@ -8,6 +8,7 @@ mod channel;
 mod device;
 mod disk;
 mod host;
+mod replica;
 mod run;
 mod share;
 mod vhost;
@@ -102,6 +103,11 @@ enum Cmd {
         #[command(subcommand)]
         command: share::ShareCmd,
     },
+    /// Replicate a disk to a recovery site; list recovery points; fail over.
+    Replica {
+        #[command(subcommand)]
+        command: replica::ReplicaCmd,
+    },
     /// Run a device server (started by `tandem run`, not by hand).
     #[command(hide = true)]
     DeviceServer {
@@ -182,6 +188,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Channel { command } => runtime()?.block_on(channel::channel(command)),
         Cmd::DeviceServer { kind } => channel::device_server(kind),
         Cmd::Disk { command } => disk::disk(command),
+        Cmd::Replica { command } => replica::replica(command),
         Cmd::Device { command } => runtime()?.block_on(device::device(command)),
         Cmd::Nvme { command } => device::nvme(command),
         Cmd::Share { command } => share::share(command),
@@ -326,6 +333,7 @@ async fn control(cmd: Cmd) -> Result<i32> {
         | Cmd::Channel { .. }
         | Cmd::DeviceServer { .. }
         | Cmd::Disk { .. }
+        | Cmd::Replica { .. }
         | Cmd::Device { .. }
         | Cmd::Nvme { .. }
         | Cmd::Share { .. } => {
