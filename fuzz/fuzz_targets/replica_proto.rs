@@ -1,0 +1,78 @@
+//! A hostile replication peer: the input is a byte stream of frames. Every
+//! frame that decodes re-encodes to the same bytes; the decoded messages
+//! drive a receiver session (hello, layers, chunks, ends) against an empty
+//! site and then one that already holds layers: nothing panics, and a layer
+//! completes only with the digest of the chunks it was given.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tandem_replica::manifest::{LayerRecord, Manifest};
+use tandem_replica::proto::{decode_from, hex, LayerDigest, Message};
+use tandem_replica::session::Session;
+
+fn drive(msgs: &[Message], manifest: &Manifest) {
+    let mut s = Session::new();
+    let mut shadow: Option<LayerDigest> = None;
+    for m in msgs {
+        match m {
+            Message::Hello { .. } => {
+                let _ = s.hello(m, manifest);
+            }
+            Message::LayerBegin { file_len, .. } => {
+                if s.begin(m.clone()).is_ok() {
+                    shadow = Some(LayerDigest::new(*file_len));
+                }
+            }
+            Message::Chunk { seq, offset, data } => {
+                if s.chunk(*seq, *offset, data).is_ok() {
+                    if let Some(d) = shadow.as_mut() {
+                        d.add(*offset, data).expect("the session accepted what the digest refuses");
+                    }
+                }
+            }
+            Message::LayerEnd { .. } => {
+                let expected = shadow.take().map(|d| d.finish());
+                if let Ok(done) = s.end(m.clone()) {
+                    assert_eq!(Some(done.digest), expected);
+                    s.committed(done.seq);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut msgs = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() && msgs.len() < 64 {
+        match decode_from(&data[pos..]) {
+            Ok(Some((m, used))) => {
+                assert_eq!(m.encode(), data[pos..pos + used].to_vec());
+                msgs.push(m);
+                pos += used;
+            }
+            Ok(None) => break,
+            // Skip a byte and try again, as a confused stream would.
+            Err(_) => pos += 1,
+        }
+    }
+    drive(&msgs, &Manifest::default());
+    let held = Manifest {
+        chain_id: Some(hex(&[0; 16])),
+        generation: 1,
+        disk_size: Some(1 << 21),
+        layers: vec![LayerRecord {
+            seq: 1,
+            file: "layer-000001.img".into(),
+            format: "raw".into(),
+            file_len: 1 << 21,
+            digest: hex(&[0; 32]),
+            sealed_at_ms: 0,
+            received_at_ms: 0,
+            primary_name: String::new(),
+        }],
+        ..Manifest::default()
+    };
+    drive(&msgs, &held);
+});
