@@ -3,8 +3,9 @@
 //! this crate; this code is its executable form.
 //!
 //! This crate owns every constant, message, layout and rule that crosses
-//! the guest/host boundary, and nothing else: no I/O, no allocation, no
-//! policy, no time source.
+//! the guest/host boundary, and the one state machine both sides must run
+//! identically ([`handoff`]: moving a disk's I/O between paths), and
+//! nothing else: no I/O, no allocation, no policy, no time source.
 //!
 //! # How one source serves the host and the Linux kernel module
 //!
@@ -30,6 +31,7 @@
 pub mod channel;
 pub mod faults;
 pub mod golden;
+pub mod handoff;
 pub mod msg;
 pub mod pci;
 pub mod regs;

@@ -48,6 +48,7 @@ pub const MODULE_SOURCES: &[Asset] = &[
     asset!("shared-abi/src/channel.rs"),
     asset!("shared-abi/src/faults.rs"),
     asset!("shared-abi/src/golden.rs"),
+    asset!("shared-abi/src/handoff.rs"),
     asset!("shared-abi/src/msg.rs"),
     asset!("shared-abi/src/pci.rs"),
     asset!("shared-abi/src/regs.rs"),
