@@ -7,6 +7,7 @@ mod boot;
 mod channel;
 mod guest;
 mod nvme;
+mod replica;
 mod vhost;
 
 use std::path::{Path, PathBuf};
@@ -57,13 +58,17 @@ fn main() {
                 "channel" => channel::e2e().await,
                 "nvme" => nvme::e2e().await,
                 "vhost-blk" => vhost::e2e().await,
-                other => bail!("unknown scenario {other:?} (known: boot, channel, nvme)"),
+                "replica" => replica::e2e().await,
+                other => bail!(
+                    "unknown scenario {other:?} (known: boot, channel, nvme, vhost-blk, replica)"
+                ),
             },
             What::Bench { scenario, runs } => match scenario.as_str() {
                 "boot" => boot::bench(runs).await,
                 "channel" => channel::bench(runs).await,
                 "nvme" => nvme::bench(runs).await,
-                other => bail!("unknown benchmark {other:?} (known: boot, channel, nvme)"),
+                "replica" => replica::bench(runs).await,
+                other => bail!("unknown benchmark {other:?} (known: boot, channel, nvme, replica)"),
             },
         }
     });
