@@ -59,7 +59,12 @@ struct WriteTask {
     /// Offset where the current burst (unsolicited or R2T) ends.
     burst_end: u32,
     r2t_sn: u32,
+    /// DataSN the next Data-Out must carry (0 again after each R2T).
+    next_data_sn: u32,
 }
+
+/// Aborted writes remembered, so their late Data-Out is dropped quietly.
+const MAX_ABORTED: usize = 64;
 
 pub struct Connection {
     info: Arc<TargetInfo>,
@@ -77,6 +82,7 @@ pub struct Connection {
     login_text: Vec<u8>,
     sent_tpgt: bool,
     tasks: HashMap<u32, WriteTask>,
+    aborted: std::collections::VecDeque<u32>,
     next_ttt: u32,
 }
 
@@ -100,6 +106,7 @@ impl Connection {
             login_text: Vec::new(),
             sent_tpgt: false,
             tasks: HashMap::new(),
+            aborted: std::collections::VecDeque::new(),
             next_ttt: 1,
         }
     }
@@ -415,6 +422,7 @@ impl Connection {
                 imm
             },
             r2t_sn: 0,
+            next_data_sn: 0,
         };
         self.tasks.insert(pdu.itt(), task);
         self.advance_write(pdu.itt(), pdu)
@@ -441,6 +449,7 @@ impl Connection {
         t.burst_end = have + len;
         let r2t_sn = t.r2t_sn;
         t.r2t_sn += 1;
+        t.next_data_sn = 0;
         let ttt = self.next_ttt;
         self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
         let mut r = Pdu::new(op::R2T);
@@ -461,6 +470,10 @@ impl Connection {
     fn data_out(&mut self, pdu: &Pdu) -> Output {
         let itt = pdu.itt();
         let final_pdu = pdu.flags() & 0x80 != 0;
+        if self.aborted.contains(&itt) {
+            // Data the initiator had sent before it saw the abort.
+            return Output::default();
+        }
         let Some(t) = self.tasks.get_mut(&itt) else {
             return self.fatal(
                 reject::INVALID_PDU_FIELD,
@@ -471,6 +484,9 @@ impl Connection {
         let offset = pdu.u32_at(40);
         let have = t.buf.len() as u32;
         let len = pdu.data.len() as u32;
+        if pdu.u32_at(36) != t.next_data_sn {
+            return self.fatal(reject::PROTOCOL_ERROR, pdu, "data-out with a wrong DataSN");
+        }
         if offset != have || have.checked_add(len).is_none_or(|e| e > t.burst_end) {
             return self.fatal(
                 reject::PROTOCOL_ERROR,
@@ -478,11 +494,12 @@ impl Connection {
                 "data-out out of order or past the burst",
             );
         }
+        t.next_data_sn += 1;
         t.buf.extend_from_slice(&pdu.data);
         let have = t.buf.len() as u32;
         if final_pdu && have < t.burst_end {
-            // The burst ended short of what was announced: run the
-            // command with what arrived, so it fails with its sense.
+            // The burst ended short of what was announced: the command
+            // is not run with part of its data.
             let Some(t) = self.tasks.remove(&itt) else {
                 return Output::default();
             };
@@ -492,7 +509,8 @@ impl Connection {
                 announced = t.edtl,
                 "data-out shorter than announced"
             );
-            return self.execute(itt, t.lun, &t.cdb, t.edtl, false, &t.buf);
+            let resp = tandem_scsi::Response::check(tandem_scsi::sense::DATA_PHASE_ERROR);
+            return self.respond(itt, t.lun, &t.cdb, t.edtl, false, resp);
         }
         if !final_pdu && have == t.burst_end {
             return self.fatal(
@@ -523,6 +541,19 @@ impl Connection {
             };
         };
         let resp = self.target.execute(&nexus, lun, cdb, data_out);
+        self.respond(itt, lun, cdb, edtl, read, resp)
+    }
+
+    /// Data-In and the SCSI Response for a finished command.
+    fn respond(
+        &mut self,
+        itt: u32,
+        lun: Option<u16>,
+        cdb: &[u8; 16],
+        edtl: u32,
+        read: bool,
+        resp: tandem_scsi::Response,
+    ) -> Output {
         let mut out = Output::default();
         if resp.persist.is_some() {
             if let Some(l) = lun {
@@ -554,24 +585,29 @@ impl Connection {
             data_sn += 1;
             offset = end;
         }
-        // Residuals against the expected data transfer length.
+        // Residuals against the expected data transfer length: for data-in
+        // what the command produced (valid with GOOD status), for data-out
+        // what the CDB asks for.
         let wanted = if read {
-            resp.data.len() as u64
-        } else if data_out.is_empty() {
-            0
+            (resp.status == Status::Good).then_some(resp.data.len() as u64)
         } else {
-            Command::parse(cdb).map_or(data_out.len() as u64, |c| c.data_out_len(BLOCK_SIZE))
+            Command::parse(cdb)
+                .ok()
+                .map(|c| c.data_out_len(BLOCK_SIZE))
+                .filter(|&n| n > 0 || edtl > 0)
         };
         let mut r = Pdu::new(op::SCSI_RESP);
         let mut f = 0x80;
-        let residual = if wanted > u64::from(edtl) && resp.status == Status::Good {
-            f |= 0x04;
-            wanted - u64::from(edtl)
-        } else if wanted < u64::from(edtl) && resp.status == Status::Good {
-            f |= 0x02;
-            u64::from(edtl) - wanted
-        } else {
-            0
+        let residual = match wanted {
+            Some(w) if w > u64::from(edtl) => {
+                f |= 0x04;
+                w - u64::from(edtl)
+            }
+            Some(w) if w < u64::from(edtl) => {
+                f |= 0x02;
+                u64::from(edtl) - w
+            }
+            _ => 0,
         };
         r.set_flags(f);
         r.bhs[2] = 0;
@@ -613,25 +649,44 @@ impl Connection {
         let lun = decode_lun(pdu.lun());
         let lun_known = lun.and_then(|l| self.target.lun(l)).is_some();
         let response = match function {
-            // ABORT TASK: a pending write is dropped; a finished task needs
-            // nothing (RFC 7143 11.5.1: function complete).
+            // ABORT TASK: a write still waiting for data is dropped (no
+            // response for it); a task already answered does not exist.
             1 => {
-                self.tasks.remove(&pdu.u32_at(20));
-                0
+                let itt = pdu.u32_at(20);
+                if self.tasks.remove(&itt).is_some() {
+                    self.remember_aborted(itt);
+                    0
+                } else {
+                    // Already answered (commands run as they arrive).
+                    1
+                }
             }
             // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET.
             2 | 4 | 5 => {
                 if !lun_known {
                     2
                 } else {
-                    self.tasks.retain(|_, t| t.lun != lun);
+                    let gone: Vec<u32> = self
+                        .tasks
+                        .iter()
+                        .filter(|(_, t)| t.lun == lun)
+                        .map(|(i, _)| *i)
+                        .collect();
+                    for itt in gone {
+                        self.tasks.remove(&itt);
+                        self.remember_aborted(itt);
+                    }
                     0
                 }
             }
             // CLEAR ACA (no ACA is ever established), TARGET WARM RESET.
             3 | 6 => {
                 if function == 6 {
-                    self.tasks.clear();
+                    let gone: Vec<u32> = self.tasks.keys().copied().collect();
+                    for itt in gone {
+                        self.tasks.remove(&itt);
+                        self.remember_aborted(itt);
+                    }
                 }
                 0
             }
@@ -648,6 +703,13 @@ impl Connection {
             pdus: vec![r],
             ..Default::default()
         }
+    }
+
+    fn remember_aborted(&mut self, itt: u32) {
+        if self.aborted.len() == MAX_ABORTED {
+            self.aborted.pop_front();
+        }
+        self.aborted.push_back(itt);
     }
 
     fn text(&mut self, pdu: &Pdu) -> Output {

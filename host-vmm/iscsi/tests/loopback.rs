@@ -39,6 +39,8 @@ struct Client {
     d: Digests,
     cmd_sn: u32,
     itt: u32,
+    /// Send Data-Out with a DataSN off by this much.
+    datasn_skew: u32,
 }
 
 struct Reply {
@@ -71,6 +73,7 @@ impl Client {
             d: Digests::default(),
             cmd_sn: 1,
             itt: 1,
+            datasn_skew: 0,
         };
         let dg = if digests { "CRC32C" } else { "None" };
         let mut p = Pdu::new(op::LOGIN_REQ);
@@ -152,7 +155,7 @@ impl Client {
                         d.set_flags(if sent + n == len { 0x80 } else { 0 });
                         d.set_itt(itt);
                         d.set_u32(20, ttt);
-                        d.set_u32(36, sn);
+                        d.set_u32(36, sn + self.datasn_skew);
                         d.set_u32(40, (off + sent) as u32);
                         d.data = w[off + sent..off + sent + n].to_vec();
                         self.send(&d);
@@ -182,6 +185,11 @@ impl Client {
                         data,
                         r2ts,
                     });
+                }
+                op::REJECT => {
+                    // The connection ends after a Reject here.
+                    assert!(self.recv().is_none());
+                    return None;
                 }
                 other => panic!("unexpected opcode {other:#x}"),
             }
@@ -331,6 +339,29 @@ fn faults() {
         c.command(&[0, 0, 0, 0, 0, 0], 0, None, 0).unwrap().status,
         0
     );
+    // EDTL below the CDB's transfer length: only whole blocks within it
+    // are written, with an overflow residual (checked by the data).
+    let ones = vec![1u8; 1024];
+    assert_eq!(
+        c.command(&rw10(0x2a, 40, 2), 0, Some(&ones), 0)
+            .unwrap()
+            .status,
+        0
+    );
+    let twos = vec![2u8; 512];
+    assert_eq!(
+        c.command(&rw10(0x2a, 40, 2), 0, Some(&twos), 0)
+            .unwrap()
+            .status,
+        0
+    );
+    let r = c.command(&rw10(0x28, 40, 2), 1024, None, 0).unwrap();
+    assert!(r.data[..512].iter().all(|&b| b == 2));
+    assert!(r.data[512..].iter().all(|&b| b == 1));
+    // A wrong DataSN is a protocol error: Reject, then the end.
+    c.datasn_skew = 3;
+    assert!(c.command(&rw10(0x2a, 0, 1), 0, Some(&twos), 0).is_none());
+    let (mut c, _) = Client::login(addr, "iqn.test:a", IQN, false);
     // A malformed CDB gets its sense.
     let r = c
         .command(&[0x28, 0x20, 0, 0, 0, 0, 0, 0, 1, 0], 512, None, 0)

@@ -303,11 +303,17 @@ impl LogicalUnit {
         if blocks > MAX_TRANSFER_BLOCKS {
             return Response::check(sense::INVALID_FIELD_IN_CDB);
         }
-        let len = blocks as usize * BLOCK_SIZE as usize;
-        let Some(buf) = data.get(..len) else {
-            // The transport delivered less data-out than the CDB needs.
-            return Response::check(sense::DATA_PHASE_ERROR);
-        };
+        let mut len = blocks as usize * BLOCK_SIZE as usize;
+        if data.len() < len {
+            // The transport expected less than the CDB says (an iSCSI
+            // expected data transfer length below the transfer length):
+            // the transfer stops there, in whole blocks only.
+            if !data.len().is_multiple_of(BLOCK_SIZE as usize) {
+                return Response::check(sense::INVALID_FIELD_IN_IU);
+            }
+            len = data.len();
+        }
+        let buf = &data[..len];
         if len == 0 {
             return Response::good(Vec::new());
         }

@@ -493,11 +493,18 @@ fn block_commands() {
     c[2..10].copy_from_slice(&u64::MAX.to_be_bytes());
     c[13] = 1;
     check(&lu.execute(&me, &c, &[]), sense::LBA_OUT_OF_RANGE);
-    // Less data-out than the CDB asks for.
+    // The transport expected less than the CDB says: whole blocks land,
+    // a cut inside a block is refused.
+    good(&lu.execute(&me, &write10(20, 4), &data));
+    let r = lu.execute(&me, &read10(20, 4), &[]);
+    assert_eq!(&r.data[..1024], &data[..]);
+    assert!(r.data[1024..].iter().all(|&b| b == 0));
     check(
-        &lu.execute(&me, &write10(0, 4), &data),
-        sense::DATA_PHASE_ERROR,
+        &lu.execute(&me, &write10(30, 4), &data[..600]),
+        sense::INVALID_FIELD_IN_IU,
     );
+    let r = lu.execute(&me, &read10(30, 2), &[]);
+    assert!(r.data.iter().all(|&b| b == 0));
     // FUA flushes.
     let before = disk.flushes();
     let mut c = write10(0, 1);
