@@ -403,15 +403,7 @@ impl Message {
                 }
             }
             T_CHUNK => {
-                let seq = r.u64()?;
-                let offset = r.u64()?;
-                let data = r.rest();
-                if data.is_empty() || data.len() as u64 > CHUNK {
-                    return Err(ProtoError::Invalid(format!(
-                        "chunk: {} bytes (1 to {CHUNK})",
-                        data.len()
-                    )));
-                }
+                let (seq, offset, data) = decode_chunk(r.rest())?;
                 Message::Chunk {
                     seq,
                     offset,
@@ -432,6 +424,43 @@ impl Message {
         r.end()?;
         Ok(m)
     }
+}
+
+/// A chunk's payload, borrowed: (seq, offset, data). The receiver's fast
+/// path uses it on its reusable frame buffer.
+pub fn decode_chunk(payload: &[u8]) -> Result<(u64, u64, &[u8]), ProtoError> {
+    let mut r = Reader {
+        b: payload,
+        what: "chunk",
+    };
+    let seq = r.u64()?;
+    let offset = r.u64()?;
+    let data = r.rest();
+    if data.is_empty() || data.len() as u64 > CHUNK {
+        return Err(ProtoError::Invalid(format!(
+            "chunk: {} bytes (1 to {CHUNK})",
+            data.len()
+        )));
+    }
+    Ok((seq, offset, data))
+}
+
+/// Encodes a chunk frame into `out` (cleared first): the same bytes as
+/// `Message::Chunk { .. }.encode()`, without copying the data twice.
+pub fn encode_chunk_into(out: &mut Vec<u8>, seq: u64, offset: u64, data: &[u8]) {
+    out.clear();
+    out.push(T_CHUNK);
+    out.extend_from_slice(&((data.len() + 16) as u32).to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(data);
+    let crc = crc32c::crc32c(out);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Whether a frame of type `t` is a chunk.
+pub fn is_chunk(t: u8) -> bool {
+    t == T_CHUNK
 }
 
 fn frame(t: u8, payload: &[u8]) -> Vec<u8> {
@@ -658,6 +687,22 @@ mod tests {
         assert_eq!(f.len(), 5 + 42 + 4);
         let crc = crc32c::crc32c(&f[..47]);
         assert_eq!(&f[47..], &crc.to_le_bytes());
+    }
+
+    #[test]
+    fn the_chunk_fast_paths_match_the_message_codec() {
+        let m = Message::Chunk {
+            seq: 9,
+            offset: 3 * CHUNK,
+            data: vec![7; 4096],
+        };
+        let mut out = vec![1, 2, 3];
+        encode_chunk_into(&mut out, 9, 3 * CHUNK, &[7; 4096]);
+        assert_eq!(out, m.encode());
+        assert!(is_chunk(out[0]));
+        let (seq, off, data) = decode_chunk(&out[5..out.len() - 4]).unwrap();
+        assert_eq!((seq, off, data), (9, 3 * CHUNK, &[7u8; 4096][..]));
+        assert!(decode_chunk(&out[5..20]).is_err());
     }
 
     #[test]

@@ -150,12 +150,14 @@ impl Store {
         let format = layer.format.to_disk();
         let file = layer_file(layer.seq, format);
         let path = self.dir.join(&file);
+        let started = std::time::Instant::now();
         let f = fs::OpenOptions::new()
             .write(true)
             .open(tmp)
             .map_err(io(tmp, "open"))?;
         f.sync_all().map_err(io(tmp, "fsync"))?;
         drop(f);
+        let synced = started.elapsed();
         let disk = |source| StoreError::Disk {
             seq: layer.seq,
             source,
@@ -197,6 +199,12 @@ impl Store {
         m.layers.push(record.clone());
         m.save(&self.dir)?;
         self.manifest = m;
+        tracing::debug!(
+            seq = layer.seq,
+            fsync_ms = synced.as_millis() as u64,
+            commit_ms = started.elapsed().as_millis() as u64,
+            "layer committed"
+        );
         Ok(record)
     }
 }
@@ -313,6 +321,62 @@ enum SessionError {
     Store(#[from] StoreError),
 }
 
+/// Start the write-back of a layer being received every this many bytes,
+/// so the fsync at its end has little left to do.
+const WRITEBACK_EVERY: u64 = 64 << 20;
+
+/// The temporary file of a layer being received, and a thread that syncs
+/// it in the background while the transfer goes on.
+struct IncomingFile {
+    path: PathBuf,
+    file: fs::File,
+    unsynced: u64,
+    syncer: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
+}
+
+impl IncomingFile {
+    fn new(path: PathBuf, file: fs::File) -> Result<IncomingFile, StoreError> {
+        let dup = file.try_clone().map_err(io(&path, "dup"))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let handle = std::thread::spawn(move || {
+            // Errors surface in the final fsync of the commit.
+            while rx.recv().is_ok() {
+                let _ = dup.sync_data();
+            }
+        });
+        Ok(IncomingFile {
+            path,
+            file,
+            unsynced: 0,
+            syncer: Some((tx, handle)),
+        })
+    }
+
+    fn write(&mut self, data: &[u8], at: u64) -> Result<(), StoreError> {
+        self.file
+            .write_all_at(data, at)
+            .map_err(io(&self.path, "write"))?;
+        self.unsynced += data.len() as u64;
+        if self.unsynced >= WRITEBACK_EVERY {
+            if let Some((tx, _)) = &self.syncer {
+                // A sync already pending covers this one too.
+                let _ = tx.try_send(());
+            }
+            self.unsynced = 0;
+        }
+        Ok(())
+    }
+
+    /// Stops the background syncs; returns the path.
+    fn finish(mut self) -> PathBuf {
+        if let Some((tx, handle)) = self.syncer.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+        self.path
+    }
+}
+
 /// Serves one connection to its end. Whatever happens, a partial layer's
 /// temporary file is removed.
 pub fn serve_connection(
@@ -328,10 +392,10 @@ pub fn serve_connection(
         BufReader::with_capacity(1 << 21, conn.try_clone().map_err(|e| e.to_string())?);
     let mut writer = BufWriter::new(conn);
     let mut session = Session::new();
-    let mut tmp: Option<(PathBuf, fs::File)> = None;
+    let mut tmp: Option<IncomingFile> = None;
     let result = session_loop(&mut session, &mut reader, &mut writer, store, &mut tmp);
-    if let Some((path, _)) = tmp {
-        let _ = fs::remove_file(path);
+    if let Some(t) = tmp {
+        let _ = fs::remove_file(t.finish());
     }
     match result {
         Ok(()) => Ok(()),
@@ -365,7 +429,7 @@ fn session_loop(
     reader: &mut impl std::io::Read,
     writer: &mut impl Write,
     store: &Mutex<Store>,
-    tmp: &mut Option<(PathBuf, fs::File)>,
+    tmp: &mut Option<IncomingFile>,
 ) -> Result<(), SessionError> {
     let Some(first) = wire::recv(reader)? else {
         return Ok(());
@@ -385,9 +449,25 @@ fn session_loop(
         );
         peer
     };
+    let mut frames = wire::FrameReader::default();
     loop {
-        let Some(msg) = wire::recv(reader)? else {
-            return Ok(());
+        let msg = match frames.next(reader)? {
+            None => return Ok(()),
+            Some(wire::Frame::Chunk { seq, offset, data }) => {
+                let at = session
+                    .chunk(seq, offset, data)
+                    .map_err(SessionError::Refused)?;
+                tmp.as_mut()
+                    .ok_or_else(|| {
+                        SessionError::Refused(Refusal::new(
+                            RefuseCode::Protocol,
+                            "chunk outside a layer",
+                        ))
+                    })?
+                    .write(data, at)?;
+                continue;
+            }
+            Some(wire::Frame::Other(m)) => m,
         };
         match msg {
             Message::LayerBegin { .. } => {
@@ -404,29 +484,19 @@ fn session_loop(
                     .open(&path)
                     .map_err(io(&path, "create"))?;
                 f.set_len(file_len).map_err(io(&path, "size"))?;
-                *tmp = Some((path, f));
-            }
-            Message::Chunk { seq, offset, data } => {
-                let at = session
-                    .chunk(seq, offset, &data)
-                    .map_err(SessionError::Refused)?;
-                let (path, f) = tmp.as_ref().ok_or_else(|| {
-                    SessionError::Refused(Refusal::new(
-                        RefuseCode::Protocol,
-                        "chunk outside a layer",
-                    ))
-                })?;
-                f.write_all_at(&data, at).map_err(io(path, "write"))?;
+                *tmp = Some(IncomingFile::new(path, f)?);
             }
             Message::LayerEnd { .. } => {
                 let done = session.end(msg).map_err(SessionError::Refused)?;
-                let (path, f) = tmp.take().ok_or_else(|| {
-                    SessionError::Refused(Refusal::new(
-                        RefuseCode::Protocol,
-                        "layer-end outside a layer",
-                    ))
-                })?;
-                drop(f);
+                let path = tmp
+                    .take()
+                    .ok_or_else(|| {
+                        SessionError::Refused(Refusal::new(
+                            RefuseCode::Protocol,
+                            "layer-end outside a layer",
+                        ))
+                    })?
+                    .finish();
                 let committed = lock(store).commit(&peer, &done, &path);
                 let record = match committed {
                     Ok(r) => r,

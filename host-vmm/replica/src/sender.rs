@@ -437,7 +437,9 @@ fn session(
         addr: cfg.to.clone(),
         source,
     })?);
-    let mut writer = BufWriter::with_capacity(1 << 21, conn);
+    // Chunk frames (1 MiB) are larger than the buffer and go straight to
+    // the socket; only the small messages are buffered.
+    let mut writer = BufWriter::with_capacity(64 << 10, conn);
     wire::send(
         &mut writer,
         &Message::Hello {
@@ -553,18 +555,13 @@ fn ship(
     )?;
     let mut digest = LayerDigest::new(meta.len());
     let mut sent = 0u64;
+    let mut frame = Vec::with_capacity(CHUNK as usize + 64);
     for_each_chunk(path, |offset, data| {
         digest
             .add(offset, data)
             .map_err(|e| SendError::Backend(format!("{}: {e}", path.display())))?;
-        wire::queue(
-            writer,
-            &Message::Chunk {
-                seq,
-                offset,
-                data: data.to_vec(),
-            },
-        )?;
+        crate::proto::encode_chunk_into(&mut frame, seq, offset, data);
+        writer.write_all(&frame).map_err(WireError::from)?;
         sent += data.len() as u64;
         set(status, |s| s.bytes_sent += data.len() as u64);
         Ok(())
