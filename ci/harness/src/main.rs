@@ -8,6 +8,7 @@ mod channel;
 mod guest;
 mod nvme;
 mod replica;
+mod snapshot;
 mod vhost;
 
 use std::path::{Path, PathBuf};
@@ -59,8 +60,9 @@ fn main() {
                 "nvme" => nvme::e2e().await,
                 "vhost-blk" => vhost::e2e().await,
                 "replica" => replica::e2e().await,
+                "snapshot" => snapshot::e2e().await,
                 other => bail!(
-                    "unknown scenario {other:?} (known: boot, channel, nvme, vhost-blk, replica)"
+                    "unknown scenario {other:?} (known: boot, channel, nvme, vhost-blk, replica, snapshot)"
                 ),
             },
             What::Bench { scenario, runs } => match scenario.as_str() {

@@ -21,6 +21,8 @@ pub mod routes {
     pub const VM_PAUSE: &str = "/api/v1/vm.pause";
     pub const VM_RESUME: &str = "/api/v1/vm.resume";
     pub const VM_SHUTDOWN: &str = "/api/v1/vm.shutdown";
+    /// Saves the VM to a file and stops it (`tandem run --restore` brings it back).
+    pub const VM_SNAPSHOT: &str = "/api/v1/vm.snapshot";
     pub const CHANNEL_INFO: &str = "/api/v1/channel.info";
     pub const CHANNEL_PING: &str = "/api/v1/channel.ping";
     pub const CHANNEL_INJECT: &str = "/api/v1/channel.inject";
@@ -37,6 +39,7 @@ pub mod routes {
         ("put", VM_PAUSE),
         ("put", VM_RESUME),
         ("put", VM_SHUTDOWN),
+        ("put", VM_SNAPSHOT),
         ("get", CHANNEL_INFO),
         ("put", CHANNEL_PING),
         ("put", CHANNEL_INJECT),

@@ -178,3 +178,21 @@ pub struct DeviceGuestResponse {
     pub guest_address: String,
     pub guest: crate::channel::GuestFunction,
 }
+
+/// `vm.snapshot`: where to save the VM (an absolute path that does not
+/// exist; the machine configuration goes to `<file>.json` beside it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    pub file: String,
+}
+
+/// `vm.snapshot`'s answer; the VM stops right after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotResponse {
+    pub file: String,
+    pub config: String,
+    pub bytes: u64,
+    pub total_ms: u64,
+    /// How long the guest was stopped while QEMU wrote the last part.
+    pub downtime_ms: Option<u64>,
+}

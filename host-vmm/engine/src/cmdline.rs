@@ -82,6 +82,10 @@ pub struct MachineSpec {
     /// `devices` refer to them by id.
     #[serde(default)]
     pub chardevs: Vec<SocketChardev>,
+    /// Start waiting for an incoming migration (`-incoming defer`; the
+    /// caller then sends `migrate-incoming`) instead of booting.
+    #[serde(default)]
+    pub incoming: bool,
 }
 
 /// `-chardev socket,id=...,path=...`: QEMU connects to a listening socket.
@@ -142,6 +146,9 @@ impl MachineSpec {
                 Accel::Tcg => "max",
             },
         ]);
+        if self.incoming {
+            push(&["-incoming", "defer"]);
+        }
         push(&["-smp", &self.cpus.to_string()]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
         push(&[
@@ -274,7 +281,18 @@ mod tests {
             root_ports: 2,
             devices: vec![json!({"driver": "vfio-user-pci", "id": "x", "bus": "tandem-rp0"})],
             chardevs: vec![],
+            incoming: false,
         }
+    }
+
+    #[test]
+    fn incoming_waits_for_a_migration() {
+        assert!(value_after(&args(&spec()), "-incoming").is_empty());
+        let s = MachineSpec {
+            incoming: true,
+            ..spec()
+        };
+        assert_eq!(value_after(&args(&s), "-incoming"), ["defer"]);
     }
 
     fn args(s: &MachineSpec) -> Vec<String> {

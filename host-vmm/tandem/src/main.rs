@@ -64,6 +64,15 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Save a VM to a file and stop it; `tandem run --restore FILE` brings
+    /// it back where it was. Refused while functions are assigned.
+    Snapshot {
+        /// Where to save it (must not exist; `FILE.json` gets the machine's
+        /// configuration).
+        file: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Check that a VM's control socket answers.
     Ping {
         #[command(flatten)]
@@ -283,6 +292,26 @@ async fn control(cmd: Cmd) -> Result<i32> {
                 } else {
                     "hard stop"
                 }
+            );
+        }
+        Cmd::Snapshot { file, target } => {
+            let file = std::path::absolute(&file)
+                .with_context(|| format!("{}: bad path", file.display()))?;
+            let req = tandem_api::SnapshotRequest {
+                file: file.display().to_string(),
+            };
+            let client = target.client().with_timeout(Duration::from_secs(660));
+            let r: tandem_api::SnapshotResponse = client.put(routes::VM_SNAPSHOT, &req).await?;
+            println!(
+                "saved to {} ({} MiB in {:.2}s{}); configuration in {}; the VM stops. Restore with: tandem run --restore {}",
+                r.file,
+                r.bytes / (1024 * 1024),
+                r.total_ms as f64 / 1000.0,
+                r.downtime_ms
+                    .map(|d| format!(", guest stopped {d} ms"))
+                    .unwrap_or_default(),
+                r.config,
+                r.file
             );
         }
         Cmd::Ping { target } => {

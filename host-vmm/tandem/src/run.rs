@@ -62,6 +62,11 @@ pub struct RunArgs {
     /// compatibility tests; default: all this build supports).
     #[arg(long, hide = true)]
     host_abi: Option<String>,
+    /// Restore a VM saved by `tandem snapshot FILE` instead of booting: the
+    /// machine configuration comes from `FILE.json` (name, console, API
+    /// socket, engine and accelerator may be given again).
+    #[arg(long, value_name = "FILE")]
+    restore: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -91,9 +96,30 @@ impl RunArgs {
 
 pub async fn run(args: RunArgs) -> Result<i32> {
     let cache = Cache::default_location();
-    let file = match &args.config {
-        Some(p) => VmConfig::from_file(p)?,
-        None => VmConfig::default(),
+    let file = match (&args.config, &args.restore) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "--restore takes the configuration saved with the snapshot; --config does not apply"
+        ),
+        (Some(p), None) => VmConfig::from_file(p)?,
+        (None, Some(snap)) => {
+            let over = args.to_config()?;
+            if over.kernel.is_some()
+                || over.initrd.is_some()
+                || over.append.is_some()
+                || over.append_extra.is_some()
+                || over.memory.is_some()
+                || over.cpus.is_some()
+                || !over.disks.is_empty()
+                || over.control_device.is_some()
+            {
+                anyhow::bail!("--restore: the machine (kernel, command line, memory, vCPUs, disks, control device) is the one saved in {}", tandem_vmm::snapshot::config_path(snap).display());
+            }
+            if !snap.is_file() {
+                anyhow::bail!("{}: no such snapshot", snap.display());
+            }
+            tandem_vmm::snapshot::load_config(snap).map_err(anyhow::Error::msg)?
+        }
+        (None, None) => VmConfig::default(),
     };
     let config = file.merge(args.to_config()?);
     let image = cache.default_image();
@@ -145,14 +171,27 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         None => None,
     };
     let devices_dir = control.as_ref().map(|(s, _)| s.dir().to_owned());
-    let running = Vm::start(
+    let incoming = args
+        .restore
+        .as_ref()
+        .map(|p| std::path::absolute(p).map(|p| format!("file:{}", p.display())))
+        .transpose()?;
+    if let Some(uri) = &incoming {
+        eprintln!("tandem: restoring from {uri}");
+    }
+    let running = Vm::start_from(
         resolved,
         engine,
         choice,
         control.as_ref().map(|(s, _)| s.clone()),
+        incoming,
     )
     .await
-    .context("the VM did not start")?;
+    .context(if args.restore.is_some() {
+        "the VM could not be restored"
+    } else {
+        "the VM did not start"
+    })?;
     let vm = running.vm.clone();
     if let Some((server, child)) = control {
         tokio::spawn(supervise(server, vm.clone(), child));
@@ -195,6 +234,14 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
 
     let (msg, code) = match &ending {
+        _ if vm.saved_to().is_some() => (
+            format!(
+                "saved to {}; restore with tandem run --restore {}",
+                vm.saved_to().unwrap_or_default().display(),
+                vm.saved_to().unwrap_or_default().display()
+            ),
+            0,
+        ),
         Ending::GuestPoweroff => ("the guest powered off".to_string(), 0),
         Ending::Forced => ("stopped by the operator".to_string(), 0),
         Ending::GuestReset { reason } => (

@@ -31,6 +31,20 @@ impl IntoResponse for Error {
     }
 }
 
+impl Error {
+    /// `e` with its causes, under `status`.
+    fn from_error(status: StatusCode, e: &dyn std::error::Error) -> Error {
+        let mut msg = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        Error(status, msg)
+    }
+}
+
 impl From<VmError> for Error {
     fn from(e: VmError) -> Error {
         let status = match &e {
@@ -55,6 +69,7 @@ pub fn router(vm: Arc<Vm>) -> Router {
         .route(routes::VM_PAUSE, put(pause))
         .route(routes::VM_RESUME, put(resume))
         .route(routes::VM_SHUTDOWN, put(shutdown))
+        .route(routes::VM_SNAPSHOT, put(snapshot))
         .route(routes::CHANNEL_INFO, get(channel_info))
         .route(routes::CHANNEL_PING, put(channel_ping))
         .route(routes::CHANNEL_INJECT, put(channel_inject))
@@ -297,4 +312,31 @@ async fn device_guest(
         .await
         .map(Json)
         .map_err(device_error)
+}
+
+async fn snapshot(
+    State(vm): State<Arc<Vm>>,
+    b: Bytes,
+) -> Result<Json<tandem_api::SnapshotResponse>, Error> {
+    use crate::snapshot::SnapshotError as S;
+    let req: tandem_api::SnapshotRequest = body(&b)?;
+    let r = crate::snapshot::save(&vm, std::path::Path::new(&req.file))
+        .await
+        .map_err(|e| {
+            let status = match &e {
+                S::State(_) | S::Assigned(_) | S::VhostBlk(_) | S::Exists(_) => {
+                    StatusCode::CONFLICT
+                }
+                S::Relative(_) => StatusCode::BAD_REQUEST,
+                S::Write { .. } | S::Control(_) | S::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Error::from_error(status, &e)
+        })?;
+    Ok(Json(tandem_api::SnapshotResponse {
+        file: r.file.display().to_string(),
+        config: r.config.display().to_string(),
+        bytes: r.bytes,
+        total_ms: r.total_ms,
+        downtime_ms: r.downtime_ms,
+    }))
 }

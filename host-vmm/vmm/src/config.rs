@@ -234,6 +234,37 @@ impl VmConfig {
     }
 }
 
+impl ResolvedVm {
+    /// What defines the machine (and must be identical where it is
+    /// restored): kernel, command line, memory, vCPUs, disks, the control
+    /// device. Not its name, console, API socket, engine or accelerator,
+    /// which the restoring side chooses.
+    pub fn machine_config(&self) -> VmConfig {
+        VmConfig {
+            name: Some(self.name.clone()),
+            kernel: Some(self.kernel.clone()),
+            initrd: self.initrd.clone(),
+            append: Some(self.append.clone()),
+            memory: Some(format!("{}M", self.memory_mib)),
+            cpus: Some(self.cpus),
+            control_device: Some(self.control.is_some()),
+            host_abi: self.control.map(|r| format!("{}-{}", r.min, r.max)),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskConfig {
+                    path: d.path.clone(),
+                    format: Some(d.format.clone()),
+                    interface: Some(d.interface),
+                    readonly: d.readonly,
+                    direct: Some(d.direct),
+                })
+                .collect(),
+            ..VmConfig::default()
+        }
+    }
+}
+
 /// Parses "1.0-1.3" (or a single "1.0").
 pub fn parse_abi_range(s: &str) -> Option<VersionRange> {
     let one = |v: &str| -> Option<AbiVersion> {

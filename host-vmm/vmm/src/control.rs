@@ -52,6 +52,8 @@ pub struct ControlServer {
     dir: PathBuf,
     range: VersionRange,
     status: Mutex<ServerStatus>,
+    /// Removed on purpose (before a snapshot): do not replace it.
+    parked: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -74,7 +76,24 @@ impl ControlServer {
                 last_exit: None,
                 last_error: None,
             }),
+            parked: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The ABI versions it speaks.
+    pub fn range(&self) -> VersionRange {
+        self.range
+    }
+
+    /// The device is being removed on purpose: its server's exit is not a
+    /// death to repair.
+    pub fn park(&self) {
+        self.parked.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.set_state("parked");
+    }
+
+    pub fn is_parked(&self) -> bool {
+        self.parked.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn vfio_socket(&self) -> PathBuf {
@@ -220,6 +239,10 @@ pub async fn supervise(server: Arc<ControlServer>, vm: Arc<Vm>, mut child: Child
         if matches!(vm.state(), VmState::ShuttingDown | VmState::Stopped) {
             return;
         }
+        if server.is_parked() {
+            info!(exit, "the control device was removed on purpose");
+            return;
+        }
         warn!(
             exit,
             "the control device server died; the VM keeps running, replacing the device"
@@ -305,4 +328,54 @@ async fn replace(server: &ControlServer, vm: &Vm) -> Result<Child, String> {
         tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
     }
     Err(last)
+}
+
+/// Removes the control device on purpose (the guest releases it) and lets
+/// its server end; the supervisor does not replace it.
+pub async fn unplug(server: &ControlServer, vm: &Vm) -> Result<(), String> {
+    server.park();
+    let mut events = vm.qmp().subscribe();
+    match vm
+        .qmp()
+        .execute("device_del", Some(json!({"id": CONTROL_ID})))
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.to_string().contains("not found") => return Ok(()),
+        Err(e) => return Err(format!("device_del: {e}")),
+    }
+    let gone = tokio::time::timeout(UNPLUG_TIMEOUT, async {
+        while let Ok(ev) = events.recv().await {
+            if ev.name == "DEVICE_DELETED"
+                && ev.data.get("device").and_then(Value::as_str) == Some(CONTROL_ID)
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if matches!(gone, Ok(true)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the guest did not release the control device within {UNPLUG_TIMEOUT:?}"
+        ))
+    }
+}
+
+/// Plugs a fresh control device back in (a new server, a new session) and
+/// supervises it again.
+pub async fn replug(server: Arc<ControlServer>, vm: Arc<Vm>) -> Result<(), String> {
+    server
+        .parked
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let child = server.spawn().await.map_err(|e| e.to_string())?;
+    vm.qmp()
+        .execute("device_add", Some(server.device_json()))
+        .await
+        .map_err(|e| format!("device_add: {e}"))?;
+    server.set_state("running");
+    tokio::spawn(supervise(server, vm, child));
+    Ok(())
 }

@@ -14,6 +14,7 @@ pub mod control;
 pub mod devices;
 pub mod lifecycle;
 pub mod probe;
+pub mod snapshot;
 pub mod socket;
 pub mod vhost;
 pub mod vm;

@@ -59,6 +59,8 @@ pub enum VmError {
     },
     #[error(transparent)]
     VhostBlk(#[from] crate::vhost::VhostError),
+    #[error("restoring the machine state failed: {0}")]
+    Restore(String),
 }
 
 /// What the API and the signal handlers share with the VM.
@@ -75,6 +77,10 @@ pub struct Vm {
     control: Option<Arc<ControlServer>>,
     /// Functions hot-plugged through the API, by id.
     pub(crate) assigned: Mutex<std::collections::BTreeMap<String, tandem_api::AttachedDevice>>,
+    /// Set when a snapshot saved the VM (QEMU then quits): where to.
+    pub(crate) saved_to: Mutex<Option<std::path::PathBuf>>,
+    /// Serializes snapshots (and other whole-VM operations).
+    pub(crate) busy: tokio::sync::Mutex<()>,
 }
 
 /// A started VM and the handle to wait for its end.
@@ -98,6 +104,20 @@ impl Vm {
         engine: Engine,
         accel: AccelChoice,
         control: Option<Arc<ControlServer>>,
+    ) -> Result<Running, VmError> {
+        Self::start_from(resolved, engine, accel, control, None).await
+    }
+
+    /// Starts QEMU; with `incoming` (a migration URI, e.g. `file:PATH` of a
+    /// snapshot) it restores the machine state from there instead of
+    /// booting, then plugs the control device in (a saved VM has none:
+    /// Tandem removes it before saving, QEMU cannot carry it).
+    pub async fn start_from(
+        resolved: ResolvedVm,
+        engine: Engine,
+        accel: AccelChoice,
+        control: Option<Arc<ControlServer>>,
+        incoming: Option<String>,
     ) -> Result<Running, VmError> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(VmError::Socket)?;
         // vhost-user backends listen before QEMU starts: it connects while
@@ -124,10 +144,12 @@ impl Vm {
             root_ports: ROOT_PORTS,
             devices: control
                 .iter()
+                .filter(|_| incoming.is_none())
                 .map(|c| c.device_json())
                 .chain(backends.iter().map(|b| b.device_json()))
                 .collect(),
             chardevs: backends.iter().map(|b| b.chardev()).collect(),
+            incoming: incoming.is_some(),
         };
         if let Serial::Unix(p) = &resolved.serial {
             crate::socket::prepare(p).map_err(|e| VmError::Socket(std::io::Error::other(e)))?;
@@ -213,7 +235,12 @@ impl Vm {
             stderr_tail,
             control,
             assigned: Mutex::new(Default::default()),
+            saved_to: Mutex::new(None),
+            busy: tokio::sync::Mutex::new(()),
         });
+        if let Some(uri) = &incoming {
+            crate::snapshot::receive(&vm, uri).await?;
+        }
         if let Err(source) = vm.qmp.execute("cont", None).await {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(early_exit(Ok(status), &vm.stderr_tail).await);
@@ -224,6 +251,11 @@ impl Vm {
             });
         }
         vm.observe(Observed::Started).await;
+        if let (Some(_), Some(c)) = (&incoming, &vm.control) {
+            if let Err(source) = vm.qmp.execute("device_add", Some(c.device_json())).await {
+                warn!(error = %source, "the restored VM runs without its control device");
+            }
+        }
         Ok(Running {
             vm,
             child,
@@ -317,6 +349,16 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// Where a snapshot saved this VM, if one did.
+    pub fn saved_to(&self) -> Option<std::path::PathBuf> {
+        lock(&self.saved_to).clone()
+    }
+
+    /// The configuration it runs.
+    pub fn resolved(&self) -> &ResolvedVm {
+        &self.resolved
     }
 
     pub fn graceful(&self) -> bool {

@@ -1,0 +1,257 @@
+//! Saving a running VM to a file and restoring it (F1's save/restore).
+//!
+//! QEMU writes the machine state with its migration stream to `file:PATH`;
+//! `PATH.json` beside it holds the machine's configuration (kernel,
+//! command line, memory, vCPUs, disks, the control device), which the
+//! restoring `tandem run --restore PATH` must reproduce exactly.
+//!
+//! QEMU neither saves nor refuses a vfio-user device: it would silently
+//! lose the device's state. So Tandem refuses to save a VM that has
+//! assigned functions (handing their I/O to a migratable path first is
+//! F4/F1's handoff, not built yet) and removes its own control device
+//! before saving (the guest driver lets it go and renegotiates with a new
+//! one after the restore). If saving fails, the control device is plugged
+//! back and the VM keeps running.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tandem_api::VmState;
+use tandem_engine::DiskInterface;
+use tracing::{info, warn};
+
+use crate::config::VmConfig;
+use crate::vm::{Vm, VmError};
+
+/// The longest a save or a restore may take.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often the migration's progress is read.
+const POLL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the VM is {0}; only a running or paused VM can be saved")]
+    State(VmState),
+    #[error("the VM has assigned functions ({0}): QEMU would neither save nor refuse their state. Detach them first (tandem device detach); carrying them across needs the guest to hand their I/O to the synthetic path (F4), which is not built yet")]
+    Assigned(String),
+    #[error("disk {0} is served by a vhost-user-blk backend, which cannot follow a save yet; use if=virtio-blk for VMs you save")]
+    VhostBlk(String),
+    #[error("{0} exists; a snapshot never overwrites a file")]
+    Exists(PathBuf),
+    #[error("{0}: the snapshot file needs an absolute path")]
+    Relative(PathBuf),
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the control device could not be removed: {0}")]
+    Control(String),
+    #[error("QEMU could not save the VM: {0} (the VM keeps running)")]
+    Failed(String),
+}
+
+/// What a save did.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SaveReport {
+    pub file: PathBuf,
+    pub config: PathBuf,
+    pub bytes: u64,
+    pub total_ms: u64,
+    /// How long the guest was stopped while QEMU wrote the last part.
+    pub downtime_ms: Option<u64>,
+}
+
+/// The configuration file beside a snapshot.
+pub fn config_path(file: &Path) -> PathBuf {
+    let mut p = file.as_os_str().to_owned();
+    p.push(".json");
+    PathBuf::from(p)
+}
+
+/// Reads the machine configuration saved with a snapshot.
+pub fn load_config(file: &Path) -> Result<VmConfig, String> {
+    let p = config_path(file);
+    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Follows `query-migrate` until the transfer ends; `Ok` with the final
+/// status object when it completed.
+async fn follow(vm: &Vm, what: &str) -> Result<Value, String> {
+    let begun = Instant::now();
+    let mut last_report = Instant::now();
+    loop {
+        let st = vm
+            .qmp()
+            .execute("query-migrate", None)
+            .await
+            .map_err(|e| e.to_string())?;
+        match st.get("status").and_then(Value::as_str).unwrap_or("") {
+            "completed" => return Ok(st),
+            "failed" | "cancelled" => {
+                return Err(st
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given")
+                    .to_owned())
+            }
+            _ => {}
+        }
+        if last_report.elapsed() > Duration::from_secs(2) {
+            last_report = Instant::now();
+            let ram = &st["ram"];
+            info!(
+                what,
+                status = %st["status"],
+                transferred = %ram["transferred"],
+                remaining = %ram["remaining"],
+                "transfer in progress"
+            );
+        }
+        if begun.elapsed() > TRANSFER_TIMEOUT {
+            return Err(format!("not finished after {TRANSFER_TIMEOUT:?}"));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Saves the VM to `file` and stops it. On failure the VM keeps running,
+/// with its control device back.
+pub async fn save(vm: &Arc<Vm>, file: &Path) -> Result<SaveReport, SnapshotError> {
+    let _one = vm.busy.lock().await;
+    let state = vm.state();
+    if !matches!(state, VmState::Running | VmState::Paused) {
+        return Err(SnapshotError::State(state));
+    }
+    let assigned: Vec<String> = vm
+        .assigned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+    if !assigned.is_empty() {
+        return Err(SnapshotError::Assigned(assigned.join(", ")));
+    }
+    if let Some((i, _)) = vm
+        .resolved()
+        .disks
+        .iter()
+        .enumerate()
+        .find(|(_, d)| d.interface == DiskInterface::VhostBlk)
+    {
+        return Err(SnapshotError::VhostBlk(format!("disk{i}")));
+    }
+    if !file.is_absolute() {
+        return Err(SnapshotError::Relative(file.to_owned()));
+    }
+    let config = config_path(file);
+    for p in [file, config.as_path()] {
+        if p.exists() {
+            return Err(SnapshotError::Exists(p.to_owned()));
+        }
+    }
+    let text = serde_json::to_vec_pretty(&vm.resolved().machine_config())
+        .map_err(|e| SnapshotError::Failed(e.to_string()))?;
+    write_atomically(&config, &text).map_err(|source| SnapshotError::Write {
+        path: config.clone(),
+        source,
+    })?;
+    let begun = Instant::now();
+    if let Some(c) = vm.control() {
+        if let Err(e) = crate::control::unplug(c, vm).await {
+            // The device may be half gone: bring one back.
+            let _ = crate::control::replug(c.clone(), vm.clone()).await;
+            let _ = std::fs::remove_file(&config);
+            return Err(SnapshotError::Control(e));
+        }
+        info!("control device removed for the save");
+    }
+    let uri = format!("file:{}", file.display());
+    let result = match vm.qmp().execute("migrate", Some(json!({"uri": uri}))).await {
+        Ok(_) => follow(vm, "save").await,
+        Err(e) => Err(e.to_string()),
+    };
+    match result {
+        Ok(st) => {
+            *vm.saved_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(file.to_owned());
+            let bytes = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+            let report = SaveReport {
+                file: file.to_owned(),
+                config,
+                bytes,
+                total_ms: u64::try_from(begun.elapsed().as_millis()).unwrap_or(u64::MAX),
+                downtime_ms: st.get("downtime").and_then(Value::as_u64),
+            };
+            info!(file = %file.display(), bytes, "VM saved; stopping QEMU");
+            // The guest is stopped (post-migration); QEMU may go.
+            let vm2 = vm.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = vm2.qmp().execute("quit", None).await;
+            });
+            Ok(report)
+        }
+        Err(e) => {
+            warn!(error = %e, "save failed; the VM keeps running");
+            let _ = std::fs::remove_file(file);
+            let _ = std::fs::remove_file(&config);
+            // A failed migration leaves the guest running, unless it was
+            // stopped before the failure.
+            if state == VmState::Running {
+                if let Ok(st) = vm.qmp().execute("query-status", None).await {
+                    if st.get("running").and_then(Value::as_bool) == Some(false) {
+                        let _ = vm.qmp().execute("cont", None).await;
+                    }
+                }
+            }
+            if let Some(c) = vm.control() {
+                if let Err(r) = crate::control::replug(c.clone(), vm.clone()).await {
+                    warn!(error = %r, "the control device could not be plugged back");
+                }
+            }
+            Err(SnapshotError::Failed(e))
+        }
+    }
+}
+
+/// Restores the machine state of a VM QEMU started with `-incoming defer`.
+pub(crate) async fn receive(vm: &Arc<Vm>, uri: &str) -> Result<(), VmError> {
+    vm.qmp()
+        .execute("migrate-incoming", Some(json!({"uri": uri})))
+        .await
+        .map_err(|e| VmError::Restore(format!("migrate-incoming {uri}: {e}")))?;
+    let st = follow(vm, "restore").await.map_err(VmError::Restore)?;
+    info!(uri, total_ms = %st["total-time"], "machine state restored");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_sits_beside_the_snapshot() {
+        assert_eq!(
+            config_path(Path::new("/srv/web.state")),
+            Path::new("/srv/web.state.json")
+        );
+    }
+}
