@@ -389,7 +389,9 @@ pub fn serve_connection(
         .and_then(|_| conn.set_nodelay(true))
         .map_err(|e| e.to_string())?;
     let mut reader =
-        BufReader::with_capacity(1 << 21, conn.try_clone().map_err(|e| e.to_string())?);
+        // Small: a chunk's payload (1 MiB) is read past it, straight into
+        // the frame buffer.
+        BufReader::with_capacity(64 << 10, conn.try_clone().map_err(|e| e.to_string())?);
     let mut writer = BufWriter::new(conn);
     let mut session = Session::new();
     let mut tmp: Option<IncomingFile> = None;
