@@ -757,3 +757,156 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_scsi::mem::MemDisk;
+    use tandem_scsi::{LogicalUnit, LuConfig, PrState};
+
+    const IQN: &str = "iqn.2026-11.dev.tandem:unit";
+
+    fn conn() -> Connection {
+        let lu = LogicalUnit::new(
+            Arc::new(MemDisk::new(1 << 20)),
+            LuConfig {
+                serial: "u".into(),
+                read_only: false,
+                unmap: false,
+            },
+            PrState::default(),
+        );
+        let mut t = Target::new();
+        t.add_lun(0, Arc::new(lu));
+        let info = Arc::new(TargetInfo {
+            iqn: IQN.into(),
+            portal: "192.0.2.1:3260".into(),
+            tpgt: 1,
+        });
+        Connection::new(info, Arc::new(t))
+    }
+
+    fn login_pdu(flags: u8, keys: &[(&str, &str)]) -> Pdu {
+        let mut p = Pdu::new(op::LOGIN_REQ);
+        p.bhs[0] |= 0x40;
+        p.set_flags(flags);
+        p.bhs[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 1]);
+        p.set_u32(24, 10);
+        p.data = text::encode(
+            &keys
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>(),
+        );
+        p
+    }
+
+    fn tur(cmd_sn: u32, itt: u32) -> Pdu {
+        let mut p = Pdu::new(op::SCSI_CMD);
+        p.set_flags(0x81);
+        p.set_itt(itt);
+        p.set_u32(24, cmd_sn);
+        p
+    }
+
+    #[test]
+    fn login_in_two_stages_with_continued_text() {
+        let mut c = conn();
+        // Security stage, text split over two PDUs (C bit).
+        let mut first = login_pdu(0x40, &[("InitiatorName", "iqn.i")]);
+        first.data.pop(); // the NUL comes with the next PDU's text
+        let out = c.handle(first);
+        assert_eq!(out.pdus.len(), 1);
+        assert!(!out.close);
+        let mut second = login_pdu(
+            0x80 | 1,
+            &[("TargetName", IQN), ("AuthMethod", "CHAP,None")],
+        );
+        second.data.insert(0, 0);
+        let out = c.handle(second);
+        let r = &out.pdus[0];
+        assert_eq!((r.bhs[36], r.bhs[37]), (0, 0));
+        assert_eq!(r.flags(), 0x80 | 1);
+        let keys = text::parse(&r.data).unwrap();
+        assert!(keys.contains(&("AuthMethod".into(), "None".into())));
+        assert!(keys.contains(&("TargetPortalGroupTag".into(), "1".into())));
+        // Operational stage to full feature phase.
+        let out = c.handle(login_pdu(
+            0x80 | (1 << 2) | 3,
+            &[("HeaderDigest", "CRC32C")],
+        ));
+        let r = &out.pdus[0];
+        assert_eq!(r.flags(), 0x80 | (1 << 2) | 3);
+        assert_ne!(u16::from_be_bytes([r.bhs[14], r.bhs[15]]), 0, "a TSIH");
+        assert!(c.digests().header);
+        assert!(!c.digests().data);
+        assert_eq!(c.nexus().unwrap().initiator, "iqn.i,i,0x800000000001");
+    }
+
+    #[test]
+    fn cmd_sn_window_and_stat_sn() {
+        let mut c = conn();
+        c.handle(login_pdu(
+            0x80 | (1 << 2) | 3,
+            &[("InitiatorName", "iqn.i"), ("TargetName", IQN)],
+        ));
+        let out = c.handle(tur(10, 1));
+        let r = &out.pdus[0];
+        assert_eq!(r.opcode(), op::SCSI_RESP);
+        let stat_sn = r.u32_at(24);
+        assert_eq!(r.u32_at(28), 11, "ExpCmdSN advanced");
+        assert_eq!(r.u32_at(32), 11 + CMD_WINDOW - 1);
+        // A CmdSN already used is dropped without an answer.
+        assert!(c.handle(tur(10, 2)).pdus.is_empty());
+        let out = c.handle(tur(11, 3));
+        assert_eq!(out.pdus[0].u32_at(24), stat_sn + 1);
+    }
+
+    #[test]
+    fn refusals() {
+        let mut c = conn();
+        let out = c.handle(login_pdu(0x80 | (1 << 2) | 3, &[("TargetName", IQN)]));
+        assert_eq!((out.pdus[0].bhs[36], out.pdus[0].bhs[37]), (2, 7));
+        assert!(out.close);
+        let mut c = conn();
+        let out = c.handle(login_pdu(
+            0x80 | 1,
+            &[
+                ("InitiatorName", "i"),
+                ("TargetName", IQN),
+                ("AuthMethod", "CHAP"),
+            ],
+        ));
+        assert_eq!((out.pdus[0].bhs[36], out.pdus[0].bhs[37]), (2, 1));
+        // Anything but a login before full feature phase ends it.
+        let mut c = conn();
+        assert!(c.handle(tur(10, 1)).close);
+        // Transit to a stage before the current one.
+        let mut c = conn();
+        let out = c.handle(login_pdu(
+            0x80 | (1 << 2),
+            &[("InitiatorName", "i"), ("TargetName", IQN)],
+        ));
+        assert!(out.close);
+    }
+
+    #[test]
+    fn discovery_send_targets() {
+        let mut c = conn();
+        c.handle(login_pdu(
+            0x80 | (1 << 2) | 3,
+            &[("InitiatorName", "iqn.i"), ("SessionType", "Discovery")],
+        ));
+        let mut t = Pdu::new(op::TEXT_REQ);
+        t.set_flags(0x80);
+        t.set_itt(4);
+        t.set_u32(24, 10);
+        t.data = text::encode(&[("SendTargets".into(), "All".into())]);
+        let out = c.handle(t);
+        let keys = text::parse(&out.pdus[0].data).unwrap();
+        assert_eq!(keys[0], ("TargetName".into(), IQN.into()));
+        assert_eq!(keys[1], ("TargetAddress".into(), "192.0.2.1:3260,1".into()));
+        // No SCSI commands in a discovery session.
+        assert!(c.handle(tur(11, 5)).close);
+    }
+}
