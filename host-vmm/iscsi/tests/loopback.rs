@@ -402,3 +402,41 @@ fn faults() {
         (op::NOP_IN, 9, &b"ping"[..])
     );
 }
+
+/// A write of A's is waiting for its data (R2T sent) when B's PREEMPT AND
+/// ABORT completes: the data that follows does not land.
+#[test]
+fn preempt_and_abort_against_a_write_in_flight() {
+    let addr = mem_server();
+    let (mut a, _) = Client::login(addr, "iqn.test:a", IQN, false);
+    let (mut b, _) = Client::login(addr, "iqn.test:b", IQN, false);
+    assert_eq!(a.prout(0, 0, 0, 0xa, false).status, 0);
+    assert_eq!(b.prout(0, 0, 0, 0xb, false).status, 0);
+    assert_eq!(a.prout(1, 1, 0xa, 0, false).status, 0);
+    // A's WRITE(10) of block 5, by hand: command, then wait for the R2T.
+    let mut p = Pdu::new(op::SCSI_CMD);
+    p.set_flags(0x80 | 0x20 | 0x01);
+    p.set_itt(900);
+    p.set_u32(20, 512);
+    p.set_u32(24, a.cmd_sn);
+    a.cmd_sn += 1;
+    p.bhs[32..42].copy_from_slice(&rw10(0x2a, 5, 1));
+    a.send(&p);
+    let r2t = a.recv().unwrap();
+    assert_eq!(r2t.opcode(), op::R2T);
+    // B preempts A and aborts its tasks.
+    assert_eq!(b.prout(5, 1, 0xb, 0xa, false).status, 0);
+    // A's data arrives after that.
+    let mut d = Pdu::new(op::DATA_OUT);
+    d.set_flags(0x80);
+    d.set_itt(900);
+    d.set_u32(20, r2t.u32_at(20));
+    d.data = vec![0xee; 512];
+    a.send(&d);
+    let resp = a.recv().unwrap();
+    assert_eq!(resp.opcode(), op::SCSI_RESP);
+    assert_ne!(resp.bhs[3], 0, "the preempted write completed");
+    let r = b.command(&rw10(0x28, 5, 1), 512, None, 0).unwrap();
+    assert_eq!(r.status, 0);
+    assert!(r.data.iter().all(|&x| x == 0), "the preempted write landed");
+}
