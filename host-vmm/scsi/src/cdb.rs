@@ -76,7 +76,12 @@ pub enum Command {
         subpage: u8,
         alloc: u32,
     },
-    StartStopUnit,
+    /// Accepted and done at once: the medium is always spinning.
+    StartStopUnit {
+        /// START set and POWER CONDITION 0 (SBC-3 allows it under any
+        /// reservation).
+        start_only: bool,
+    },
     ReadCapacity10,
     ReadCapacity16 {
         alloc: u32,
@@ -201,7 +206,9 @@ impl Command {
                     alloc: if ten { be16(&c[7..]) } else { u32::from(c[4]) },
                 }
             }
-            op::START_STOP_UNIT => Command::StartStopUnit,
+            op::START_STOP_UNIT => Command::StartStopUnit {
+                start_only: c[4] & 0x01 != 0 && c[4] >> 4 == 0,
+            },
             op::READ_CAPACITY_10 => {
                 // PMI without an LBA is the only form SBC-3 keeps.
                 if c[8] & 1 == 0 && be32(&c[2..]) != 0 {

@@ -175,7 +175,7 @@ impl LogicalUnit {
             Command::Write { .. }
             | Command::SynchronizeCache { .. }
             | Command::Unmap { .. }
-            | Command::StartStopUnit => Access::Write,
+            | Command::StartStopUnit { start_only: false } => Access::Write,
             _ => Access::Always,
         }
     }
@@ -196,7 +196,7 @@ impl LogicalUnit {
             return Response::conflict();
         }
         match cmd {
-            Command::TestUnitReady | Command::StartStopUnit => Response::good(Vec::new()),
+            Command::TestUnitReady | Command::StartStopUnit { .. } => Response::good(Vec::new()),
             Command::Inquiry { evpd, page, alloc } => match self.inquiry(nexus, evpd, page) {
                 Ok(d) => Response::good(truncate(d, alloc)),
                 Err(s) => Response::check(s),

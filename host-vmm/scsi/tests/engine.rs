@@ -231,6 +231,14 @@ fn access_table_per_type() {
             if !can_write {
                 conflict(&w);
             }
+            // START STOP UNIT: starting is allowed, stopping is a write.
+            let stop = lu.execute(who, &[0x1b, 0, 0, 0, 0, 0], &[]);
+            assert_eq!(
+                stop.status == Status::Good,
+                can_write,
+                "type {kind} stop {who:?}"
+            );
+            good(&lu.execute(who, &[0x1b, 0, 0, 0, 1, 0], &[]));
             // Allowed whatever the reservation.
             good(&tur(&lu, who));
             good(&lu.execute(who, &[0x12, 0, 0, 0, 36, 0], &[]));
