@@ -111,6 +111,11 @@ impl Connection {
         }
     }
 
+    /// Login is over (full feature phase).
+    pub fn logged_in(&self) -> bool {
+        self.phase == Phase::FullFeature
+    }
+
     /// Digests for the next PDU sent or received.
     pub fn digests(&self) -> Digests {
         self.digests

@@ -8,7 +8,9 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tandem_disk::{BlockDevice, Chain, ChainOptions};
 use tandem_scsi::pr::{SavedPr, SAVED_PR_VERSION};
@@ -18,6 +20,11 @@ use tracing::{debug, error, info, warn};
 use crate::conn::{Connection, Output, TargetInfo};
 use crate::pdu::{Digests, Pdu, PduError, BHS_LEN};
 use crate::text::OUR_MAX_RECV;
+
+/// Connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Time a new connection has to finish its login.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -218,10 +225,17 @@ impl Server {
     /// Accepts connections until the listener fails.
     pub fn run(self) -> Result<(), ServerError> {
         info!(iqn = %self.info.iqn, portal = %self.info.portal, luns = self.luns.len(), "iscsi target listening");
+        let active = Arc::new(AtomicUsize::new(0));
         loop {
             let (stream, peer) = self.listener.accept().map_err(ServerError::Accept)?;
+            if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                warn!(%peer, "too many connections; closing the new one");
+                continue;
+            }
+            active.fetch_add(1, Ordering::SeqCst);
             let conn = Connection::new(self.info.clone(), self.target.clone());
             let luns = self.luns.clone();
+            let count = active.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("iscsi {peer}"))
                 .spawn(move || {
@@ -229,7 +243,11 @@ impl Server {
                     if let Err(e) = serve(stream, conn, &luns) {
                         debug!(%peer, error = %e, "connection ended");
                     }
+                    count.fetch_sub(1, Ordering::SeqCst);
                 });
+            if spawned.is_err() {
+                active.fetch_sub(1, Ordering::SeqCst);
+            }
             if let Err(e) = spawned {
                 error!(error = %e, "cannot start a connection thread");
             }
@@ -247,6 +265,8 @@ fn send(w: &mut impl Write, out: &Output, d: Digests) -> io::Result<()> {
 /// Runs one connection to its end.
 pub fn serve(stream: TcpStream, mut conn: Connection, luns: &HashMap<u16, Lun>) -> io::Result<()> {
     stream.set_nodelay(true)?;
+    // A peer that never finishes its login does not keep a thread.
+    stream.set_read_timeout(Some(LOGIN_TIMEOUT))?;
     let mut r = stream.try_clone()?;
     let mut w = BufWriter::new(stream);
     let mut buf = Vec::new();
@@ -268,6 +288,7 @@ pub fn serve(stream: TcpStream, mut conn: Connection, luns: &HashMap<u16, Lun>) 
         buf.extend_from_slice(&bhs);
         buf.resize(total, 0);
         r.read_exact(&mut buf[BHS_LEN..])?;
+        let was_logged_in = conn.logged_in();
         let out = match Pdu::decode(&buf, d, OUR_MAX_RECV as usize) {
             Ok((pdu, _)) => conn.handle(pdu),
             Err(PduError::DataDigest) => conn.data_digest_error(bhs),
@@ -288,6 +309,10 @@ pub fn serve(stream: TcpStream, mut conn: Connection, luns: &HashMap<u16, Lun>) 
         send(&mut w, &out, d)?;
         if out.close {
             return Ok(());
+        }
+        if !was_logged_in && conn.logged_in() {
+            // Logged in: idle sessions are the initiator's business.
+            r.set_read_timeout(None)?;
         }
     }
 }
