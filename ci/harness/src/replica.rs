@@ -26,10 +26,10 @@ const DISK: &str = "256M";
 const SITE_PORT: u16 = 7411;
 const PRIMARY_IP: &str = "10.213.7.1";
 const SITE_IP: &str = "10.213.7.2";
-/// fio's job: a random write pass over 160 MiB in which every block is
+/// fio's job: a random write pass over 128 MiB in which every block is
 /// written once (fio's random map), so `--verify_only` with the same job
 /// later knows what every block holds.
-const FIO_JOB: &str = "fio --name=rep --filename=/dev/vda --rw=randwrite --bs=4k --size=160M \
+const FIO_JOB: &str = "fio --name=rep --filename=/dev/vda --rw=randwrite --bs=4k --size=128M \
      --ioengine=libaio --direct=1 --iodepth=8 --verify=crc32c --verify_fatal=1 \
      --randrepeat=1 --randseed=4242";
 
@@ -307,7 +307,7 @@ pub async fn e2e() -> Result<()> {
     );
     let fio_s = begun.elapsed().as_secs_f64();
     println!(
-        "fio randwrite+verify over 160 MiB: err=0 in {fio_s:.1}s; link cut at {:.1}s for 5 s",
+        "fio randwrite+verify over 128 MiB: err=0 in {fio_s:.1}s; link cut at {:.1}s for 5 s",
         cut_at.as_secs_f64()
     );
     c.check("sync").await?;

@@ -315,6 +315,16 @@ pub fn recover(top: &Path) -> Result<bool, SendError> {
     }
 }
 
+/// Most sealed layers a replicated chain may have: with its top it must
+/// open (at most `MAX_DEPTH` layers), and so must the site's chain with a
+/// failover layer on top of its newest point.
+pub const MAX_SEALED: usize = tandem_disk::chain::MAX_DEPTH - 2;
+
+/// Whether another layer may be sealed on a chain with `sealed` sealed layers.
+pub fn may_seal(sealed: usize) -> bool {
+    sealed < MAX_SEALED
+}
+
 /// Options of `tandem replica start`.
 #[derive(Clone, Debug)]
 pub struct SendConfig {
@@ -499,6 +509,25 @@ fn session(
             );
             if stop.load(Ordering::SeqCst) {
                 return Ok(());
+            }
+            if !may_seal(layers.len()) {
+                // Another layer would make a chain too deep to open (here,
+                // or at the site with a failover layer on top): stop sealing
+                // rather than break the disk. Replication stalls; the RPO grows.
+                set(status, |s| {
+                    s.state = "chain-full".into();
+                    s.last_error = Some(format!(
+                        "the chain has {} sealed layers, the most it may have is {}: merge layers to go on",
+                        layers.len(),
+                        MAX_SEALED
+                    ));
+                });
+                tracing::warn!(
+                    sealed = layers.len(),
+                    "chain too deep to seal another layer"
+                );
+                next_checkpoint = Instant::now() + cfg.interval;
+                continue;
             }
             let sealed = cfg.source.checkpoint()?;
             next_checkpoint += cfg.interval;

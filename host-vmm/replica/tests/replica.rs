@@ -408,3 +408,44 @@ fn status_api_reports_progress_while_running() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A chain about to be too deep: the sender seals up to the limit, ships
+/// everything, then stops sealing (state chain-full) instead of making a
+/// chain that no longer opens; the deepest point still fails over.
+#[test]
+fn the_sender_stops_sealing_before_the_chain_is_too_deep() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::start(&dir.path().join("site"));
+    let mut p = Primary::create(dir.path(), Format::Qcow2);
+    p.write_batch(3);
+    for _ in 0..tandem_replica::sender::MAX_SEALED - 1 {
+        ops::checkpoint(&p.top, tandem_disk::FaultHook::default()).unwrap();
+    }
+    p.write_batch(3);
+    let status = Arc::new(Mutex::new(Status::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut cfg = send_cfg(&p.top, &site.addr, u64::MAX);
+    cfg.stop_after = None;
+    let (st2, stop2) = (status.clone(), stop.clone());
+    let h = std::thread::spawn(move || tandem_replica::sender::run(&cfg, &st2, &stop2));
+    let begun = std::time::Instant::now();
+    while status.lock().unwrap().state != "chain-full" {
+        assert!(
+            begun.elapsed().as_secs() < 120,
+            "{:?}",
+            status.lock().unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::SeqCst);
+    h.join().unwrap().unwrap();
+    let max = tandem_replica::sender::MAX_SEALED as u64;
+    assert_eq!(status.lock().unwrap().points, max);
+    assert_eq!(p.sealed().len() as u64, max);
+    assert!(ops::check(&p.top).unwrap().is_clean());
+    assert_eq!(read_all(&p.top), p.model);
+    let out = dir.path().join("deepest.qcow2");
+    failover(&site.dir, max, &out, Output::Chain).unwrap();
+    assert_eq!(read_all(&out), p.model);
+    assert_qemu_identical(&p.sealed()[max as usize - 1], &out);
+}
