@@ -6,6 +6,7 @@
 mod boot;
 mod channel;
 mod guest;
+mod migrate;
 mod nvme;
 mod replica;
 mod snapshot;
@@ -61,8 +62,9 @@ fn main() {
                 "vhost-blk" => vhost::e2e().await,
                 "replica" => replica::e2e().await,
                 "snapshot" => snapshot::e2e().await,
+                "migrate" => migrate::e2e().await,
                 other => bail!(
-                    "unknown scenario {other:?} (known: boot, channel, nvme, vhost-blk, replica, snapshot)"
+                    "unknown scenario {other:?} (known: boot, channel, nvme, vhost-blk, replica, snapshot, migrate)"
                 ),
             },
             What::Bench { scenario, runs } => match scenario.as_str() {

@@ -12,7 +12,8 @@ use crate::boot::{boot_tandem, tempdir, Booted};
 use crate::guest::Console;
 use crate::{spawn_tandem, tandem};
 
-async fn channel_up(api: &str, limit: Duration) -> Result<Value> {
+/// Waits until `tandem channel info` says the channel is up.
+pub(crate) async fn channel_up(api: &str, limit: Duration) -> Result<Value> {
     let end = Instant::now() + limit;
     loop {
         let (code, out, _) = tandem(&["channel", "info", "--json", "--api-socket", api]).await?;
@@ -85,7 +86,7 @@ pub async fn e2e() -> Result<()> {
         .status()
         .await;
     ensure!(
-        code != 0 && err.contains("could not save the VM") && err.contains("keeps running"),
+        code != 0 && err.contains("could not move the VM") && err.contains("keeps running"),
         "a save into 2 MiB: exit {code}: {err}"
     );
     let again = vm.console.check("cat /ram-marker").await?;

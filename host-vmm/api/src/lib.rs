@@ -23,6 +23,8 @@ pub mod routes {
     pub const VM_SHUTDOWN: &str = "/api/v1/vm.shutdown";
     /// Saves the VM to a file and stops it (`tandem run --restore` brings it back).
     pub const VM_SNAPSHOT: &str = "/api/v1/vm.snapshot";
+    /// Live-migrates the VM to a `tandem run --incoming` elsewhere.
+    pub const VM_MIGRATE: &str = "/api/v1/vm.migrate";
     pub const CHANNEL_INFO: &str = "/api/v1/channel.info";
     pub const CHANNEL_PING: &str = "/api/v1/channel.ping";
     pub const CHANNEL_INJECT: &str = "/api/v1/channel.inject";
@@ -40,6 +42,7 @@ pub mod routes {
         ("put", VM_RESUME),
         ("put", VM_SHUTDOWN),
         ("put", VM_SNAPSHOT),
+        ("put", VM_MIGRATE),
         ("get", CHANNEL_INFO),
         ("put", CHANNEL_PING),
         ("put", CHANNEL_INJECT),

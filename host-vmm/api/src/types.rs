@@ -196,3 +196,23 @@ pub struct SnapshotResponse {
     /// How long the guest was stopped while QEMU wrote the last part.
     pub downtime_ms: Option<u64>,
 }
+
+/// `vm.migrate`: where the destination (`tandem run --incoming URI`) listens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// `tcp:HOST:PORT`.
+    pub to: String,
+    /// Cap on the migration's bandwidth, MiB/s (default: QEMU's).
+    #[serde(default)]
+    pub max_bandwidth_mib: Option<u64>,
+}
+
+/// `vm.migrate`'s answer; the VM stops here right after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateResponse {
+    pub to: String,
+    pub bytes: u64,
+    pub total_ms: u64,
+    /// How long the guest was stopped for the switch-over.
+    pub downtime_ms: Option<u64>,
+}

@@ -73,6 +73,19 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Live-migrate a VM to a `tandem run --incoming tcp:ADDR:PORT` on
+    /// another host (same machine flags, disks on shared storage). Refused
+    /// while functions are assigned; on failure the VM keeps running here.
+    Migrate {
+        /// tcp:ADDR:PORT of the destination.
+        #[arg(long)]
+        to: String,
+        /// Cap the transfer at this many MiB/s.
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Check that a VM's control socket answers.
     Ping {
         #[command(flatten)]
@@ -292,6 +305,27 @@ async fn control(cmd: Cmd) -> Result<i32> {
                 } else {
                     "hard stop"
                 }
+            );
+        }
+        Cmd::Migrate {
+            to,
+            bandwidth,
+            target,
+        } => {
+            let req = tandem_api::MigrateRequest {
+                to,
+                max_bandwidth_mib: bandwidth,
+            };
+            let client = target.client().with_timeout(Duration::from_secs(660));
+            let r: tandem_api::MigrateResponse = client.put(routes::VM_MIGRATE, &req).await?;
+            println!(
+                "migrated to {} ({} MiB in {:.2}s{}); the VM runs there now",
+                r.to,
+                r.bytes / (1024 * 1024),
+                r.total_ms as f64 / 1000.0,
+                r.downtime_ms
+                    .map(|d| format!(", downtime {d} ms"))
+                    .unwrap_or_default()
             );
         }
         Cmd::Snapshot { file, target } => {

@@ -62,6 +62,11 @@ pub struct RunArgs {
     /// compatibility tests; default: all this build supports).
     #[arg(long, hide = true)]
     host_abi: Option<String>,
+    /// Wait for a live migration from another host instead of booting:
+    /// `tcp:ADDR:PORT` to listen on. The machine flags (or config file) must
+    /// be the source's.
+    #[arg(long, value_name = "URI", conflicts_with = "restore")]
+    incoming: Option<String>,
     /// Restore a VM saved by `tandem snapshot FILE` instead of booting: the
     /// machine configuration comes from `FILE.json` (name, console, API
     /// socket, engine and accelerator may be given again).
@@ -171,13 +176,14 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         None => None,
     };
     let devices_dir = control.as_ref().map(|(s, _)| s.dir().to_owned());
-    let incoming = args
-        .restore
-        .as_ref()
-        .map(|p| std::path::absolute(p).map(|p| format!("file:{}", p.display())))
-        .transpose()?;
+    let incoming = match (&args.restore, &args.incoming) {
+        (Some(p), _) => Some(format!("file:{}", std::path::absolute(p)?.display())),
+        (None, Some(u)) if u.starts_with("tcp:") => Some(u.clone()),
+        (None, Some(u)) => anyhow::bail!("--incoming {u}: expected tcp:ADDR:PORT"),
+        (None, None) => None,
+    };
     if let Some(uri) = &incoming {
-        eprintln!("tandem: restoring from {uri}");
+        eprintln!("tandem: waiting for the machine state from {uri}");
     }
     let running = Vm::start_from(
         resolved,
@@ -187,8 +193,8 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         incoming,
     )
     .await
-    .context(if args.restore.is_some() {
-        "the VM could not be restored"
+    .context(if args.restore.is_some() || args.incoming.is_some() {
+        "the VM could not be restored (incoming machine state)"
     } else {
         "the VM did not start"
     })?;
@@ -234,14 +240,16 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
 
     let (msg, code) = match &ending {
-        _ if vm.saved_to().is_some() => (
-            format!(
-                "saved to {}; restore with tandem run --restore {}",
-                vm.saved_to().unwrap_or_default().display(),
-                vm.saved_to().unwrap_or_default().display()
-            ),
-            0,
-        ),
+        _ if vm.saved_to().is_some() => {
+            let to = vm.saved_to().unwrap_or_default();
+            match to.strip_prefix("file:") {
+                Some(f) => (
+                    format!("saved to {f}; restore with tandem run --restore {f}"),
+                    0,
+                ),
+                None => (format!("migrated to {to}; it runs there now"), 0),
+            }
+        }
         Ending::GuestPoweroff => ("the guest powered off".to_string(), 0),
         Ending::Forced => ("stopped by the operator".to_string(), 0),
         Ending::GuestReset { reason } => (

@@ -70,6 +70,7 @@ pub fn router(vm: Arc<Vm>) -> Router {
         .route(routes::VM_RESUME, put(resume))
         .route(routes::VM_SHUTDOWN, put(shutdown))
         .route(routes::VM_SNAPSHOT, put(snapshot))
+        .route(routes::VM_MIGRATE, put(migrate))
         .route(routes::CHANNEL_INFO, get(channel_info))
         .route(routes::CHANNEL_PING, put(channel_ping))
         .route(routes::CHANNEL_INJECT, put(channel_inject))
@@ -314,24 +315,40 @@ async fn device_guest(
         .map_err(device_error)
 }
 
+fn leave_error(e: crate::snapshot::SnapshotError) -> Error {
+    use crate::snapshot::SnapshotError as S;
+    let status = match &e {
+        S::State(_) | S::Assigned(_) | S::VhostBlk(_) | S::Exists(_) => StatusCode::CONFLICT,
+        S::Relative(_) | S::Uri(_) => StatusCode::BAD_REQUEST,
+        S::Write { .. } | S::Control(_) | S::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    Error::from_error(status, &e)
+}
+
+async fn migrate(
+    State(vm): State<Arc<Vm>>,
+    b: Bytes,
+) -> Result<Json<tandem_api::MigrateResponse>, Error> {
+    let req: tandem_api::MigrateRequest = body(&b)?;
+    let r = crate::snapshot::migrate(&vm, &req.to, req.max_bandwidth_mib)
+        .await
+        .map_err(leave_error)?;
+    Ok(Json(tandem_api::MigrateResponse {
+        to: r.to,
+        bytes: r.bytes,
+        total_ms: r.total_ms,
+        downtime_ms: r.downtime_ms,
+    }))
+}
+
 async fn snapshot(
     State(vm): State<Arc<Vm>>,
     b: Bytes,
 ) -> Result<Json<tandem_api::SnapshotResponse>, Error> {
-    use crate::snapshot::SnapshotError as S;
     let req: tandem_api::SnapshotRequest = body(&b)?;
     let r = crate::snapshot::save(&vm, std::path::Path::new(&req.file))
         .await
-        .map_err(|e| {
-            let status = match &e {
-                S::State(_) | S::Assigned(_) | S::VhostBlk(_) | S::Exists(_) => {
-                    StatusCode::CONFLICT
-                }
-                S::Relative(_) => StatusCode::BAD_REQUEST,
-                S::Write { .. } | S::Control(_) | S::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            Error::from_error(status, &e)
-        })?;
+        .map_err(leave_error)?;
     Ok(Json(tandem_api::SnapshotResponse {
         file: r.file.display().to_string(),
         config: r.config.display().to_string(),

@@ -29,6 +29,8 @@ use crate::vm::{Vm, VmError};
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the migration's progress is read.
 const POLL: Duration = Duration::from_millis(200);
+/// A transfer that moves no byte for this long is given up.
+const STALL_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -50,8 +52,10 @@ pub enum SnapshotError {
     },
     #[error("the control device could not be removed: {0}")]
     Control(String),
-    #[error("QEMU could not save the VM: {0} (the VM keeps running)")]
+    #[error("QEMU could not move the VM: {0} (the VM keeps running here)")]
     Failed(String),
+    #[error("{0}: migrate to tcp:HOST:PORT (a `tandem run --incoming` there)")]
+    Uri(String),
 }
 
 /// What a save did.
@@ -93,49 +97,73 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Follows `query-migrate` until the transfer ends; `Ok` with the final
-/// status object when it completed.
-async fn follow(vm: &Vm, what: &str) -> Result<Value, String> {
-    let begun = Instant::now();
+/// status object when it completed. An outgoing transfer that makes no
+/// progress for [`STALL_LIMIT`] (a cut network does not close the TCP
+/// connection) is cancelled; an incoming one waits for its sender as long
+/// as it takes, then the same rule applies.
+async fn follow(vm: &Vm, what: &str, outgoing: bool) -> Result<Value, String> {
+    let mut begun: Option<Instant> = outgoing.then(Instant::now);
     let mut last_report = Instant::now();
+    let mut last_bytes = 0u64;
+    let mut last_progress = Instant::now();
     loop {
         let st = vm
             .qmp()
             .execute("query-migrate", None)
             .await
             .map_err(|e| e.to_string())?;
-        match st.get("status").and_then(Value::as_str).unwrap_or("") {
+        let status = st.get("status").and_then(Value::as_str).unwrap_or("");
+        match status {
             "completed" => return Ok(st),
             "failed" | "cancelled" => {
                 return Err(st
                     .get("error-desc")
                     .and_then(Value::as_str)
-                    .unwrap_or("no reason given")
+                    .unwrap_or("cancelled")
                     .to_owned())
             }
             _ => {}
         }
-        if last_report.elapsed() > Duration::from_secs(2) {
-            last_report = Instant::now();
-            let ram = &st["ram"];
-            info!(
-                what,
-                status = %st["status"],
-                transferred = %ram["transferred"],
-                remaining = %ram["remaining"],
-                "transfer in progress"
-            );
+        let ram = &st["ram"];
+        let bytes = ram["transferred"].as_u64().unwrap_or(0);
+        if begun.is_none() && (status == "active" || bytes > 0) {
+            begun = Some(Instant::now());
+            last_progress = Instant::now();
         }
-        if begun.elapsed() > TRANSFER_TIMEOUT {
-            return Err(format!("not finished after {TRANSFER_TIMEOUT:?}"));
+        if bytes > last_bytes {
+            last_bytes = bytes;
+            last_progress = Instant::now();
+        }
+        if let Some(b) = begun {
+            if last_report.elapsed() > Duration::from_secs(2) {
+                last_report = Instant::now();
+                info!(
+                    what,
+                    status,
+                    transferred = bytes,
+                    remaining = %ram["remaining"],
+                    "transfer in progress"
+                );
+            }
+            if last_progress.elapsed() > STALL_LIMIT || b.elapsed() > TRANSFER_TIMEOUT {
+                let why = if last_progress.elapsed() > STALL_LIMIT {
+                    format!("no progress for {STALL_LIMIT:?} (network cut, or the other side gone)")
+                } else {
+                    format!("not finished after {TRANSFER_TIMEOUT:?}")
+                };
+                if outgoing {
+                    let _ = vm.qmp().execute("migrate_cancel", None).await;
+                }
+                return Err(why);
+            }
         }
         tokio::time::sleep(POLL).await;
     }
 }
 
-/// Saves the VM to `file` and stops it. On failure the VM keeps running,
-/// with its control device back.
-pub async fn save(vm: &Arc<Vm>, file: &Path) -> Result<SaveReport, SnapshotError> {
-    let _one = vm.busy.lock().await;
+/// Checks that the VM may leave (saved or migrated): its state, no
+/// assigned functions, no vhost-user disks.
+fn may_leave(vm: &Vm) -> Result<VmState, SnapshotError> {
     let state = vm.state();
     if !matches!(state, VmState::Running | VmState::Paused) {
         return Err(SnapshotError::State(state));
@@ -159,6 +187,14 @@ pub async fn save(vm: &Arc<Vm>, file: &Path) -> Result<SaveReport, SnapshotError
     {
         return Err(SnapshotError::VhostBlk(format!("disk{i}")));
     }
+    Ok(state)
+}
+
+/// Saves the VM to `file` and stops it. On failure the VM keeps running,
+/// with its control device back.
+pub async fn save(vm: &Arc<Vm>, file: &Path) -> Result<SaveReport, SnapshotError> {
+    let _one = vm.busy.lock().await;
+    let state = may_leave(vm)?;
     if !file.is_absolute() {
         return Err(SnapshotError::Relative(file.to_owned()));
     }
@@ -174,45 +210,98 @@ pub async fn save(vm: &Arc<Vm>, file: &Path) -> Result<SaveReport, SnapshotError
         path: config.clone(),
         source,
     })?;
+    let uri = format!("file:{}", file.display());
+    match leave(vm, &uri, state, None).await {
+        Ok((st, total_ms)) => Ok(SaveReport {
+            file: file.to_owned(),
+            config,
+            bytes: std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
+            total_ms,
+            downtime_ms: st.get("downtime").and_then(Value::as_u64),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(file);
+            let _ = std::fs::remove_file(&config);
+            Err(e)
+        }
+    }
+}
+
+/// What a live migration did.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MigrateReport {
+    pub to: String,
+    pub bytes: u64,
+    pub total_ms: u64,
+    pub downtime_ms: Option<u64>,
+}
+
+/// Live-migrates the VM to a `tandem run --incoming` at `uri`
+/// (`tcp:HOST:PORT`); this side stops once the destination has it. On
+/// failure the VM keeps running here.
+pub async fn migrate(
+    vm: &Arc<Vm>,
+    uri: &str,
+    max_bandwidth_mib: Option<u64>,
+) -> Result<MigrateReport, SnapshotError> {
+    let _one = vm.busy.lock().await;
+    if !uri.starts_with("tcp:") {
+        return Err(SnapshotError::Uri(uri.to_owned()));
+    }
+    let state = may_leave(vm)?;
+    let (st, total_ms) = leave(vm, uri, state, max_bandwidth_mib).await?;
+    Ok(MigrateReport {
+        to: uri.to_owned(),
+        bytes: st["ram"]["transferred"].as_u64().unwrap_or(0),
+        total_ms,
+        downtime_ms: st.get("downtime").and_then(Value::as_u64),
+    })
+}
+
+/// Removes the control device, sends the machine state to `uri`, and on
+/// success stops QEMU; on failure brings the control device back and keeps
+/// the VM running.
+async fn leave(
+    vm: &Arc<Vm>,
+    uri: &str,
+    state: VmState,
+    max_bandwidth_mib: Option<u64>,
+) -> Result<(Value, u64), SnapshotError> {
     let begun = Instant::now();
     if let Some(c) = vm.control() {
         if let Err(e) = crate::control::unplug(c, vm).await {
             // The device may be half gone: bring one back.
             let _ = crate::control::replug(c.clone(), vm.clone()).await;
-            let _ = std::fs::remove_file(&config);
             return Err(SnapshotError::Control(e));
         }
-        info!("control device removed for the save");
+        info!("control device removed for the transfer");
     }
-    let uri = format!("file:{}", file.display());
+    let bw = max_bandwidth_mib.map_or(0, |m| m.saturating_mul(1 << 20));
+    let _ = vm
+        .qmp()
+        .execute("migrate-set-parameters", Some(json!({"max-bandwidth": bw})))
+        .await;
     let result = match vm.qmp().execute("migrate", Some(json!({"uri": uri}))).await {
-        Ok(_) => follow(vm, "save").await,
+        Ok(_) => follow(vm, "outgoing", true).await,
         Err(e) => Err(e.to_string()),
     };
     match result {
         Ok(st) => {
-            *vm.saved_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(file.to_owned());
-            let bytes = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-            let report = SaveReport {
-                file: file.to_owned(),
-                config,
-                bytes,
-                total_ms: u64::try_from(begun.elapsed().as_millis()).unwrap_or(u64::MAX),
-                downtime_ms: st.get("downtime").and_then(Value::as_u64),
-            };
-            info!(file = %file.display(), bytes, "VM saved; stopping QEMU");
-            // The guest is stopped (post-migration); QEMU may go.
+            *vm.saved_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(uri.to_owned());
+            info!(uri, "VM sent; stopping QEMU here");
+            // The guest is stopped here (post-migration); QEMU may go.
             let vm2 = vm.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let _ = vm2.qmp().execute("quit", None).await;
             });
-            Ok(report)
+            Ok((
+                st,
+                u64::try_from(begun.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ))
         }
         Err(e) => {
-            warn!(error = %e, "save failed; the VM keeps running");
-            let _ = std::fs::remove_file(file);
-            let _ = std::fs::remove_file(&config);
+            warn!(error = %e, "transfer failed; the VM keeps running here");
             // A failed migration leaves the guest running, unless it was
             // stopped before the failure.
             if state == VmState::Running {
@@ -238,7 +327,9 @@ pub(crate) async fn receive(vm: &Arc<Vm>, uri: &str) -> Result<(), VmError> {
         .execute("migrate-incoming", Some(json!({"uri": uri})))
         .await
         .map_err(|e| VmError::Restore(format!("migrate-incoming {uri}: {e}")))?;
-    let st = follow(vm, "restore").await.map_err(VmError::Restore)?;
+    let st = follow(vm, "incoming", false)
+        .await
+        .map_err(VmError::Restore)?;
     info!(uri, total_ms = %st["total-time"], "machine state restored");
     Ok(())
 }

@@ -77,8 +77,9 @@ pub struct Vm {
     control: Option<Arc<ControlServer>>,
     /// Functions hot-plugged through the API, by id.
     pub(crate) assigned: Mutex<std::collections::BTreeMap<String, tandem_api::AttachedDevice>>,
-    /// Set when a snapshot saved the VM (QEMU then quits): where to.
-    pub(crate) saved_to: Mutex<Option<std::path::PathBuf>>,
+    /// Set when the VM left by a snapshot or a migration (QEMU then
+    /// quits): the migration URI (`file:PATH`, `tcp:HOST:PORT`).
+    pub(crate) saved_to: Mutex<Option<String>>,
     /// Serializes snapshots (and other whole-VM operations).
     pub(crate) busy: tokio::sync::Mutex<()>,
 }
@@ -351,8 +352,9 @@ impl Vm {
         Ok(())
     }
 
-    /// Where a snapshot saved this VM, if one did.
-    pub fn saved_to(&self) -> Option<std::path::PathBuf> {
+    /// Where the VM went (a snapshot's `file:PATH`, a migration's
+    /// `tcp:HOST:PORT`), if it left.
+    pub fn saved_to(&self) -> Option<String> {
         lock(&self.saved_to).clone()
     }
 
