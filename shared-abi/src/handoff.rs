@@ -977,19 +977,8 @@ mod tests {
                         } else {
                             Outcome::Ok
                         };
-                        let is_flush = id.is_none_or(|i| ops[&i] == Op::Flush);
-                        if is_flush && !fail {
-                            let (fp, d) = dispatched[&(id, issue)];
-                            durable_upto[fp.index()] = durable_upto[fp.index()].max(d);
-                            if fp == Path::Synthetic {
-                                let l = losses
-                                    .iter()
-                                    .filter(|l| **l <= d)
-                                    .max()
-                                    .copied()
-                                    .unwrap_or(0);
-                                durable_upto[1] = durable_upto[1].max(l);
-                            }
+                        if !fail {
+                            flushed(id, issue, &ops, &dispatched, &losses, &mut durable_upto);
                         }
                         match id {
                             Some(id) => h.complete(id, issue, outcome, now, &mut a),
@@ -1055,19 +1044,7 @@ mod tests {
                 break;
             }
             let (id, issue) = inflight[p].remove(0);
-            let (fp, d) = dispatched[&(id, issue)];
-            if id.is_none_or(|i| ops[&i] == Op::Flush) {
-                durable_upto[fp.index()] = durable_upto[fp.index()].max(d);
-                if fp == Path::Synthetic {
-                    let l = losses
-                        .iter()
-                        .filter(|l| **l <= d)
-                        .max()
-                        .copied()
-                        .unwrap_or(0);
-                    durable_upto[1] = durable_upto[1].max(l);
-                }
-            }
+            flushed(id, issue, &ops, &dispatched, &losses, &mut durable_upto);
             match id {
                 Some(id) => h.complete(id, issue, Outcome::Ok, now, &mut a),
                 None => h.barrier_done(issue, Outcome::Ok, now, &mut a),
@@ -1089,6 +1066,34 @@ mod tests {
         let all: BTreeSet<u64> = ops.keys().copied().collect();
         assert_eq!(done, all, "requests never completed (seed {seed})");
         assert_eq!(h.parked(), 0);
+    }
+
+    /// The durability model when a request completes successfully: a flush
+    /// (or barrier) on a path makes durable what completed on that path
+    /// before it was dispatched; a synthetic one also covers what a lost
+    /// direct path completed before its last loss before that dispatch.
+    fn flushed(
+        id: Option<u64>,
+        issue: u32,
+        ops: &BTreeMap<u64, Op>,
+        dispatched: &BTreeMap<(Option<u64>, u32), (Path, u64)>,
+        losses: &[u64],
+        durable_upto: &mut [u64; 2],
+    ) {
+        if !id.is_none_or(|i| ops[&i] == Op::Flush) {
+            return;
+        }
+        let (fp, d) = dispatched[&(id, issue)];
+        durable_upto[fp.index()] = durable_upto[fp.index()].max(d);
+        if fp == Path::Synthetic {
+            let l = losses
+                .iter()
+                .filter(|l| **l <= d)
+                .max()
+                .copied()
+                .unwrap_or(0);
+            durable_upto[1] = durable_upto[1].max(l);
+        }
     }
 
     /// The path an application request was last dispatched on.

@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 
 use crate::boot::{boot_tandem, tempdir, Booted};
 use crate::guest::Console;
-use crate::snapshot::channel_up;
+use crate::snapshot::{channel_up, plant_state, uptime};
 use crate::{tandem, tandem_bin};
 
 const SRC_IP: &str = "10.213.7.1";
@@ -149,14 +149,7 @@ pub async fn e2e() -> Result<()> {
         vm.boot_s, host.ns
     );
     channel_up(&api, Duration::from_secs(30)).await?;
-    let c = &mut vm.console;
-    c.check("head -c 24 /dev/urandom | md5sum > /ram-marker")
-        .await?;
-    let ram = c.check("cat /ram-marker").await?;
-    c.check("head -c 1048576 /dev/urandom > /pattern").await?;
-    c.check("dd if=/pattern of=/dev/vda bs=1M count=1 oflag=direct 2>/dev/null")
-        .await?;
-    let pattern = c.check("md5sum < /pattern").await?;
+    let (ram, pattern) = plant_state(&mut vm.console).await?;
 
     // 1. A destination that cannot take this machine (other memory size).
     let mut bad = host
@@ -225,12 +218,7 @@ pub async fn e2e() -> Result<()> {
 
     // 3. A live migration that completes.
     let dst = host.incoming(w, "dst", 4443, &machine).await?;
-    let up_before: f64 = vm
-        .console
-        .check("cut -d' ' -f1 /proc/uptime")
-        .await?
-        .parse()
-        .context("uptime")?;
+    let up_before = uptime(&mut vm.console).await?;
     let (code, out, err) = tandem(&["migrate", "--to", &dst.uri, "--api-socket", &api]).await?;
     ensure!(code == 0, "migration failed ({code}): {out}{err}");
     println!("{}", out.trim());
@@ -269,7 +257,7 @@ pub async fn e2e() -> Result<()> {
         .check("dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | md5sum")
         .await?;
     ensure!(d == pattern, "disk differs after the migration");
-    let up_after: f64 = c.check("cut -d' ' -f1 /proc/uptime").await?.parse()?;
+    let up_after = uptime(c).await?;
     ensure!(up_after >= up_before, "uptime went back");
     let ch = channel_up(&dapi, Duration::from_secs(60)).await?;
     println!(

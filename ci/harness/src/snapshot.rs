@@ -29,7 +29,21 @@ pub(crate) async fn channel_up(api: &str, limit: Duration) -> Result<Value> {
     }
 }
 
-async fn uptime(c: &mut Console) -> Result<f64> {
+/// Leaves state to find again: a random marker in RAM (the initramfs is
+/// RAM) and a random MiB at the start of `/dev/vda`. Returns their digests.
+pub(crate) async fn plant_state(c: &mut Console) -> Result<(String, String)> {
+    c.check("head -c 24 /dev/urandom | md5sum > /ram-marker")
+        .await?;
+    let ram = c.check("cat /ram-marker").await?;
+    c.check("head -c 1048576 /dev/urandom > /pattern").await?;
+    c.check("dd if=/pattern of=/dev/vda bs=1M count=1 oflag=direct 2>/dev/null")
+        .await?;
+    let pattern = c.check("md5sum < /pattern").await?;
+    Ok((ram, pattern))
+}
+
+/// The guest's uptime in seconds.
+pub(crate) async fn uptime(c: &mut Console) -> Result<f64> {
     let u = c.check("cut -d' ' -f1 /proc/uptime").await?;
     u.trim().parse().with_context(|| format!("uptime {u:?}"))
 }
@@ -47,13 +61,7 @@ pub async fn e2e() -> Result<()> {
 
     // State in RAM (the initramfs is RAM) and on the disk.
     let c = &mut vm.console;
-    c.check("head -c 24 /dev/urandom | md5sum > /ram-marker")
-        .await?;
-    let ram = c.check("cat /ram-marker").await?;
-    c.check("head -c 1048576 /dev/urandom > /pattern").await?;
-    c.check("dd if=/pattern of=/dev/vda bs=1M count=1 oflag=direct 2>/dev/null")
-        .await?;
-    let pattern = c.check("md5sum < /pattern").await?;
+    let (ram, pattern) = plant_state(c).await?;
     let up_before = uptime(c).await?;
 
     // 1. A save that fails half-way (the state does not fit where it is
