@@ -469,7 +469,7 @@ fn a_disk_served_by_the_vhost_blk_backend_replicates_through_its_api() {
     };
     // The backend waits for a vhost-user frontend that never comes; its API
     // answers meanwhile. The thread ends with the test process.
-    std::thread::spawn(move || tandem_vhost_blk::run(cfg));
+    std::thread::spawn(move || tandem_vhost_blk::run(cfg).map_err(|e| e.to_string()));
     let begun = std::time::Instant::now();
     while std::os::unix::net::UnixStream::connect(&api).is_err() {
         assert!(
