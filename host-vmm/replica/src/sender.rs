@@ -585,6 +585,7 @@ fn ship(
     let mut digest = LayerDigest::new(meta.len());
     let mut sent = 0u64;
     let mut frame = Vec::with_capacity(CHUNK as usize + 64);
+    let mut last_line = Instant::now();
     for_each_chunk(path, |offset, data| {
         digest
             .add(offset, data)
@@ -592,7 +593,23 @@ fn ship(
         crate::proto::encode_chunk_into(&mut frame, seq, offset, data);
         writer.write_all(&frame).map_err(WireError::from)?;
         sent += data.len() as u64;
-        set(status, |s| s.bytes_sent += data.len() as u64);
+        set(status, |s| {
+            s.bytes_sent += data.len() as u64;
+            s.layer_offset = offset + data.len() as u64;
+            s.layer_len = meta.len();
+        });
+        // A big layer (the base) takes a while: say how far it got.
+        if cfg.print_progress && last_line.elapsed() >= Duration::from_secs(2) {
+            last_line = Instant::now();
+            eprintln!(
+                "replica: layer {seq}: {} of {} ({}/s)",
+                crate::status::human(offset + data.len() as u64),
+                crate::status::human(meta.len()),
+                crate::status::human(
+                    (sent as f64 / started.elapsed().as_secs_f64().max(1e-3)) as u64
+                )
+            );
+        }
         Ok(())
     })?;
     let chunks = digest.chunks();

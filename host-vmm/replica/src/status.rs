@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 /// What `tandem replica status` shows.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Status {
     /// connecting, connected, disconnected, stopped or failed.
     pub state: String,
@@ -36,6 +37,9 @@ pub struct Status {
     pub worst_rpo_ms: u64,
     pub reconnects: u64,
     pub last_error: Option<String>,
+    /// The layer being shipped: how far into its file, and its length.
+    pub layer_offset: u64,
+    pub layer_len: u64,
 }
 
 impl Status {
@@ -65,9 +69,10 @@ impl Status {
         };
     }
 
-    /// The recovery point objective right now: how old the site's newest point is.
-    pub fn rpo_ms(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.last_point_sealed_at_ms)
+    /// The recovery point objective right now: how old the site's newest
+    /// point is (`None` before the first point).
+    pub fn rpo_ms(&self, now_ms: u64) -> Option<u64> {
+        (self.points > 0).then(|| now_ms.saturating_sub(self.last_point_sealed_at_ms))
     }
 
     /// One line for the terminal.
@@ -117,8 +122,8 @@ pub enum ApiResponse {
     Status {
         #[serde(flatten)]
         status: Status,
-        /// How old the site's newest point is, now.
-        rpo_ms: u64,
+        /// How old the site's newest point is, now (null before the first).
+        rpo_ms: Option<u64>,
     },
     Error {
         message: String,
@@ -191,7 +196,8 @@ mod tests {
         assert_eq!((s.lag_ms, s.worst_rpo_ms, s.rate_bps), (300, 0, 10 << 20));
         s.point_acked(2, 2000, 2100, 0, Duration::ZERO);
         assert_eq!((s.lag_ms, s.worst_lag_ms, s.worst_rpo_ms), (100, 300, 1100));
-        assert_eq!(s.rpo_ms(2500), 500);
+        assert_eq!(s.rpo_ms(2500), Some(500));
+        assert_eq!(Status::default().rpo_ms(2500), None);
         assert!(s.line().contains("point 2"));
     }
 

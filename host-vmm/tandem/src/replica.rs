@@ -175,7 +175,11 @@ pub fn replica(cmd: ReplicaCmd) -> Result<i32> {
                 stop_after: count,
                 print_progress: true,
             };
-            sender::run(&cfg, &status, &AtomicBool::new(false)).context("replication")?;
+            let result = sender::run(&cfg, &status, &AtomicBool::new(false));
+            if let Some(api) = &api {
+                let _ = std::fs::remove_file(api);
+            }
+            result.context("replication")?;
             let s = status.lock().unwrap_or_else(|p| p.into_inner());
             println!("{}", s.line());
             Ok(0)
@@ -262,7 +266,18 @@ pub fn replica(cmd: ReplicaCmd) -> Result<i32> {
                         println!("state:  {}", status.state);
                         println!("disk:   {} -> {}", status.disk, status.target);
                         println!("{}", status.line());
-                        println!("rpo now: {rpo_ms} ms");
+                        match rpo_ms {
+                            Some(ms) => println!("rpo now: {ms} ms"),
+                            None => println!("rpo now: no recovery point yet"),
+                        }
+                        if status.layer_offset < status.layer_len {
+                            println!(
+                                "shipping layer {}: {} of {}",
+                                status.points + 1,
+                                human(status.layer_offset),
+                                human(status.layer_len)
+                            );
+                        }
                         if let Some(e) = &status.last_error {
                             println!("last error: {e}");
                         }
