@@ -68,6 +68,11 @@ fn is_ours(name: &str) -> bool {
 pub struct Store {
     dir: PathBuf,
     manifest: Manifest,
+    /// Connections of accepted primaries: a newly accepted one cuts the
+    /// others (after a network cut the old one would otherwise linger
+    /// until its idle timeout).
+    sessions: Vec<(u64, TcpStream)>,
+    next_session: u64,
 }
 
 impl Store {
@@ -88,6 +93,8 @@ impl Store {
         Ok(Store {
             dir: dir.to_path_buf(),
             manifest,
+            sessions: Vec::new(),
+            next_session: 1,
         })
     }
 
@@ -117,10 +124,30 @@ impl Store {
         Ok(())
     }
 
-    /// Temporary file for layer `seq` of `generation` (sessions of two
-    /// generations never share one).
-    pub fn incoming_path(&self, seq: u64, generation: u64) -> PathBuf {
-        self.dir.join(format!(".incoming-{seq:06}-g{generation}"))
+    /// Registers the connection of an accepted primary and cuts every
+    /// other one; returns the session's id.
+    pub fn register(&mut self, conn: Option<TcpStream>) -> u64 {
+        for (id, old) in self.sessions.drain(..) {
+            tracing::info!(session = id, "a newer session of the primary cuts this one");
+            let _ = old.shutdown(std::net::Shutdown::Both);
+        }
+        let id = self.next_session;
+        self.next_session += 1;
+        if let Some(c) = conn {
+            self.sessions.push((id, c));
+        }
+        id
+    }
+
+    pub fn unregister(&mut self, id: u64) {
+        self.sessions.retain(|(i, _)| *i != id);
+    }
+
+    /// Temporary file for layer `seq` in session `session` (two sessions
+    /// never share one).
+    pub fn incoming_path(&self, seq: u64, generation: u64, session: u64) -> PathBuf {
+        self.dir
+            .join(format!(".incoming-{seq:06}-g{generation}-s{session}"))
     }
 
     /// Publishes a complete layer (its bytes in `tmp`) as the next recovery
@@ -395,9 +422,21 @@ pub fn serve_connection(
     let mut writer = BufWriter::new(conn);
     let mut session = Session::new();
     let mut tmp: Option<IncomingFile> = None;
-    let result = session_loop(&mut session, &mut reader, &mut writer, store, &mut tmp);
+    let mut registered = None;
+    let control = writer.get_ref().try_clone().ok();
+    let result = session_loop(
+        &mut session,
+        &mut reader,
+        &mut writer,
+        store,
+        &mut tmp,
+        (control, &mut registered),
+    );
     if let Some(t) = tmp {
         let _ = fs::remove_file(t.finish());
+    }
+    if let Some(id) = registered {
+        lock(store).unregister(id);
     }
     match result {
         Ok(()) => Ok(()),
@@ -432,6 +471,7 @@ fn session_loop(
     writer: &mut impl Write,
     store: &Mutex<Store>,
     tmp: &mut Option<IncomingFile>,
+    (control, registered): (Option<TcpStream>, &mut Option<u64>),
 ) -> Result<(), SessionError> {
     let Some(first) = wire::recv(reader)? else {
         return Ok(());
@@ -442,6 +482,7 @@ fn session_loop(
             .hello(&first, st.manifest())
             .map_err(SessionError::Refused)?;
         st.accept(&peer)?;
+        *registered = Some(st.register(control));
         wire::send(writer, &welcome)?;
         tracing::info!(
             chain = %hex(&peer.chain_id),
@@ -477,7 +518,8 @@ fn session_loop(
                     let i = session.begin(msg).map_err(SessionError::Refused)?;
                     (i.seq, i.file_len)
                 };
-                let path = lock(store).incoming_path(seq, peer.generation);
+                let path =
+                    lock(store).incoming_path(seq, peer.generation, registered.unwrap_or_default());
                 let f = fs::OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -542,4 +584,43 @@ fn session_loop(
 /// Path of the manifest in `dir` (for tools that read it directly).
 pub fn manifest_path(dir: &Path) -> PathBuf {
     dir.join(MANIFEST)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::WireFormat;
+
+    /// A commit from a generation lower than the manifest's is refused
+    /// before anything is written.
+    #[test]
+    fn a_commit_from_a_superseded_generation_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = Store::open(dir.path()).unwrap();
+        let peer = |generation| Peer {
+            chain_id: [3; 16],
+            generation,
+            disk_size: 1 << 20,
+        };
+        st.accept(&peer(2)).unwrap();
+        let done = Completed {
+            seq: 1,
+            format: WireFormat::Raw,
+            file_len: 1 << 20,
+            sealed_at_ms: 1,
+            has_parent: false,
+            name: "base.img".into(),
+            digest: [0; 32],
+        };
+        let tmp = dir.path().join("tmp");
+        std::fs::write(&tmp, vec![1u8; 1 << 20]).unwrap();
+        match st.commit(&peer(1), &done, &tmp) {
+            Err(CommitError::Refused(r)) => assert_eq!(r.code, RefuseCode::StaleGeneration),
+            other => panic!("{other:?}"),
+        }
+        assert!(st.manifest().layers.is_empty());
+        let rec = st.commit(&peer(2), &done, &tmp).unwrap();
+        assert_eq!(rec.seq, 1);
+        assert_eq!(Store::open(dir.path()).unwrap().manifest().layers.len(), 1);
+    }
 }
