@@ -117,6 +117,35 @@ pub async fn tandem(args: &[&str]) -> Result<(i32, String, String)> {
     ))
 }
 
+/// Runs `tandem <args>`; its stdout, or an error with everything it said.
+pub async fn tandem_ok(args: &[&str]) -> Result<String> {
+    let (code, out, err) = tandem(args).await?;
+    anyhow::ensure!(
+        code == 0,
+        "tandem {} failed ({code}):\n{out}{err}",
+        args.join(" ")
+    );
+    Ok(out)
+}
+
+/// Runs a host command to completion; its output, or an error with it.
+pub async fn host(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("cannot run {cmd}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("{cmd} {} failed:\n{text}", args.join(" "));
+    }
+    Ok(text)
+}
+
 /// Starts `tandem run <args>` in the background.
 pub fn spawn_tandem(args: &[&str], log: &Path) -> Result<Child> {
     let log = std::fs::File::create(log)?;

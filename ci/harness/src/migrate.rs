@@ -13,20 +13,13 @@ use tokio::process::{Child, Command};
 use crate::boot::{boot_tandem, tempdir, Booted};
 use crate::guest::Console;
 use crate::snapshot::{channel_up, plant_state, uptime};
-use crate::{tandem, tandem_bin};
+use crate::{host, tandem, tandem_bin};
 
 const SRC_IP: &str = "10.213.7.1";
 const DST_IP: &str = "10.213.7.2";
 
 async fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().await?;
-    ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    host("ip", args).await.map(|_| ())
 }
 
 /// The destination host: a network namespace reached over a veth pair

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::boot::{boot_tandem, Booted};
 use crate::guest::{tail, Console};
-use crate::{spawn_tandem, tandem};
+use crate::{spawn_tandem, tandem, tandem_ok};
 
 const DISK_BYTES: u64 = 256 << 20;
 
@@ -56,16 +56,6 @@ pub(crate) async fn start_server(work: &Path, disks: &[PathBuf]) -> Result<NvmeS
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(NvmeServer { child, dir, log })
-}
-
-async fn tandem_ok(args: &[&str]) -> Result<String> {
-    let (code, out, err) = tandem(args).await?;
-    ensure!(
-        code == 0,
-        "tandem {} failed ({code}):\n{out}{err}",
-        args.join(" ")
-    );
-    Ok(out)
 }
 
 pub(crate) async fn show(dir: &Path) -> Result<Value> {

@@ -20,7 +20,7 @@ use tokio::process::{Child, Command};
 
 use crate::boot::{boot_tandem, tempdir, Booted};
 use crate::guest::tail;
-use crate::{median, tandem, tandem_bin};
+use crate::{host, median, tandem, tandem_bin, tandem_ok};
 
 const DISK: &str = "256M";
 const SITE_PORT: u16 = 7411;
@@ -32,29 +32,6 @@ const SITE_IP: &str = "10.213.7.2";
 const FIO_JOB: &str = "fio --name=rep --filename=/dev/vda --rw=randwrite --bs=4k --size=128M \
      --ioengine=libaio --direct=1 --iodepth=8 --verify=crc32c --verify_fatal=1 \
      --randrepeat=1 --randseed=4242";
-
-async fn host(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .await
-        .with_context(|| format!("cannot run {cmd}"))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        bail!("{cmd} {} failed:\n{text}", args.join(" "));
-    }
-    Ok(text)
-}
-
-async fn tandem_ok(args: &[&str]) -> Result<String> {
-    let (code, out, err) = tandem(args).await?;
-    ensure!(code == 0, "tandem {} failed: {out}{err}", args.join(" "));
-    Ok(out)
-}
 
 /// Two network namespaces joined by a veth pair: the primary's and the
 /// site's. Only addresses inside them are used; removed on drop.

@@ -7,15 +7,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::process::Command;
 
 use crate::boot::{boot_tandem, tempdir};
 use crate::guest::tail;
-use crate::tandem;
+use crate::{host, tandem, tandem_ok};
 
 const DISK: &str = "128M";
 const FIO_SECS: u64 = 30;
@@ -78,29 +77,6 @@ async fn checkpoints(
         sealed.push(r["sealed"].as_str().unwrap_or_default().to_owned());
     }
     Ok((sealed, longest))
-}
-
-async fn host(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .await
-        .with_context(|| format!("cannot run {cmd}"))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        bail!("{cmd} {} failed:\n{text}", args.join(" "));
-    }
-    Ok(text)
-}
-
-async fn tandem_ok(args: &[&str]) -> Result<String> {
-    let (code, out, err) = tandem(args).await?;
-    ensure!(code == 0, "tandem {} failed: {out}{err}", args.join(" "));
-    Ok(out)
 }
 
 /// One run on a disk of `format`; returns the checkpoints taken.
