@@ -261,7 +261,7 @@ unsafe extern "C" fn on_bus_event(
     let pdev = unsafe { kernel::container_of!(dev, bindings::pci_dev, dev) };
     let (q, fr) = {
         let mut g = FUNCS.lock();
-        (take(&mut g.quiesced, |x| x.pdev.0 == pdev), take_frozen(&mut g.frozen, pdev))
+        (take(&mut g.quiesced, |x| x.pdev.0 == pdev), take(&mut g.frozen, |x| x.pdev.0 == pdev))
     };
     if let Some(q) = q {
         pr_warn!("a quiesced function is going away: its held I/O is released to its driver\n");
@@ -273,13 +273,9 @@ unsafe extern "C" fn on_bus_event(
     0
 }
 
-fn take(v: &mut KVec<Quiesced>, pred: impl Fn(&Quiesced) -> bool) -> Option<Quiesced> {
+/// Removes and returns the first record `pred` picks.
+fn take<T>(v: &mut KVec<T>, pred: impl Fn(&T) -> bool) -> Option<T> {
     let i = v.iter().position(pred)?;
-    v.remove(i).ok()
-}
-
-fn take_frozen(v: &mut KVec<Frozen>, pdev: *mut bindings::pci_dev) -> Option<Frozen> {
-    let i = v.iter().position(|x| x.pdev.0 == pdev)?;
     v.remove(i).ok()
 }
 

@@ -358,6 +358,11 @@ impl Shared {
     /// Writes one message into G2H and rings the doorbell.
     fn send(&self, c: &mut Chan, out: &Out, payload: &[u8]) -> Result {
         let Chan { tx, g2h_producer, .. } = c;
+        self.send_parts(tx, g2h_producer, out, payload)
+    }
+
+    /// `send` for callers that hold other parts of `Chan` borrowed.
+    fn send_parts(&self, tx: &mut [u8], g2h_producer: &mut u32, out: &Out, payload: &[u8]) -> Result {
         let n = encode(tx, out, payload).map_err(|_| EMSGSIZE)?;
         self.send_raw(g2h_producer, &tx[..n])
     }
@@ -495,22 +500,14 @@ impl Shared {
                 };
                 if let Some(st) = status {
                     if let Some(out) = ep.respond(kind, tag, st) {
-                        let sent = match encode(tx, &out, &[]) {
-                            Ok(n) => self.send_raw(g2h_producer, &tx[..n]),
-                            Err(_) => Err(EMSGSIZE),
-                        };
-                        if let Err(e) = sent {
+                        if let Err(e) = self.send_parts(tx, g2h_producer, &out, &[]) {
                             self.set_error(fmt!("cannot refuse the host's {}: {e:?}", kind.name()));
                         }
                     }
                 }
             }
             Outcome::Reply { out, payload } => {
-                let sent = match encode(tx, &out, payload.as_slice()) {
-                    Ok(n) => self.send_raw(g2h_producer, &tx[..n]),
-                    Err(_) => Err(EMSGSIZE),
-                };
-                if let Err(e) = sent {
+                if let Err(e) = self.send_parts(tx, g2h_producer, &out, payload.as_slice()) {
                     self.set_error(fmt!("cannot answer the host's {}: {e:?}", out.kind.name()));
                 }
             }

@@ -379,10 +379,8 @@ impl<const N: usize> Handoff<N> {
                     to,
                 };
                 self.parked_since_us = None;
-                let _ = now_us;
             }
-            Phase::Draining { from, to: t } | Phase::Barrier { from, to: t, .. } if t == to => {
-                let _ = from;
+            Phase::Draining { to: t, .. } | Phase::Barrier { to: t, .. } if t == to => {
                 return Ok(());
             }
             Phase::Draining { from, .. } => self.phase = Phase::Draining { from, to },

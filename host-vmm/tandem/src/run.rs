@@ -240,8 +240,8 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
 
     let (msg, code) = match &ending {
-        _ if vm.saved_to().is_some() => {
-            let to = vm.saved_to().unwrap_or_default();
+        _ if vm.left_for().is_some() => {
+            let to = vm.left_for().unwrap_or_default();
             match to.strip_prefix("file:") {
                 Some(f) => (
                     format!("saved to {f}; restore with tandem run --restore {f}"),

@@ -278,62 +278,14 @@ pub async fn supervise(server: Arc<ControlServer>, vm: Arc<Vm>, mut child: Child
 
 async fn replace(server: &ControlServer, vm: &Vm) -> Result<Child, String> {
     // 1. Remove the dead device; the guest sees it go.
-    let mut events = vm.qmp().subscribe();
-    match vm
-        .qmp()
-        .execute("device_del", Some(json!({"id": CONTROL_ID})))
-        .await
-    {
-        Ok(_) => {
-            let gone = tokio::time::timeout(UNPLUG_TIMEOUT, async {
-                while let Ok(ev) = events.recv().await {
-                    if ev.name == "DEVICE_DELETED"
-                        && ev.data.get("device").and_then(Value::as_str) == Some(CONTROL_ID)
-                    {
-                        return true;
-                    }
-                }
-                false
-            })
-            .await;
-            if !matches!(gone, Ok(true)) {
-                return Err(format!(
-                    "the guest did not release the old device within {UNPLUG_TIMEOUT:?}"
-                ));
-            }
-        }
-        // Already gone (for example an earlier attempt removed it).
-        Err(e) if e.to_string().contains("not found") => {}
-        Err(e) => return Err(format!("device_del: {e}")),
-    }
+    remove_device(vm).await?;
     // 2. A new server, 3. a new device.
-    let mut last = String::new();
-    for attempt in 1..=MAX_ATTEMPTS {
-        if matches!(vm.state(), VmState::ShuttingDown | VmState::Stopped) {
-            return Err("the VM is stopping".into());
-        }
-        match server.spawn().await {
-            Ok(child) => match vm
-                .qmp()
-                .execute("device_add", Some(server.device_json()))
-                .await
-            {
-                Ok(_) => return Ok(child),
-                Err(e) => last = format!("device_add: {e}"),
-            },
-            Err(e) => last = e.to_string(),
-        }
-        warn!(attempt, error = %last, "replacing the control device failed; retrying");
-        server.set_state("replacing");
-        tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
-    }
-    Err(last)
+    plug(server, vm).await
 }
 
-/// Removes the control device on purpose (the guest releases it) and lets
-/// its server end; the supervisor does not replace it.
-pub async fn unplug(server: &ControlServer, vm: &Vm) -> Result<(), String> {
-    server.park();
+/// Hot-removes the control device and waits until the guest has let it go
+/// (already gone counts as done).
+async fn remove_device(vm: &Vm) -> Result<(), String> {
     let mut events = vm.qmp().subscribe();
     match vm
         .qmp()
@@ -341,6 +293,7 @@ pub async fn unplug(server: &ControlServer, vm: &Vm) -> Result<(), String> {
         .await
     {
         Ok(_) => {}
+        // Already gone (for example an earlier attempt removed it).
         Err(e) if e.to_string().contains("not found") => return Ok(()),
         Err(e) => return Err(format!("device_del: {e}")),
     }
@@ -364,17 +317,45 @@ pub async fn unplug(server: &ControlServer, vm: &Vm) -> Result<(), String> {
     }
 }
 
+/// Starts a new server and hot-adds a new device for it, retrying.
+async fn plug(server: &ControlServer, vm: &Vm) -> Result<Child, String> {
+    let mut last = String::new();
+    for attempt in 1..=MAX_ATTEMPTS {
+        if matches!(vm.state(), VmState::ShuttingDown | VmState::Stopped) {
+            return Err("the VM is stopping".into());
+        }
+        match server.spawn().await {
+            Ok(child) => match vm
+                .qmp()
+                .execute("device_add", Some(server.device_json()))
+                .await
+            {
+                Ok(_) => return Ok(child),
+                Err(e) => last = format!("device_add: {e}"),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        warn!(attempt, error = %last, "plugging the control device failed; retrying");
+        server.set_state("replacing");
+        tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+    }
+    Err(last)
+}
+
+/// Removes the control device on purpose (the guest releases it) and lets
+/// its server end; the supervisor does not replace it.
+pub async fn unplug(server: &ControlServer, vm: &Vm) -> Result<(), String> {
+    server.park();
+    remove_device(vm).await
+}
+
 /// Plugs a fresh control device back in (a new server, a new session) and
 /// supervises it again.
 pub async fn replug(server: Arc<ControlServer>, vm: Arc<Vm>) -> Result<(), String> {
     server
         .parked
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    let child = server.spawn().await.map_err(|e| e.to_string())?;
-    vm.qmp()
-        .execute("device_add", Some(server.device_json()))
-        .await
-        .map_err(|e| format!("device_add: {e}"))?;
+    let child = plug(&server, &vm).await?;
     server.set_state("running");
     tokio::spawn(supervise(server, vm, child));
     Ok(())

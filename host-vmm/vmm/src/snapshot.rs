@@ -287,7 +287,7 @@ async fn leave(
     };
     match result {
         Ok(st) => {
-            *vm.saved_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(uri.to_owned());
+            *vm.left_for.lock().unwrap_or_else(|p| p.into_inner()) = Some(uri.to_owned());
             info!(uri, "VM sent; stopping QEMU here");
             // The guest is stopped here (post-migration); QEMU may go.
             let vm2 = vm.clone();

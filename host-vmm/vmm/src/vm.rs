@@ -79,7 +79,7 @@ pub struct Vm {
     pub(crate) assigned: Mutex<std::collections::BTreeMap<String, tandem_api::AttachedDevice>>,
     /// Set when the VM left by a snapshot or a migration (QEMU then
     /// quits): the migration URI (`file:PATH`, `tcp:HOST:PORT`).
-    pub(crate) saved_to: Mutex<Option<String>>,
+    pub(crate) left_for: Mutex<Option<String>>,
     /// Serializes snapshots (and other whole-VM operations).
     pub(crate) busy: tokio::sync::Mutex<()>,
 }
@@ -236,7 +236,7 @@ impl Vm {
             stderr_tail,
             control,
             assigned: Mutex::new(Default::default()),
-            saved_to: Mutex::new(None),
+            left_for: Mutex::new(None),
             busy: tokio::sync::Mutex::new(()),
         });
         if let Some(uri) = &incoming {
@@ -354,8 +354,8 @@ impl Vm {
 
     /// Where the VM went (a snapshot's `file:PATH`, a migration's
     /// `tcp:HOST:PORT`), if it left.
-    pub fn saved_to(&self) -> Option<String> {
-        lock(&self.saved_to).clone()
+    pub fn left_for(&self) -> Option<String> {
+        lock(&self.left_for).clone()
     }
 
     /// The configuration it runs.
