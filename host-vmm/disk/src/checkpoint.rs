@@ -44,8 +44,10 @@ pub(crate) fn dir_of(path: &Path) -> PathBuf {
     }
 }
 
-/// Picks the sealed name: the first free `STEM.ckptN.EXT`, or one that is
-/// already a link to `top` (left by an interrupted checkpoint).
+/// Picks the sealed name: one past the highest `STEM.ckptN.EXT` in the
+/// directory (never a name a merge freed, so a name is never reused for
+/// another layer), or one that is already a link to `top` (left by an
+/// interrupted checkpoint).
 fn sealed_name(top: &Path) -> Result<PathBuf> {
     let ino = fs::metadata(top).ctx(top, "stat")?.ino();
     let stem = top
@@ -56,18 +58,31 @@ fn sealed_name(top: &Path) -> Result<PathBuf> {
         .extension()
         .map(|e| format!(".{}", e.to_string_lossy()))
         .unwrap_or_default();
-    for n in 1..10_000 {
-        let candidate = top.with_file_name(format!("{stem}.ckpt{n}{ext}"));
-        match fs::metadata(&candidate) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(candidate),
-            Ok(m) if m.ino() == ino => return Ok(candidate),
-            _ => {}
+    let dir = dir_of(top);
+    let prefix = format!("{stem}.ckpt");
+    let mut highest = 0u64;
+    for entry in fs::read_dir(&dir).ctx(&dir, "list directory")? {
+        let entry = entry.ctx(&dir, "list directory")?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(n) = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(&ext))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if entry.metadata().is_ok_and(|m| m.ino() == ino) {
+            return Ok(top.with_file_name(&name));
         }
+        highest = highest.max(n);
     }
-    Err(DiskError::Invalid(format!(
-        "{}: no free checkpoint name",
-        top.display()
-    )))
+    if highest >= 1_000_000_000 {
+        return Err(DiskError::Invalid(format!(
+            "{}: no free checkpoint name",
+            top.display()
+        )));
+    }
+    Ok(top.with_file_name(format!("{prefix}{}{ext}", highest + 1)))
 }
 
 /// Performs the checkpoint steps on closed files. `format` and `size` are

@@ -26,6 +26,14 @@
 //! so it accepts the parent before and after the parent's identity changes,
 //! while any other child of that parent refuses it from its first write on.
 //!
+//! *Merge* ([`ops::merge_into`]): a run of sealed layers is copied down into
+//! the layer below it (which keeps its identity), only where the run holds
+//! data and with the data its newest layer reads, so every chain through the
+//! run reads the same; one atomic relink (qcow2: backing name and format in
+//! one page; VHDX: locator and linkage through the log) then makes the
+//! run's child skip it, and only then are the run's files removed. Run again
+//! after a crash, it finishes. Replication uses it to keep chains short.
+//!
 //! Tests inject a failure at every step (a [`FaultHook`]) and reopen the files.
 #![forbid(unsafe_code)]
 

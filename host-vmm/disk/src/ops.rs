@@ -219,6 +219,198 @@ pub fn relink(path: &Path, parent_name: &str) -> Result<()> {
     }
 }
 
+/// Makes the closed layer at `child` a child of `parent` (in the same
+/// directory; named by its file name), whatever its parent was: qcow2
+/// rewrites its backing name and format in one page, VHDX its locator and
+/// parent linkage (the new parent's DataWriteGuid) through its log, keeping
+/// its own DataWriteGuid. Either way a killed process leaves the old link
+/// or the new one. The caller makes sure both parents read the same.
+pub fn relink_to(child: &Path, parent: &Path) -> Result<()> {
+    relink_with_faults(child, parent, &FaultHook::default())
+}
+
+fn relink_with_faults(child: &Path, parent: &Path, faults: &FaultHook) -> Result<()> {
+    if fs::canonicalize(dir_of(child)).ok() != fs::canonicalize(dir_of(parent)).ok() {
+        return Err(DiskError::Unsupported {
+            path: child.into(),
+            what: format!("a parent in another directory ({})", parent.display()),
+        });
+    }
+    let name = parent
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent_format = probe(parent)?;
+    match probe(child)? {
+        Format::Qcow2 => Qcow2Layer::set_backing(child, &name, parent_format),
+        Format::Vhdx => {
+            let linkage = open_layer(parent, parent_format, &LayerOptions::default())?
+                .identity()
+                .filter(|_| parent_format == Format::Vhdx)
+                .ok_or_else(|| DiskError::ParentFormat {
+                    child: child.into(),
+                    parent: parent.into(),
+                    format: parent_format.name(),
+                })?;
+            let identity = VhdxLayer::open(child, VhdxOpenOptions::default())?
+                .header()
+                .data_write_guid;
+            let layer = VhdxLayer::open(
+                child,
+                VhdxOpenOptions {
+                    writable: true,
+                    data_write_guid: Some(identity),
+                    faults: faults.clone(),
+                },
+            )?;
+            layer.set_parent(&name, linkage)?;
+            layer.close()
+        }
+        Format::Raw => Err(DiskError::Unsupported {
+            path: child.into(),
+            what: "a parent for a raw image".into(),
+        }),
+    }
+}
+
+/// What `status` says about a run, looking through several layers (top
+/// first) without their parents: the first that holds it decides.
+fn status_through(layers: &[Arc<dyn Layer>], offset: u64, len: u64) -> Result<(Status, u64)> {
+    let mut len = len;
+    for l in layers {
+        let (st, n) = l.status(offset, len)?;
+        let n = n.clamp(1, len);
+        if st != Status::Unallocated {
+            return Ok((st, n));
+        }
+        len = n;
+    }
+    Ok((Status::Unallocated, len))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Merges a run of sealed layers down into the layer below them, online:
+/// `merged` (bottom first, each the child of the one before, the first a
+/// child of `target`) are copied into `target`, `child` (the layer above
+/// the run, if any) is relinked to `target`, and the merged files are
+/// removed. `target` then reads as the newest merged layer did. Used to
+/// keep replicated chains short; the files may be open read-only elsewhere
+/// (a VM's backend keeps reading its old chain until it reopens it).
+///
+/// Crash safety: `target` changes only where a merged layer holds data,
+/// with the data the newest of them reads there, so every chain that goes
+/// through the merged layers (`child`'s, the VM's) reads the same during
+/// the copy; only chains that stop at `target` or inside the run change
+/// (the caller no longer offers them as recovery points). The target keeps
+/// its identity (VHDX DataWriteGuid), so the merged layers keep accepting
+/// it. One atomic relink (see [`relink_to`]) then makes `child` skip the
+/// run; only then are the merged files removed. The merge is idempotent:
+/// run again after a crash, it copies again (the run is intact until the
+/// relink) or, if `child` already names `target`, only removes what is left.
+pub fn merge_into(
+    target: &Path,
+    merged: &[PathBuf],
+    child: Option<&Path>,
+    faults: &FaultHook,
+) -> Result<()> {
+    let dir = dir_of(target);
+    let relinked = match child {
+        Some(c) => open_layer(c, probe(c)?, &LayerOptions::default())?
+            .parent()
+            .is_some_and(|p| same_file(&p.path, target)),
+        None => false,
+    };
+    if !relinked && !merged.is_empty() {
+        copy_down(target, merged, faults)?;
+        faults.check("merge.copied")?;
+        if let Some(c) = child {
+            relink_with_faults(c, target, faults)?;
+            faults.check("merge.relinked")?;
+        }
+    }
+    for m in merged {
+        match fs::remove_file(m) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DiskError::Io {
+                    path: m.clone(),
+                    op: "remove merged layer",
+                    source,
+                })
+            }
+        }
+        faults.check("merge.removed")?;
+    }
+    fsync_dir(&dir)?;
+    tracing::info!(target = %target.display(), layers = merged.len(), "merged layers down");
+    Ok(())
+}
+
+/// The copy of [`merge_into`]: every range a merged layer holds, as the
+/// newest of them reads it, into `target` (kept at its identity).
+fn copy_down(target: &Path, merged: &[PathBuf], faults: &FaultHook) -> Result<()> {
+    let Some(newest) = merged.last() else {
+        return Ok(());
+    };
+    let chain = Chain::open(newest, ChainOptions::default())?;
+    let layers = chain.layers();
+    let n = merged.len();
+    // The chain must be the run (newest first) and then the target.
+    let in_order = layers.len() > n
+        && merged
+            .iter()
+            .rev()
+            .zip(&layers)
+            .all(|(m, l)| same_file(m, l.path()))
+        && same_file(target, layers[n].path());
+    if !in_order {
+        return Err(DiskError::Invalid(format!(
+            "{}: the layers to merge are not a run of children of {}",
+            newest.display(),
+            target.display()
+        )));
+    }
+    let old = &layers[n];
+    let writable = open_layer(
+        target,
+        old.format(),
+        &LayerOptions {
+            writable: true,
+            data_write_guid: old.identity(),
+            faults: faults.clone(),
+        },
+    )?;
+    let mut below: Vec<Arc<dyn Layer>> = vec![writable];
+    below.extend(layers.iter().skip(n + 1).cloned());
+    let out = Chain::from_layers(below)?;
+    let run = &layers[..n];
+    let size = chain.size().min(out.size());
+    let mut buf = vec![0u8; COPY_CHUNK as usize];
+    let mut pos = 0;
+    while pos < size {
+        let (st, len) = status_through(run, pos, (size - pos).min(COPY_CHUNK))?;
+        match st {
+            Status::Data => {
+                let b = &mut buf[..len as usize];
+                chain.read_at(b, pos)?;
+                out.write_at(b, pos)?;
+            }
+            Status::Zero => out.discard(pos, len)?,
+            Status::Unallocated => {}
+        }
+        pos += len;
+        faults.check("merge.copying")?;
+    }
+    out.flush()
+}
+
 /// Merges the top layer of the chain at `path` into its parent, which then
 /// takes the top's path. Returns the path of the parent's old name (gone now).
 ///

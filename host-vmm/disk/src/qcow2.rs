@@ -24,6 +24,10 @@ use crate::error::{DiskError, IoContext, Result};
 use crate::layer::{Format, Layer, ParentRef, Status};
 
 pub const MAGIC: &[u8; 4] = b"QFI\xfb";
+/// Header extension that names the backing file's format.
+const BACKING_FORMAT_EXT: u32 = 0xe279_2aca;
+/// Writes within one page are never torn by a killed process.
+const PAGE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Qcow2Error {
@@ -174,6 +178,107 @@ impl Qcow2Layer {
             .ctx(path, "write backing name")?;
         file.write_all_at(&(name.len() as u32).to_be_bytes(), 16)
             .ctx(path, "write backing name length")?;
+        file.sync_all().ctx(path, "fsync")
+    }
+
+    /// Points the closed image at `path` to another backing file: `name`
+    /// (relative to this file's directory, or absolute) of format
+    /// `format`, rewriting the backing name and the backing-format header
+    /// extension together in one write within one page, so a killed
+    /// process leaves the old link or the new one. The name stays where
+    /// the old one was (it must fit in the header cluster); the image must
+    /// already record a backing format, and the new one must pad to the
+    /// same length (true of raw, qcow2 and vhdx). Used by merges, to link
+    /// the child of the merged layers to the layer they were merged into.
+    pub fn set_backing(path: &Path, name: &str, format: Format) -> Result<()> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .ctx(path, "open")?;
+        let cluster = cluster_size(path, &file)?;
+        let head_len = cluster.min(PAGE * 16);
+        let mut old = vec![0u8; head_len as usize];
+        file.read_exact_at(&mut old, 0)
+            .ctx(path, "read qcow2 header")?;
+        let hdr = |msg: String| qerr(path, Qcow2Error::Header(msg));
+        let be32 =
+            |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let offset = u64::from_be_bytes(old[8..16].try_into().unwrap_or_default());
+        let old_len = be32(&old, 16) as u64;
+        if offset == 0 {
+            return Err(hdr("no backing file to relink".into()));
+        }
+        if name.is_empty() || name.len() > 1023 {
+            return Err(hdr(format!("backing name of {} bytes", name.len())));
+        }
+        let end = offset
+            .checked_add((name.len() as u64).max(old_len))
+            .filter(|&e| e <= head_len && offset >= 72)
+            .ok_or_else(|| hdr(format!("backing name at {offset:#x} is outside the header")))?;
+        let mut new = old.clone();
+        new[offset as usize..end as usize].fill(0);
+        new[offset as usize..offset as usize + name.len()].copy_from_slice(name.as_bytes());
+        new[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+        // Header extensions: after the header (v3: its length at byte 100).
+        let version = be32(&old, 4);
+        let mut ext = if version >= 3 {
+            be32(&old, 100) as u64
+        } else {
+            72
+        };
+        let mut found = false;
+        for _ in 0..64 {
+            if ext + 8 > head_len {
+                break;
+            }
+            let (kind, len) = (
+                be32(&old, ext as usize),
+                be32(&old, ext as usize + 4) as u64,
+            );
+            if kind == 0 {
+                break;
+            }
+            let data = ext + 8;
+            let padded = len.div_ceil(8) * 8;
+            if data + padded > head_len {
+                return Err(hdr(format!(
+                    "header extension at {ext:#x} runs past the header"
+                )));
+            }
+            if kind == BACKING_FORMAT_EXT {
+                let f = format.name().as_bytes();
+                if (f.len() as u64).div_ceil(8) * 8 != padded {
+                    return Err(hdr(format!(
+                        "backing format {:?} does not fit where {len} bytes were",
+                        format.name()
+                    )));
+                }
+                new[ext as usize + 4..ext as usize + 8]
+                    .copy_from_slice(&(f.len() as u32).to_be_bytes());
+                let d = &mut new[data as usize..(data + padded) as usize];
+                d.fill(0);
+                d[..f.len()].copy_from_slice(f);
+                found = true;
+                break;
+            }
+            ext = data + padded;
+        }
+        if !found {
+            return Err(hdr("no backing format extension to rewrite".into()));
+        }
+        let first = old.iter().zip(&new).position(|(a, b)| a != b);
+        let last = old.iter().zip(&new).rposition(|(a, b)| a != b);
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(());
+        };
+        if first as u64 / PAGE != last as u64 / PAGE {
+            return Err(hdr(format!(
+                "the backing name and format ({first:#x}..{last:#x}) are not in one page"
+            )));
+        }
+        file.write_all_at(&new[first..=last], first as u64)
+            .ctx(path, "write backing link")?;
         file.sync_all().ctx(path, "fsync")
     }
 

@@ -426,6 +426,31 @@ impl VhdxLayer {
         })
     }
 
+    /// Makes this layer a child of another parent: the locator names
+    /// `relative_path` and the parent's identity `linkage` (any
+    /// `parent_linkage2` goes), in one log entry, so a crash leaves the old
+    /// parent or the new one. Used by a merge to link the child of the
+    /// merged layers to the layer they were merged into. Open the layer
+    /// with `data_write_guid` set to its current DataWriteGuid, so its own
+    /// children keep accepting it.
+    pub fn set_parent(&self, relative_path: &str, linkage: Guid) -> Result<()> {
+        let value = relative_path.replace('/', "\\");
+        self.rewrite_locator(|locator| {
+            locator.retain(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "relative_path"
+                        | "absolute_win32_path"
+                        | "volume_path"
+                        | "parent_linkage"
+                        | "parent_linkage2"
+                )
+            });
+            locator.push(("parent_linkage".to_string(), linkage.to_string()));
+            locator.push(("relative_path".to_string(), value));
+        })
+    }
+
     fn rewrite_locator(&self, edit: impl FnOnce(&mut Vec<(String, String)>)) -> Result<()> {
         if !self.writable {
             return Err(DiskError::ReadOnly {
