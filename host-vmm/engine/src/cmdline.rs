@@ -34,6 +34,9 @@ pub enum DiskInterface {
     /// [`MachineSpec::to_args`] skips these disks, and the VMM adds the
     /// backend's socket to `chardevs` and its `vhost-user-blk-pci` to `devices`.
     VhostBlk,
+    /// QEMU's own virtio-scsi-pci controller with one `scsi-hd` (a
+    /// baseline for shared disks served through Tandem's SCSI tunnel).
+    VirtioScsi,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +242,17 @@ impl MachineSpec {
                     "driver": "nvme", "drive": node, "id": node, "serial": format!("tandem-{i}"),
                 }),
                 DiskInterface::VhostBlk => continue,
+                DiskInterface::VirtioScsi => {
+                    let ctrl = format!("scsi{i}");
+                    push(&[
+                        "-device",
+                        &json!({"driver": "virtio-scsi-pci", "id": ctrl, "num_queues": 1})
+                            .to_string(),
+                    ]);
+                    json!({
+                        "driver": "scsi-hd", "drive": node, "id": node, "bus": format!("{ctrl}.0"),
+                    })
+                }
             };
             push(&["-device", &device.to_string()]);
         }

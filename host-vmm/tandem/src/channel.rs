@@ -87,6 +87,8 @@ pub enum DeviceServerCmd {
     },
     /// A vhost-user-blk backend serving a disk chain (see `vhost.rs`).
     VhostBlk(crate::vhost::VhostBlkArgs),
+    /// A vhost-user-scsi backend tunnelling a shared disk (see `share.rs`).
+    VhostScsi(crate::share::VhostScsiArgs),
 }
 
 pub async fn channel(cmd: ChannelCmd) -> Result<i32> {
@@ -234,5 +236,6 @@ pub fn device_server(cmd: DeviceServerCmd) -> Result<i32> {
             Ok(0)
         }
         DeviceServerCmd::VhostBlk(args) => crate::vhost::device_server(args),
+        DeviceServerCmd::VhostScsi(args) => crate::share::vhost_scsi(args),
     }
 }

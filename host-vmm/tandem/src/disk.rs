@@ -62,7 +62,7 @@ fn parse_format(s: &str) -> Result<Format, String> {
     Format::parse(s).ok_or_else(|| format!("unknown format {s:?} (raw, qcow2 or vhdx)"))
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, shift) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {

@@ -43,6 +43,11 @@ pub struct RunArgs {
     /// A disk: path=<file>[,format=raw|qcow2][,if=virtio-blk|nvme|vhost-blk][,readonly=on][,direct=off]. Repeatable.
     #[arg(long = "disk")]
     disks: Vec<String>,
+    /// A disk shared with other VMs through a file server (`tandem share
+    /// serve`): server=HOST:PORT,disk=NAME[,initiator=NAME]; the guest sees
+    /// a virtio-scsi disk with SCSI-3 persistent reservations. Repeatable.
+    #[arg(long = "shared-disk")]
+    shared_disks: Vec<String>,
     /// Serial console: stdio (default), file:<path>, unix:<path> or none.
     #[arg(long)]
     serial: Option<String>,
@@ -95,6 +100,11 @@ impl RunArgs {
                 .iter()
                 .map(|d| parse_disk_flag(d))
                 .collect::<Result<_, _>>()?,
+            shared_disks: self
+                .shared_disks
+                .iter()
+                .map(|d| tandem_vmm::config::parse_shared_disk_flag(d))
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -115,6 +125,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
                 || over.memory.is_some()
                 || over.cpus.is_some()
                 || !over.disks.is_empty()
+                || !over.shared_disks.is_empty()
                 || over.control_device.is_some()
             {
                 anyhow::bail!("--restore: the machine (kernel, command line, memory, vCPUs, disks, control device) is the one saved in {}", tandem_vmm::snapshot::config_path(snap).display());

@@ -318,7 +318,9 @@ async fn device_guest(
 fn leave_error(e: crate::snapshot::SnapshotError) -> Error {
     use crate::snapshot::SnapshotError as S;
     let status = match &e {
-        S::State(_) | S::Assigned(_) | S::VhostBlk(_) | S::Exists(_) => StatusCode::CONFLICT,
+        S::State(_) | S::Assigned(_) | S::VhostBlk(_) | S::Shared | S::Exists(_) => {
+            StatusCode::CONFLICT
+        }
         S::Relative(_) | S::Uri(_) => StatusCode::BAD_REQUEST,
         S::Write { .. } | S::Control(_) | S::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };

@@ -40,6 +40,22 @@ pub struct VmConfig {
     pub host_abi: Option<String>,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
+    /// Disks on a file server, shared with other VMs (F7).
+    #[serde(default, rename = "shared-disk")]
+    pub shared_disks: Vec<SharedDisk>,
+}
+
+/// A shared disk: the guest sees a virtio-scsi disk whose commands a
+/// vhost-user-scsi backend tunnels to `tandem share serve` at `server`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedDisk {
+    /// The file server, HOST:PORT.
+    pub server: String,
+    /// The disk's name (relative path) on the server.
+    pub disk: String,
+    /// This VM's SCSI initiator name; default `tandem.<vm>@<host name>`.
+    pub initiator: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -76,6 +92,8 @@ pub struct ResolvedVm {
     pub api_socket: PathBuf,
     pub engine: Option<PathBuf>,
     pub disks: Vec<DiskSpec>,
+    /// Shared disks, their initiator names filled in.
+    pub shared_disks: Vec<SharedDisk>,
     /// `None`: no control device.
     pub control: Option<VersionRange>,
 }
@@ -98,6 +116,8 @@ pub enum ConfigError {
     Initrd { path: PathBuf, reason: String },
     #[error("disk {path}: {reason}")]
     Disk { path: PathBuf, reason: String },
+    #[error("bad --shared-disk value {value:?}: {reason}")]
+    SharedDiskSyntax { value: String, reason: String },
     #[error("bad --disk value {value:?}: {reason}")]
     DiskSyntax { value: String, reason: String },
     #[error("bad memory size {0:?} (examples: 512M, 2G; at least 64M)")]
@@ -129,6 +149,8 @@ impl VmConfig {
     pub fn merge(self, over: VmConfig) -> VmConfig {
         let mut disks = self.disks;
         disks.extend(over.disks);
+        let mut shared_disks = self.shared_disks;
+        shared_disks.extend(over.shared_disks);
         VmConfig {
             name: over.name.or(self.name),
             kernel: over.kernel.or(self.kernel),
@@ -147,6 +169,7 @@ impl VmConfig {
             control_device: over.control_device.or(self.control_device),
             host_abi: over.host_abi.or(self.host_abi),
             disks,
+            shared_disks,
         }
     }
 
@@ -209,6 +232,39 @@ impl VmConfig {
             .into_iter()
             .map(check_disk)
             .collect::<Result<Vec<_>, _>>()?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let shared_disks = self
+            .shared_disks
+            .into_iter()
+            .map(|d| {
+                let bad = |reason: &str| ConfigError::SharedDiskSyntax {
+                    value: format!("server={},disk={}", d.server, d.disk),
+                    reason: reason.into(),
+                };
+                if d.server.is_empty() || !d.server.contains(':') {
+                    return Err(bad("server= must be HOST:PORT"));
+                }
+                if d.disk.is_empty()
+                    || d.disk.starts_with('/')
+                    || d.disk.split('/').any(|c| c == "..")
+                {
+                    return Err(bad("disk= must be a relative path on the server"));
+                }
+                let initiator = d
+                    .initiator
+                    .clone()
+                    .unwrap_or_else(|| format!("tandem.{name}@{host}"));
+                if initiator.is_empty() || !initiator.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(bad("initiator= must be printable ASCII without spaces"));
+                }
+                Ok(SharedDisk {
+                    initiator: Some(initiator),
+                    ..d
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let control = if self.control_device.unwrap_or(true) {
             Some(match self.host_abi {
                 Some(r) => parse_abi_range(&r).ok_or(ConfigError::AbiRange(r))?,
@@ -229,6 +285,7 @@ impl VmConfig {
             api_socket,
             engine: self.engine,
             disks,
+            shared_disks,
             control,
         })
     }
@@ -260,9 +317,35 @@ impl ResolvedVm {
                     direct: Some(d.direct),
                 })
                 .collect(),
+            shared_disks: self.shared_disks.clone(),
             ..VmConfig::default()
         }
     }
+}
+
+/// Parses a `--shared-disk` flag: `server=HOST:PORT,disk=NAME[,initiator=NAME]`.
+pub fn parse_shared_disk_flag(value: &str) -> Result<SharedDisk, ConfigError> {
+    let err = |reason: &str| ConfigError::SharedDiskSyntax {
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut d = SharedDisk::default();
+    for part in value.split(',') {
+        match part.split_once('=') {
+            Some(("server", v)) => d.server = v.into(),
+            Some(("disk", v)) => d.disk = v.into(),
+            Some(("initiator", v)) => d.initiator = Some(v.into()),
+            _ => {
+                return Err(err(&format!(
+                    "{part:?}: expected server=, disk= or initiator="
+                )))
+            }
+        }
+    }
+    if d.server.is_empty() || d.disk.is_empty() {
+        return Err(err("server= and disk= are required"));
+    }
+    Ok(d)
 }
 
 /// Parses "1.0-1.3" (or a single "1.0").
@@ -373,9 +456,10 @@ pub fn parse_disk_flag(value: &str) -> Result<DiskConfig, ConfigError> {
                     "virtio-blk" => DiskInterface::VirtioBlk,
                     "nvme" => DiskInterface::Nvme,
                     "vhost-blk" => DiskInterface::VhostBlk,
+                    "virtio-scsi" => DiskInterface::VirtioScsi,
                     _ => {
                         return Err(err(&format!(
-                            "unknown interface {v:?} (virtio-blk, nvme, vhost-blk)"
+                            "unknown interface {v:?} (virtio-blk, nvme, vhost-blk, virtio-scsi)"
                         )))
                     }
                 })
@@ -704,5 +788,39 @@ mod tests {
         assert_eq!(parse_serial("unix:/s").unwrap(), Serial::Unix("/s".into()));
         assert!(parse_serial("file:").is_err());
         assert_eq!(serial_to_string(&Serial::File("/x".into())), "file:/x");
+    }
+
+    #[test]
+    fn shared_disks() {
+        let d = parse_shared_disk_flag("server=10.0.0.1:3270,disk=c/q.raw").unwrap();
+        assert_eq!(
+            (d.server.as_str(), d.disk.as_str(), d.initiator.clone()),
+            ("10.0.0.1:3270", "c/q.raw", None)
+        );
+        assert!(parse_shared_disk_flag("server=a:1").is_err());
+        assert!(parse_shared_disk_flag("server=a:1,disk=x,bogus=1").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let vm = VmConfig {
+            name: Some("web".into()),
+            shared_disks: vec![d.clone()],
+            ..Default::default()
+        }
+        .resolve(Some(&defaults(dir.path())), Path::new("/r"))
+        .unwrap();
+        let init = vm.shared_disks[0].initiator.clone().unwrap();
+        assert!(init.starts_with("tandem.web@"), "{init}");
+        assert_eq!(vm.machine_config().shared_disks, vm.shared_disks);
+        let bad = VmConfig {
+            shared_disks: vec![SharedDisk {
+                disk: "../etc".into(),
+                ..d
+            }],
+            ..Default::default()
+        }
+        .resolve(Some(&defaults(dir.path())), Path::new("/r"));
+        assert!(bad.is_err());
+        let t: VmConfig =
+            toml::from_str("[[shared-disk]]\nserver = \"h:1\"\ndisk = \"d\"\n").unwrap();
+        assert_eq!(t.shared_disks.len(), 1);
     }
 }

@@ -38,6 +38,8 @@ pub enum SnapshotError {
     State(VmState),
     #[error("the VM has assigned functions ({0}): QEMU would neither save nor refuse their state. Detach them first (tandem device detach); carrying them across needs the guest to hand their I/O to the synthetic path (F4), which is not built yet")]
     Assigned(String),
+    #[error("the VM has shared disks (vhost-user-scsi), whose backends cannot follow a save or migration yet")]
+    Shared,
     #[error("disk {0} is served by a vhost-user-blk backend, which cannot follow a save yet; use if=virtio-blk for VMs you save")]
     VhostBlk(String),
     #[error("{0} exists; a snapshot never overwrites a file")]
@@ -186,6 +188,9 @@ fn may_leave(vm: &Vm) -> Result<VmState, SnapshotError> {
         .find(|(_, d)| d.interface == DiskInterface::VhostBlk)
     {
         return Err(SnapshotError::VhostBlk(format!("disk{i}")));
+    }
+    if !vm.resolved().shared_disks.is_empty() {
+        return Err(SnapshotError::Shared);
     }
     Ok(state)
 }

@@ -10,6 +10,11 @@
 //! Not supervised: if a backend dies, the guest's disk stops answering and
 //! the VM keeps running (a vhost-user-blk device cannot be re-pointed at a
 //! new process without QEMU's reconnect support, which this does not use).
+//!
+//! Shared disks (`--shared-disk`, F7) get the same treatment with a
+//! vhost-user-scsi backend (`tandem device-server vhost-scsi`) that tunnels
+//! the guest's SCSI commands to the file server: sockets
+//! `vhost-shared<i>.sock` and `.api`, QEMU device `shared<i>`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,6 +27,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
+use crate::config::SharedDisk;
+
 /// How long a backend may take to say `ready` (it opens the whole chain).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a backend may take to flush and exit once QEMU has gone.
@@ -29,23 +36,24 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostError {
-    #[error("cannot start the vhost-user-blk backend for {disk}")]
+    #[error("cannot start the vhost-user backend for {disk}")]
     Spawn {
         disk: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("the vhost-user-blk backend for {disk} did not become ready: {reason}")]
+    #[error("the vhost-user backend for {disk} did not become ready: {reason}")]
     NotReady { disk: PathBuf, reason: String },
 }
 
 /// A running backend.
-pub struct VhostBlkBackend {
-    index: usize,
+pub struct VhostBackend {
     disk: PathBuf,
     socket: PathBuf,
     api_socket: PathBuf,
     child: Child,
+    chardev_id: String,
+    device: Value,
 }
 
 /// The backend sockets of disk `index` in `dir`: (vhost-user, API).
@@ -56,14 +64,14 @@ pub fn socket_paths(dir: &Path, index: usize) -> (PathBuf, PathBuf) {
     )
 }
 
-impl VhostBlkBackend {
+impl VhostBackend {
     /// Starts the backend for disk `index` and waits for `ready`.
     pub async fn spawn(
         exe: &Path,
         dir: &Path,
         index: usize,
         disk: &DiskSpec,
-    ) -> Result<VhostBlkBackend, VhostError> {
+    ) -> Result<VhostBackend, VhostError> {
         let spawn_err = |source| VhostError::Spawn {
             disk: disk.path.clone(),
             source,
@@ -71,6 +79,13 @@ impl VhostBlkBackend {
         std::fs::create_dir_all(dir).map_err(spawn_err)?;
         let (socket, api_socket) = socket_paths(dir, index);
         let mut cmd = Command::new(exe);
+        let chardev_id = format!("vhost-disk{index}");
+        let device = json!({
+            "driver": "vhost-user-blk-pci",
+            "id": format!("disk{index}"),
+            "chardev": chardev_id,
+            "num-queues": 1,
+        });
         cmd.arg("device-server")
             .arg("vhost-blk")
             .arg("--socket")
@@ -91,6 +106,74 @@ impl VhostBlkBackend {
         if disk.readonly {
             cmd.arg("--readonly");
         }
+        Self::start(
+            cmd,
+            disk.path.clone(),
+            socket,
+            api_socket,
+            chardev_id,
+            device,
+        )
+        .await
+    }
+
+    /// Starts the vhost-user-scsi backend for shared disk `index`.
+    pub async fn spawn_shared(
+        exe: &Path,
+        dir: &Path,
+        index: usize,
+        shared: &SharedDisk,
+    ) -> Result<VhostBackend, VhostError> {
+        let name = PathBuf::from(format!("{}:{}", shared.server, shared.disk));
+        std::fs::create_dir_all(dir).map_err(|source| VhostError::Spawn {
+            disk: name.clone(),
+            source,
+        })?;
+        let (socket, api_socket) = shared_socket_paths(dir, index);
+        let mut cmd = Command::new(exe);
+        cmd.arg("device-server")
+            .arg("vhost-scsi")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--api-socket")
+            .arg(&api_socket)
+            .arg("--server")
+            .arg(&shared.server)
+            .arg("--disk")
+            .arg(&shared.disk)
+            .arg("--initiator")
+            .arg(shared.initiator.as_deref().unwrap_or("tandem"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .kill_on_drop(true);
+        let chardev_id = format!("vhost-shared{index}");
+        // One request queue; transfers within the tunnel's 8 MiB.
+        let device = json!({
+            "driver": "vhost-user-scsi-pci",
+            "id": format!("shared{index}"),
+            "chardev": chardev_id,
+            "num_queues": 1,
+            "max_sectors": 16384,
+            "hotplug": false,
+            "param_change": false,
+        });
+        Self::start(cmd, name, socket, api_socket, chardev_id, device).await
+    }
+
+    async fn start(
+        mut cmd: Command,
+        disk: PathBuf,
+        socket: PathBuf,
+        api_socket: PathBuf,
+        chardev_id: String,
+        device: Value,
+    ) -> Result<VhostBackend, VhostError> {
+        let spawn_err = |source| VhostError::Spawn {
+            disk: disk.clone(),
+            source,
+        };
         // SAFETY: runs in the child between fork and exec; prctl(2) is
         // async-signal-safe and touches no parent memory.
         unsafe {
@@ -101,7 +184,7 @@ impl VhostBlkBackend {
         }
         let mut child = cmd.spawn().map_err(spawn_err)?;
         let not_ready = |reason: String| VhostError::NotReady {
-            disk: disk.path.clone(),
+            disk: disk.clone(),
             reason,
         };
         let Some(out) = child.stdout.take() else {
@@ -123,18 +206,15 @@ impl VhostBlkBackend {
                 return Err(not_ready(format!("nothing within {READY_TIMEOUT:?}")));
             }
         }
-        info!(pid = child.id(), disk = %disk.path.display(), api = %api_socket.display(), "vhost-user-blk backend running");
-        Ok(VhostBlkBackend {
-            index,
-            disk: disk.path.clone(),
+        info!(pid = child.id(), disk = %disk.display(), api = %api_socket.display(), "vhost-user backend running");
+        Ok(VhostBackend {
+            disk,
             socket,
             api_socket,
             child,
+            chardev_id,
+            device,
         })
-    }
-
-    fn chardev_id(&self) -> String {
-        format!("vhost-disk{}", self.index)
     }
 
     pub fn api_socket(&self) -> &Path {
@@ -143,19 +223,14 @@ impl VhostBlkBackend {
 
     pub fn chardev(&self) -> SocketChardev {
         SocketChardev {
-            id: self.chardev_id(),
+            id: self.chardev_id.clone(),
             path: self.socket.clone(),
         }
     }
 
     /// The `-device` entry; its id is the disk's id in `tandem info`.
     pub fn device_json(&self) -> Value {
-        json!({
-            "driver": "vhost-user-blk-pci",
-            "id": format!("disk{}", self.index),
-            "chardev": self.chardev_id(),
-            "num-queues": 1,
-        })
+        self.device.clone()
     }
 
     /// Once QEMU is gone the backend sees the disconnect, flushes and
@@ -177,9 +252,22 @@ impl VhostBlkBackend {
     }
 }
 
-/// Starts a backend for every vhost-blk disk, in `dir`; the backend is
-/// this very binary (`tandem`, which has the `device-server` command).
-pub async fn start_all(dir: &Path, disks: &[DiskSpec]) -> Result<Vec<VhostBlkBackend>, VhostError> {
+/// The backend sockets of shared disk `index` in `dir`: (vhost-user, API).
+pub fn shared_socket_paths(dir: &Path, index: usize) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("vhost-shared{index}.sock")),
+        dir.join(format!("vhost-shared{index}.api")),
+    )
+}
+
+/// Starts a backend for every vhost-blk disk and every shared disk, in
+/// `dir`; the backend is this very binary (`tandem`, which has the
+/// `device-server` command).
+pub async fn start_all(
+    dir: &Path,
+    disks: &[DiskSpec],
+    shared: &[SharedDisk],
+) -> Result<Vec<VhostBackend>, VhostError> {
     let mut started = Vec::new();
     for (i, d) in disks.iter().enumerate() {
         if d.interface == DiskInterface::VhostBlk {
@@ -187,8 +275,15 @@ pub async fn start_all(dir: &Path, disks: &[DiskSpec]) -> Result<Vec<VhostBlkBac
                 disk: d.path.clone(),
                 source,
             })?;
-            started.push(VhostBlkBackend::spawn(&exe, dir, i, d).await?);
+            started.push(VhostBackend::spawn(&exe, dir, i, d).await?);
         }
+    }
+    for (i, d) in shared.iter().enumerate() {
+        let exe = std::env::current_exe().map_err(|source| VhostError::Spawn {
+            disk: PathBuf::from(&d.disk),
+            source,
+        })?;
+        started.push(VhostBackend::spawn_shared(&exe, dir, i, d).await?);
     }
     Ok(started)
 }

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::config::{serial_to_string, ResolvedVm};
 use crate::control::ControlServer;
 use crate::lifecycle::{self, Action, Ending, Lifecycle, LifecycleError, Observed};
-use crate::vhost::VhostBlkBackend;
+use crate::vhost::VhostBackend;
 
 /// The file descriptor number QEMU sees its QMP socket as.
 const QMP_FD: i32 = 3;
@@ -89,7 +89,7 @@ pub struct Running {
     pub vm: Arc<Vm>,
     child: Child,
     /// vhost-user-blk backends; stopped after QEMU.
-    backends: Vec<VhostBlkBackend>,
+    backends: Vec<VhostBackend>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -126,6 +126,7 @@ impl Vm {
         let backends = crate::vhost::start_all(
             &resolved.api_socket.with_extension("devices"),
             &resolved.disks,
+            &resolved.shared_disks,
         )
         .await?;
         let spec = MachineSpec {
@@ -402,6 +403,7 @@ impl Vm {
                         DiskInterface::VirtioBlk => "virtio-blk",
                         DiskInterface::Nvme => "nvme",
                         DiskInterface::VhostBlk => "vhost-blk",
+                        DiskInterface::VirtioScsi => "virtio-scsi",
                     }
                     .into(),
                     readonly: d.readonly,
