@@ -71,6 +71,8 @@ fuzz_target!(|data: &[u8]| {
             sealed_at_ms: 0,
             received_at_ms: 0,
             primary_name: String::new(),
+            merged_from: None,
+            retired: false,
         }],
         ..Manifest::default()
     };

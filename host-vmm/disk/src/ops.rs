@@ -319,7 +319,22 @@ pub fn merge_into(
     child: Option<&Path>,
     faults: &FaultHook,
 ) -> Result<()> {
-    let dir = dir_of(target);
+    merge_link(target, merged, child, faults)?;
+    remove_layers(merged, faults)?;
+    tracing::info!(target = %target.display(), layers = merged.len(), "merged layers down");
+    Ok(())
+}
+
+/// The first part of [`merge_into`]: the copy and the relink, without
+/// removing the merged files (a caller that records the chain elsewhere,
+/// like a replica site's manifest, updates its record in between).
+/// Idempotent.
+pub fn merge_link(
+    target: &Path,
+    merged: &[PathBuf],
+    child: Option<&Path>,
+    faults: &FaultHook,
+) -> Result<()> {
     let relinked = match child {
         Some(c) => open_layer(c, probe(c)?, &LayerOptions::default())?
             .parent()
@@ -334,7 +349,13 @@ pub fn merge_into(
             faults.check("merge.relinked")?;
         }
     }
-    for m in merged {
+    Ok(())
+}
+
+/// The last part of [`merge_into`]: removes layer files no chain uses any
+/// more (missing ones are fine), then syncs their directories.
+pub fn remove_layers(files: &[PathBuf], faults: &FaultHook) -> Result<()> {
+    for m in files {
         match fs::remove_file(m) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -348,8 +369,9 @@ pub fn merge_into(
         }
         faults.check("merge.removed")?;
     }
-    fsync_dir(&dir)?;
-    tracing::info!(target = %target.display(), layers = merged.len(), "merged layers down");
+    if let Some(first) = files.first() {
+        fsync_dir(&dir_of(first))?;
+    }
     Ok(())
 }
 

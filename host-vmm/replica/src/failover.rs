@@ -3,12 +3,18 @@
 //! exactly as the primary did when that point's layer was sealed). The
 //! stored layers are never written: a failed-over VM writes into a new
 //! differencing layer on top, so later failovers stay possible.
+//!
+//! A site may merge old points away (retention). A failover therefore
+//! holds the site's lock while it reads a point, and a failed-over chain
+//! holds its point for good (`hold-NNNNNN.json`): its new layer names the
+//! point's layer as its parent, so retention never writes nor removes it
+//! until [`release`].
 
 use std::path::{Path, PathBuf};
 
 use tandem_disk::{ops, Format};
 
-use crate::manifest::{LayerRecord, Manifest, ManifestError};
+use crate::manifest::{hold_file, write_atomic, DirLock, LayerRecord, Manifest, ManifestError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FailoverError {
@@ -22,6 +28,12 @@ pub enum FailoverError {
     },
     #[error("{0} already exists")]
     Exists(PathBuf),
+    #[error("{path}: cannot record the hold")]
+    Hold {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("building the disk at {path}")]
     Disk {
         path: PathBuf,
@@ -32,7 +44,24 @@ pub enum FailoverError {
 
 /// The recovery points of the site at `dir`, oldest first.
 pub fn points(dir: &Path) -> Result<Vec<LayerRecord>, FailoverError> {
-    Ok(Manifest::load(dir)?.layers)
+    Ok(Manifest::load(dir)?.points().cloned().collect())
+}
+
+/// The points held by failed-over chains.
+pub fn held(dir: &Path) -> Result<Vec<u64>, FailoverError> {
+    Ok(crate::manifest::holds(dir)?)
+}
+
+/// Lets retention merge point `point` again (once no failed-over disk
+/// needs its layer: it was flattened or deleted). Returns whether it was held.
+pub fn release(dir: &Path, point: u64) -> Result<bool, FailoverError> {
+    let _lock = DirLock::exclusive(dir)?;
+    let path = dir.join(hold_file(point));
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(FailoverError::Hold { path, source }),
+    }
 }
 
 /// How the failed-over disk is made.
@@ -47,6 +76,8 @@ pub enum Output {
 /// Produces at `out` a disk that reads as recovery point `point`.
 /// Returns the path of the point's layer in the site.
 pub fn failover(dir: &Path, point: u64, out: &Path, how: Output) -> Result<PathBuf, FailoverError> {
+    // No merge runs while we read the manifest and the point's chain.
+    let _lock = DirLock::exclusive(dir)?;
     let m = Manifest::load(dir)?;
     let rec = m.point(point).ok_or_else(|| FailoverError::NoPoint {
         point,
@@ -71,6 +102,9 @@ pub fn failover(dir: &Path, point: u64, out: &Path, how: Output) -> Result<PathB
             } else {
                 Format::Qcow2
             };
+            // The hold first: a crash leaves a hold without a disk (harmless).
+            let hold = serde_json::json!({ "point": point, "disk": out });
+            write_atomic(&dir.join(hold_file(point)), hold.to_string().as_bytes())?;
             ops::create(out, format, None, Some(&layer)).map_err(disk)?;
         }
         Output::Flat(format) => ops::convert(&layer, out, format, &|_, _| {}).map_err(disk)?,
@@ -117,6 +151,7 @@ mod tests {
     fn a_missing_point_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let e = failover(dir.path(), 3, &dir.path().join("out"), Output::Chain).unwrap_err();
+        assert!(held(dir.path()).unwrap().is_empty());
         assert!(e.to_string().contains("no recovery point 3"), "{e}");
     }
 }

@@ -5,7 +5,8 @@
 //! a disk at exactly one of them. This crate owns the wire protocol
 //! (`proto`, specified in README.md), the receiver's session state machine
 //! (`session`), the site's store and server (`receiver`), the sender
-//! (`sender`), progress and its API (`status`), and failover (`failover`).
+//! (`sender`), progress and its API (`status`), failover (`failover`),
+//! and which old points a site merges away (`retention`).
 //! It does not own the disk formats, checkpoints or relinking (those are
 //! `tandem-disk`'s) nor the running VM's backend (`tandem-vhost-blk`).
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod failover;
 pub mod manifest;
 pub mod proto;
 pub mod receiver;
+pub mod retention;
 pub mod sender;
 pub mod session;
 pub mod status;

@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::proto::unhex;
 
 pub const MANIFEST: &str = "manifest.json";
-/// Version of the manifest format; a newer one is refused.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Version of the manifest format; a newer one is refused. Version 2 adds
+/// merges (retired layers, `merged_from`, a pending `merging`).
+pub const MANIFEST_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -52,6 +53,14 @@ pub struct LayerRecord {
     pub received_at_ms: u64,
     /// The layer's file name on the primary.
     pub primary_name: String,
+    /// The file holds this point and every older one merged down into it:
+    /// the oldest of those (absent: the file holds only this point's layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_from: Option<u64>,
+    /// A merge in progress is changing this layer's chain: no longer a
+    /// recovery point.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
 }
 
 impl LayerRecord {
@@ -70,6 +79,17 @@ pub struct Manifest {
     pub disk_size: Option<u64>,
     /// Bottom first; each layer's parent is the one before it.
     pub layers: Vec<LayerRecord>,
+    /// A merge started and not yet recorded as done (redone on open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merging: Option<Merging>,
+}
+
+/// A merge of layers `target+1..=last` into layer `target` (indices into
+/// `layers`), recorded before the merge writes anything.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Merging {
+    pub target: usize,
+    pub last: usize,
 }
 
 impl Default for Manifest {
@@ -80,6 +100,7 @@ impl Default for Manifest {
             generation: 0,
             disk_size: None,
             layers: Vec::new(),
+            merging: None,
         }
     }
 }
@@ -97,6 +118,64 @@ pub fn fsync_dir(dir: &Path) -> Result<(), ManifestError> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir, "fsync directory"))
+}
+
+/// The site directory's lock (`.lock`, an flock): a failover holds it while
+/// it reads a point and records its hold; the server's retention takes it
+/// (without waiting) while it merges. Released when dropped.
+pub struct DirLock(#[allow(dead_code)] nix::fcntl::Flock<fs::File>);
+
+impl DirLock {
+    fn open(dir: &Path) -> Result<fs::File, ManifestError> {
+        let path = dir.join(".lock");
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path, "open lock"))
+    }
+
+    /// Waits for the lock.
+    pub fn exclusive(dir: &Path) -> Result<DirLock, ManifestError> {
+        let f = Self::open(dir)?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map(DirLock)
+            .map_err(|(_, e)| io(&dir.join(".lock"), "lock")(e.into()))
+    }
+
+    /// The lock if nobody holds it.
+    pub fn try_exclusive(dir: &Path) -> Result<Option<DirLock>, ManifestError> {
+        let f = Self::open(dir)?;
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(Some(DirLock(l))),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(io(&dir.join(".lock"), "lock")(e.into())),
+        }
+    }
+}
+
+/// Name of the file that holds point `seq` for a failed-over disk.
+pub fn hold_file(seq: u64) -> String {
+    format!("hold-{seq:06}.json")
+}
+
+/// The points held by failed-over disks (their `hold-NNNNNN.json` files).
+pub fn holds(dir: &Path) -> Result<Vec<u64>, ManifestError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io(dir, "list"))? {
+        let name = entry.map_err(io(dir, "list"))?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(seq) = name
+            .strip_prefix("hold-")
+            .and_then(|r| r.strip_suffix(".json"))
+            .and_then(|n| n.parse().ok())
+        {
+            out.push(seq);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
@@ -149,9 +228,54 @@ impl Manifest {
         write_atomic(&dir.join(MANIFEST), &text)
     }
 
-    /// The recovery point `seq`.
+    /// The recovery point `seq` (retired layers are not points).
     pub fn point(&self, seq: u64) -> Option<&LayerRecord> {
-        self.layers.iter().find(|l| l.seq == seq)
+        self.points().find(|l| l.seq == seq)
+    }
+
+    /// The recovery points, oldest first.
+    pub fn points(&self) -> impl Iterator<Item = &LayerRecord> {
+        self.layers.iter().filter(|l| !l.retired)
+    }
+
+    /// The pending merge's files: the target, the merged layers (bottom
+    /// first) and the child above them, if any.
+    pub fn merge_files(&self) -> Option<(String, Vec<String>, Option<String>)> {
+        let m = self.merging.as_ref()?;
+        if !(m.target < m.last && m.last < self.layers.len()) {
+            return None;
+        }
+        Some((
+            self.layers[m.target].file.clone(),
+            self.layers[m.target + 1..=m.last]
+                .iter()
+                .map(|l| l.file.clone())
+                .collect(),
+            self.layers.get(m.last + 1).map(|l| l.file.clone()),
+        ))
+    }
+
+    /// The manifest once the pending merge is done: layer `last`'s point
+    /// lives in the target's file, the layers in between are gone.
+    /// `file_len` is the target file's new length.
+    pub fn merged(&self, file_len: u64) -> Manifest {
+        let mut out = self.clone();
+        out.merging = None;
+        let Some(m) = &self.merging else {
+            return out;
+        };
+        if !(m.target < m.last && m.last < self.layers.len()) {
+            return out;
+        }
+        let base = &self.layers[m.target];
+        let mut point = self.layers[m.last].clone();
+        point.file = base.file.clone();
+        point.format = base.format.clone();
+        point.file_len = file_len;
+        point.merged_from = Some(base.merged_from.unwrap_or(base.seq));
+        point.retired = false;
+        out.layers.splice(m.target..=m.last, [point]);
+        out
     }
 }
 
@@ -176,6 +300,8 @@ mod tests {
                 sealed_at_ms: 5,
                 received_at_ms: 6,
                 primary_name: "disk.ckpt1.img".into(),
+                merged_from: None,
+                retired: false,
             }],
             ..Manifest::default()
         };

@@ -17,8 +17,11 @@ use std::time::Duration;
 
 use tandem_disk::{ops, Chain, ChainOptions};
 
-use crate::manifest::{fsync_dir, LayerRecord, Manifest, ManifestError, MANIFEST};
+use crate::manifest::{
+    fsync_dir, holds, DirLock, LayerRecord, Manifest, ManifestError, Merging, MANIFEST,
+};
 use crate::proto::{hex, Message, RefuseCode};
+use crate::retention::{plan, Slot};
 use crate::session::{Completed, Peer, Refusal, Session};
 use crate::wire::{self, WireError};
 
@@ -73,14 +76,29 @@ pub struct Store {
     /// until its idle timeout).
     sessions: Vec<(u64, TcpStream)>,
     next_session: u64,
+    /// Retention: how many recovery points to keep (`None`: all of them,
+    /// until the chain is too deep to take another layer).
+    keep: Option<usize>,
 }
 
 impl Store {
     /// Opens (creating the directory if needed) and removes what an
     /// interrupted store left: temporary files, layers not in the manifest.
+    /// A merge that was interrupted is finished first.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
-        let manifest = Manifest::load(dir)?;
+        let mut store = Store {
+            dir: dir.to_path_buf(),
+            manifest: Manifest::load(dir)?,
+            sessions: Vec::new(),
+            next_session: 1,
+            keep: None,
+        };
+        if store.manifest.merging.is_some() {
+            tracing::info!("finishing an interrupted merge");
+            store.finish_merge()?;
+        }
+        let manifest = &store.manifest;
         let keep: Vec<&str> = manifest.layers.iter().map(|l| l.file.as_str()).collect();
         for entry in fs::read_dir(dir).map_err(io(dir, "list"))? {
             let entry = entry.map_err(io(dir, "list"))?;
@@ -90,12 +108,98 @@ impl Store {
                 fs::remove_file(entry.path()).map_err(io(&entry.path(), "remove leftover"))?;
             }
         }
-        Ok(Store {
-            dir: dir.to_path_buf(),
-            manifest,
-            sessions: Vec::new(),
-            next_session: 1,
-        })
+        Ok(store)
+    }
+
+    /// Sets the retention policy: keep the last `keep` points (at least 1).
+    pub fn set_keep(&mut self, keep: Option<usize>) {
+        self.keep = keep.map(|k| k.max(1));
+    }
+
+    /// Does the merge the manifest records as pending: copy and relink
+    /// (idempotent, see `tandem_disk::ops::merge_link`), record the merged
+    /// chain, then remove the merged files.
+    fn finish_merge(&mut self) -> Result<(), StoreError> {
+        let Some((target, merged, child)) = self.manifest.merge_files() else {
+            let mut m = self.manifest.clone();
+            m.merging = None;
+            m.save(&self.dir)?;
+            self.manifest = m;
+            return Ok(());
+        };
+        let seq = self
+            .manifest
+            .merging
+            .as_ref()
+            .map_or(0, |m| self.manifest.layers[m.last].seq);
+        let disk = |source| StoreError::Disk { seq, source };
+        let target = self.dir.join(target);
+        let merged: Vec<PathBuf> = merged.iter().map(|f| self.dir.join(f)).collect();
+        let child = child.map(|f| self.dir.join(f));
+        ops::merge_link(
+            &target,
+            &merged,
+            child.as_deref(),
+            &tandem_disk::FaultHook::default(),
+        )
+        .map_err(disk)?;
+        let len = fs::metadata(&target).map_err(io(&target, "stat"))?.len();
+        let m = self.manifest.merged(len);
+        m.save(&self.dir)?;
+        self.manifest = m;
+        ops::remove_layers(&merged, &tandem_disk::FaultHook::default()).map_err(disk)?;
+        Ok(())
+    }
+
+    /// Applies the retention policy: merges old points down (never a point
+    /// a failover holds, never while a failover is reading the site).
+    /// Returns how many merges it did.
+    pub fn retain(&mut self) -> Result<usize, StoreError> {
+        let Some(keep) = self.keep else {
+            return Ok(0);
+        };
+        let Some(_lock) = DirLock::try_exclusive(&self.dir)? else {
+            tracing::debug!("a failover holds the site: no merge this time");
+            return Ok(0);
+        };
+        if self.manifest.merging.is_some() {
+            self.finish_merge()?;
+        }
+        let held = holds(&self.dir)?;
+        let mut done = 0;
+        for _ in 0..self.manifest.layers.len() {
+            let slots: Vec<Slot> = self
+                .manifest
+                .layers
+                .iter()
+                .map(|l| Slot {
+                    held: held.contains(&l.seq),
+                })
+                .collect();
+            let Some(run) = plan(&slots, keep) else {
+                break;
+            };
+            let started = std::time::Instant::now();
+            let mut m = self.manifest.clone();
+            for l in &mut m.layers[run.target..run.last] {
+                l.retired = true;
+            }
+            m.merging = Some(Merging {
+                target: run.target,
+                last: run.last,
+            });
+            m.save(&self.dir)?;
+            self.manifest = m;
+            self.finish_merge()?;
+            done += 1;
+            tracing::info!(
+                into = %self.manifest.layers[run.target].file,
+                points_dropped = run.last - run.target,
+                ms = started.elapsed().as_millis() as u64,
+                "merged old recovery points"
+            );
+        }
+        Ok(done)
     }
 
     pub fn dir(&self) -> &Path {
@@ -221,6 +325,8 @@ impl Store {
             sealed_at_ms: layer.sealed_at_ms,
             received_at_ms: now_ms(),
             primary_name: layer.name.clone(),
+            merged_from: None,
+            retired: false,
         };
         let mut m = self.manifest.clone();
         m.layers.push(record.clone());
@@ -257,6 +363,9 @@ pub struct ServeConfig {
     pub listen: String,
     /// A connection silent for this long is dropped.
     pub idle_timeout: Duration,
+    /// Retention: keep the last N recovery points, merge older ones down
+    /// (`None`: keep every point; the chain then fills up after about 60).
+    pub keep: Option<usize>,
 }
 
 /// A running site: the listener and its store.
@@ -273,7 +382,10 @@ fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
 
 impl Server {
     pub fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
-        let store = Store::open(&cfg.dir)?;
+        let mut store = Store::open(&cfg.dir)?;
+        store.set_keep(cfg.keep);
+        // A site restarted (perhaps with a smaller --keep) merges at once.
+        store.retain()?;
         let listener = TcpListener::bind(&cfg.listen).map_err(|source| ServeError::Listen {
             addr: cfg.listen.clone(),
             source,
@@ -566,6 +678,11 @@ fn session_loop(
                         digest: done.digest,
                     },
                 )?;
+                // Old points are merged while the primary waits for its
+                // next interval (a commit waits for the store meanwhile).
+                if let Err(e) = lock(store).retain() {
+                    tracing::warn!(error = %error_chain(&e), "merging old recovery points failed");
+                }
             }
             Message::Refuse { code, reason } => {
                 tracing::warn!(?code, %reason, "the primary ended the session");

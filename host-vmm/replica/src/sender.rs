@@ -161,13 +161,23 @@ impl Source {
                 Ok((layers, chain.size()))
             }
             Source::Vhost(_) => {
+                // The backend's own list can name layers a merge removed
+                // (it reopens its chain at its next checkpoint): read the
+                // sealed part from the files, from the newest sealed layer
+                // down (the backend never writes it).
                 let info = self.vhost_info()?;
-                let mut layers: Vec<PathBuf> = info
-                    .chain
-                    .iter()
-                    .skip(1)
-                    .map(|l| PathBuf::from(&l.path))
-                    .collect();
+                let Some(newest) = info.chain.get(1) else {
+                    return Ok((Vec::new(), info.capacity_bytes));
+                };
+                let newest = PathBuf::from(&newest.path);
+                let chain = Chain::open(&newest, ChainOptions::default()).map_err(|source| {
+                    SendError::Disk {
+                        path: newest.clone(),
+                        source,
+                    }
+                })?;
+                let mut layers: Vec<PathBuf> =
+                    chain.layers().iter().map(|l| l.path().into()).collect();
                 layers.reverse();
                 Ok((layers, info.capacity_bytes))
             }
@@ -196,11 +206,39 @@ impl Source {
     }
 }
 
-/// The primary's persistent identity.
+/// The primary's persistent identity, and where its chain stands after
+/// merges: its bottom sealed layer holds point `first_seq` (every older
+/// point merged into it), the next one point `first_seq + 1`, and so on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub chain_id: String,
     pub generation: u64,
+    /// The point the bottom sealed layer holds (absent or 0: 1, no merge yet).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub first_seq: u64,
+    /// Layer digests of shipped points whose files changed since (merged
+    /// into, or relinked to a merged parent), by point: what a site that
+    /// resumes there is checked against.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub digests: std::collections::BTreeMap<u64, String>,
+    /// A merge started and not yet recorded as done (finished at the next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merging: Option<PrimaryMerge>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A merge of sealed layers on the primary: `run` (bottom first) into
+/// `target` (the bottom sealed layer), `child` relinked to it; afterwards the
+/// bottom holds point `first_seq`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryMerge {
+    pub target: PathBuf,
+    pub run: Vec<PathBuf>,
+    pub child: PathBuf,
+    pub first_seq: u64,
 }
 
 impl Identity {
@@ -234,13 +272,37 @@ impl Identity {
             None => Identity {
                 chain_id: hex(&Guid::random().map_err(io(top, "random id"))?.0),
                 generation: 1,
+                first_seq: 0,
+                digests: Default::default(),
+                merging: None,
             },
         };
+        id.save(top)?;
+        Ok(id)
+    }
+
+    /// Replaces the file durably.
+    pub fn save(&self, top: &Path) -> Result<(), SendError> {
         let mut text =
-            serde_json::to_vec_pretty(&id).map_err(|e| SendError::Backend(e.to_string()))?;
+            serde_json::to_vec_pretty(self).map_err(|e| SendError::Backend(e.to_string()))?;
         text.push(b'\n');
         write_atomic(&Self::path(top), &text)?;
-        Ok(id)
+        Ok(())
+    }
+
+    /// The point the bottom sealed layer holds.
+    pub fn first(&self) -> u64 {
+        self.first_seq.max(1)
+    }
+
+    /// The digest point `seq` was shipped with; `layer` is its file.
+    pub fn shipped_digest(&self, seq: u64, layer: &Path) -> Result<[u8; 32], SendError> {
+        match self.digests.get(&seq) {
+            Some(d) => unhex(d).ok_or_else(|| {
+                SendError::Backend(format!("the digest recorded for point {seq} is not hex"))
+            }),
+            None => file_digest(layer),
+        }
     }
 
     fn chain_id_bytes(&self) -> Result<[u8; 16], SendError> {
@@ -337,6 +399,84 @@ pub struct SendConfig {
     pub stop_after: Option<u64>,
     /// Print a line per point on stderr.
     pub print_progress: bool,
+    /// Once this many sealed layers are all on the site, merge all but the
+    /// newest into the bottom one (0: never; the chain then fills up).
+    pub merge_at: usize,
+}
+
+/// Default of [`SendConfig::merge_at`]: the primary's chain stays at most
+/// this deep plus its top (and a layer or two shipped meanwhile).
+pub const MERGE_AT: usize = 8;
+
+/// Merges the sealed layers of the primary, all shipped, but the newest
+/// into the bottom one. The intent is recorded in the identity file first,
+/// so a crash is finished by [`finish_merge`] at the next start.
+fn merge_old_layers(
+    top: &Path,
+    identity: &mut Identity,
+    layers: &[PathBuf],
+) -> Result<(), SendError> {
+    let [target, run @ .., child] = layers else {
+        return Ok(());
+    };
+    if run.is_empty() {
+        return Ok(());
+    }
+    // The merge changes the files of two shipped points: the target takes
+    // the newest merged point, the child is relinked. Keep their digests.
+    let first = identity.first();
+    let (merged_seq, child_seq) = (first + run.len() as u64, first + run.len() as u64 + 1);
+    let merged_digest = identity.shipped_digest(merged_seq, &run[run.len() - 1])?;
+    let child_digest = identity.shipped_digest(child_seq, child)?;
+    identity.digests.retain(|&seq, _| seq > merged_seq);
+    identity.digests.insert(merged_seq, hex(&merged_digest));
+    identity.digests.insert(child_seq, hex(&child_digest));
+    identity.merging = Some(PrimaryMerge {
+        target: target.clone(),
+        run: run.to_vec(),
+        child: child.clone(),
+        first_seq: merged_seq,
+    });
+    identity.save(top)?;
+    finish_merge(top, identity)
+}
+
+/// Finishes the merge the identity file records, if any (idempotent: see
+/// `tandem_disk::ops::merge_link`).
+pub fn finish_merge(top: &Path, identity: &mut Identity) -> Result<(), SendError> {
+    let Some(pm) = identity.merging.clone() else {
+        return Ok(());
+    };
+    let span = tracing::info_span!("merge", into = %pm.target.display(), layers = pm.run.len());
+    let _g = span.enter();
+    let started = Instant::now();
+    let disk = |source| SendError::Disk {
+        path: pm.target.clone(),
+        source,
+    };
+    ops::merge_link(&pm.target, &pm.run, Some(&pm.child), &FaultHook::default()).map_err(disk)?;
+    identity.first_seq = pm.first_seq;
+    identity.merging = None;
+    identity.save(top)?;
+    ops::remove_layers(&pm.run, &FaultHook::default()).map_err(disk)?;
+    tracing::info!(
+        first_seq = pm.first_seq,
+        ms = started.elapsed().as_millis() as u64,
+        "merged shipped layers down"
+    );
+    Ok(())
+}
+
+/// The primary's sealed layer whose chain reads as recovery point `seq`
+/// (`None` for a point older than the bottom one, merged away).
+pub fn layer_of_point(source: &Source, seq: u64) -> Result<Option<PathBuf>, SendError> {
+    let top = source.top()?;
+    let first = Identity::load(&top)?.map_or(1, |i| i.first());
+    let (layers, _) = source.sealed_layers()?;
+    if seq < first {
+        return Ok(None);
+    }
+    Ok(layers.get((seq - first) as usize).cloned())
 }
 
 /// Runs the sender until `stop` is set, `stop_after` points are shipped, or
@@ -346,7 +486,8 @@ pub fn run(cfg: &SendConfig, status: &Mutex<Status>, stop: &AtomicBool) -> Resul
     if let Source::File(_) = cfg.source {
         recover(&top)?;
     }
-    let identity = Identity::next(&top)?;
+    let mut identity = Identity::next(&top)?;
+    finish_merge(&top, &mut identity)?;
     {
         let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
         st.target = cfg.to.clone();
@@ -362,7 +503,7 @@ pub fn run(cfg: &SendConfig, status: &Mutex<Status>, stop: &AtomicBool) -> Resul
         }
         set(status, |s| s.state = "connecting".into());
         let mut connected = false;
-        match session(cfg, &identity, status, stop, &mut connected) {
+        match session(cfg, &top, &mut identity, status, stop, &mut connected) {
             Ok(()) => {
                 set(status, |s| s.state = "stopped".into());
                 return Ok(());
@@ -429,7 +570,8 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, SendError> {
 
 fn session(
     cfg: &SendConfig,
-    identity: &Identity,
+    top: &Path,
+    identity: &mut Identity,
     status: &Mutex<Status>,
     stop: &AtomicBool,
     connected: &mut bool,
@@ -465,17 +607,26 @@ fn session(
             last_digest,
             ..
         }) => {
-            let n = layers.len() as u64;
+            let first = identity.first();
+            let n = first - 1 + layers.len() as u64;
             if last_seq > n {
                 return Err(SendError::Diverged(format!(
-                    "the site holds {last_seq} layers, this chain has {n} sealed ones"
+                    "the site's newest point is {last_seq}, this chain holds points up to {n}"
+                )));
+            }
+            if last_seq < first && (last_seq > 0 || first > 1) {
+                return Err(SendError::Diverged(format!(
+                    "the site's newest point is {last_seq}, but this primary merged points up \
+                     to {first} after the site acknowledged them (a site restored from an old \
+                     copy cannot catch up: replicate to a new directory)"
                 )));
             }
             if last_seq > 0 {
-                let ours = file_digest(&layers[last_seq as usize - 1])?;
+                let ours =
+                    identity.shipped_digest(last_seq, &layers[(last_seq - first) as usize])?;
                 if ours != last_digest {
                     return Err(SendError::Diverged(format!(
-                        "layer {last_seq} is {} here and {} there",
+                        "point {last_seq} is {} here and {} there",
                         hex(&ours),
                         hex(&last_digest)
                     )));
@@ -498,11 +649,22 @@ fn session(
         if stop.load(Ordering::SeqCst) {
             return Ok(());
         }
+        let first = identity.first();
+        let caught_up = confirmed >= first - 1 + layers.len() as u64;
+        if caught_up && cfg.merge_at >= 3 && layers.len() >= cfg.merge_at {
+            // Shipped layers are merged down while the interval runs
+            // (never the newest sealed one: the layer above it may be the
+            // live top, which only its writer touches).
+            merge_old_layers(top, identity, &layers)?;
+            layers = cfg.source.sealed_layers()?.0;
+            set(status, |s| s.merges += 1);
+            continue;
+        }
         if cfg.stop_after.is_some_and(|n| confirmed >= n) {
             return Ok(());
         }
-        if confirmed as usize >= layers.len() {
-            // Caught up: seal the next layer when the interval is due.
+        if caught_up {
+            // Seal the next layer when the interval is due.
             sleep_unless(
                 stop,
                 next_checkpoint.saturating_duration_since(Instant::now()),
@@ -545,7 +707,7 @@ fn session(
             continue;
         }
         let seq = confirmed + 1;
-        let path = layers[confirmed as usize].clone();
+        let path = layers[(seq - first) as usize].clone();
         ship(&mut reader, &mut writer, &path, seq, status, cfg)?;
         confirmed = seq;
     }

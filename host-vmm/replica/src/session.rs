@@ -322,6 +322,8 @@ mod tests {
                     sealed_at_ms: seq,
                     received_at_ms: seq,
                     primary_name: String::new(),
+                    merged_from: None,
+                    retired: false,
                 })
                 .collect(),
             ..Manifest::default()

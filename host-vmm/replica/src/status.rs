@@ -36,6 +36,8 @@ pub struct Status {
     /// from the previous point's seal).
     pub worst_rpo_ms: u64,
     pub reconnects: u64,
+    /// Merges of shipped layers on the primary (retention keeps its chain short).
+    pub merges: u64,
     pub last_error: Option<String>,
     /// The layer being shipped: how far into its file, and its length.
     pub layer_offset: u64,
@@ -121,7 +123,7 @@ pub enum ApiRequest {
 pub enum ApiResponse {
     Status {
         #[serde(flatten)]
-        status: Status,
+        status: Box<Status>,
         /// How old the site's newest point is, now (null before the first).
         rpo_ms: Option<u64>,
     },
@@ -136,7 +138,10 @@ pub fn answer(line: &str, status: &Mutex<Status>) -> ApiResponse {
         Ok(ApiRequest::Status) => {
             let s = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let rpo_ms = s.rpo_ms(crate::receiver::now_ms());
-            ApiResponse::Status { status: s, rpo_ms }
+            ApiResponse::Status {
+                status: Box::new(s),
+                rpo_ms,
+            }
         }
         Err(e) => ApiResponse::Error {
             message: format!("bad request: {e}"),

@@ -499,3 +499,214 @@ fn a_disk_served_by_the_vhost_blk_backend_replicates_through_its_api() {
         assert_eq!(read_all(&out), read_all(&sealed[i]));
     }
 }
+
+/// A stand-in for the vhost-blk backend of a running VM: a writable chain
+/// written by a "guest" thread, and the backend's API (info, checkpoint)
+/// on a Unix socket. A checkpoint and a batch of guest writes exclude each
+/// other, so every point is a state the guest saw complete.
+struct LiveDisk {
+    api: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    guest: Option<std::thread::JoinHandle<(Vec<u8>, std::collections::HashSet<u64>)>>,
+}
+
+impl LiveDisk {
+    fn start(dir: &std::path::Path, p: &Primary) -> LiveDisk {
+        use std::io::BufRead;
+        use tandem_disk::{BlockDevice, Chain, ChainOptions};
+        use tandem_vhost_blk::api::{Info, LayerInfo, Request, Response};
+        let chain = Arc::new(
+            Chain::open(
+                &p.top,
+                ChainOptions {
+                    writable: true,
+                    ..ChainOptions::default()
+                },
+            )
+            .unwrap(),
+        );
+        let gate = Arc::new(Mutex::new(()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let api = dir.join("live.api");
+        let listener = std::os::unix::net::UnixListener::bind(&api).unwrap();
+        let (c2, g2) = (chain.clone(), gate.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let mut line = String::new();
+                if std::io::BufReader::new(&conn).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let answer = match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::Info) => Response::Info(Box::new(Info {
+                        chain: c2
+                            .layers()
+                            .iter()
+                            .enumerate()
+                            .map(|(i, l)| LayerInfo {
+                                path: l.path().display().to_string(),
+                                format: l.format().name().into(),
+                                sealed: i > 0,
+                            })
+                            .collect(),
+                        capacity_bytes: c2.size(),
+                        blk_size: 512,
+                        readonly: false,
+                        counters: Default::default(),
+                        last_error: None,
+                    })),
+                    Ok(Request::Checkpoint) => {
+                        let _g = g2.lock().unwrap();
+                        match c2.checkpoint() {
+                            Ok(sealed) => Response::Checkpoint {
+                                sealed: sealed.display().to_string(),
+                                elapsed_us: 0,
+                            },
+                            Err(e) => Response::Error {
+                                message: e.to_string(),
+                            },
+                        }
+                    }
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                };
+                let mut text = serde_json::to_string(&answer).unwrap();
+                text.push('\n');
+                let _ = (&conn).write_all(text.as_bytes());
+            }
+        });
+        let (mut model, s2) = (p.model.clone(), stop.clone());
+        let guest = std::thread::spawn(move || {
+            let mut states = std::collections::HashSet::new();
+            states.insert(hash(&model));
+            let mut rng = 0x2545_f491_4f6c_dd1du64;
+            // Bounded: the test stops it long before.
+            for _ in 0..200_000 {
+                if s2.load(Ordering::SeqCst) {
+                    break;
+                }
+                {
+                    let _g = gate.lock().unwrap();
+                    for _ in 0..2 {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let len = (rng % 8 + 1) * 4096;
+                        let off = (rng >> 20) % ((SIZE - len) / 4096) * 4096;
+                        let data = vec![(rng >> 8) as u8 | 1; len as usize];
+                        chain.write_at(&data, off).unwrap();
+                        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                    }
+                    chain.flush().unwrap();
+                    states.insert(hash(&model));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            chain.flush().unwrap();
+            (model, states)
+        });
+        LiveDisk {
+            api,
+            stop,
+            guest: Some(guest),
+        }
+    }
+
+    /// Stops the guest; returns its last content and every state it had.
+    fn stop(mut self) -> (Vec<u8>, std::collections::HashSet<u64>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.guest.take().unwrap().join().unwrap()
+    }
+}
+
+/// The site's points once its merges after the last acknowledgement are
+/// done (they run after the acknowledgement is sent).
+fn settled(site: &std::path::Path, expect: &[u64]) -> Vec<tandem_replica::LayerRecord> {
+    let begun = std::time::Instant::now();
+    loop {
+        let m = Manifest::load(site).unwrap();
+        let pts: Vec<_> = m.points().cloned().collect();
+        let seqs: Vec<u64> = pts.iter().map(|r| r.seq).collect();
+        if seqs == expect && m.merging.is_none() {
+            return pts;
+        }
+        assert!(
+            begun.elapsed().as_secs() < 10,
+            "points {seqs:?}, expected {expect:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Replication runs indefinitely: 150 points at a 20 ms interval (far
+/// past the 62 layers a chain could hold unmerged) while a guest writes,
+/// the primary merging shipped layers (at 4) and the site keeping 3
+/// points. A point held by a failover survives the merges around it until
+/// released. Every point equals a state the guest saw; qemu-img checks
+/// both chains and compares the newest point with the primary.
+#[test]
+fn replication_runs_indefinitely_with_merges_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::start_keeping(&dir.path().join("site"), Some(3));
+    let mut p = Primary::create(dir.path(), Format::Qcow2);
+    p.write_batch(20);
+    let live = LiveDisk::start(dir.path(), &p);
+    let run = |points: u64| {
+        let status = Mutex::new(Status::default());
+        let mut cfg = send_cfg(&p.top, &site.addr, points);
+        cfg.interval = std::time::Duration::from_millis(20);
+        cfg.source = tandem_replica::Source::Vhost(live.api.clone());
+        cfg.merge_at = 4;
+        tandem_replica::sender::run(&cfg, &status, &AtomicBool::new(false)).unwrap();
+        status.into_inner().unwrap()
+    };
+    let st = run(100);
+    assert_eq!(st.points, 100);
+    assert!(st.merges >= 20, "{st:?}");
+    // A failover holds point 100 while replication goes on past it.
+    let held_out = dir.path().join("held.qcow2");
+    failover(&site.dir, 100, &held_out, Output::Chain).unwrap();
+    let held_content = read_all(&held_out);
+    let st = run(150);
+    assert_eq!(st.points, 150);
+    // Below the held point, one layer stays (point 99, all older ones
+    // merged into it): the held layer's parent.
+    settled(&site.dir, &[99, 100, 148, 149, 150]);
+    assert_eq!(read_all(&held_out), held_content, "the held point changed");
+    assert!(tandem_replica::failover::release(&site.dir, 100).unwrap());
+    std::fs::remove_file(&held_out).unwrap();
+    let st = run(152);
+    assert_eq!(st.points, 152);
+    let pts = settled(&site.dir, &[150, 151, 152]);
+    let (model, states) = live.stop();
+    // Both chains stay short and sound.
+    let primary = ops::info(&p.top).unwrap();
+    assert!(
+        primary.len() <= 4 + 2,
+        "primary chain {} deep",
+        primary.len()
+    );
+    for l in &primary {
+        assert_qemu_check_clean(&l.path);
+    }
+    assert!(ops::check(&p.top).unwrap().is_clean());
+    assert_eq!(read_all(&p.top), model);
+    let m = Manifest::load(&site.dir).unwrap();
+    assert!(m.layers.len() <= 4, "site chain {} deep", m.layers.len());
+    for l in &m.layers {
+        assert_qemu_check_clean(&site.dir.join(&l.file));
+    }
+    for rec in &pts {
+        let content = read_all(&site.dir.join(&rec.file));
+        assert!(states.contains(&hash(&content)), "point {}", rec.seq);
+    }
+    let newest = site.dir.join(&pts[2].file);
+    assert_qemu_identical(&p.layer_of_point(pts[2].seq), &newest);
+    // Nothing but the chains' files is left on either side.
+    let site_files = std::fs::read_dir(&site.dir).unwrap().count();
+    assert!(
+        site_files <= m.layers.len() + 2,
+        "{site_files} files in the site"
+    );
+}

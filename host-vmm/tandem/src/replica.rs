@@ -27,6 +27,10 @@ pub enum ReplicaCmd {
         /// Drop a connection silent for this long.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         idle_timeout: Duration,
+        /// Keep the last N recovery points (1 to 56); older ones are merged
+        /// down as new ones arrive (points held by a failover stay).
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=56))]
+        keep: u64,
     },
     /// Replicate a disk to a recovery site: initial sync, then a sealed
     /// layer every interval. Runs until interrupted.
@@ -55,6 +59,17 @@ pub enum ReplicaCmd {
         /// Stop once the site holds this many recovery points.
         #[arg(long)]
         count: Option<u64>,
+        /// Once N sealed layers are all on the site, merge all but the
+        /// newest into the bottom one (3 to 56; 0: never merge, replication
+        /// then stops after about 60 layers).
+        #[arg(long, default_value_t = sender::MERGE_AT as u64,
+              value_parser = |s: &str| -> Result<u64, String> {
+                  match s.parse::<u64>() {
+                      Ok(n) if n == 0 || (3..=56).contains(&n) => Ok(n),
+                      _ => Err(format!("{s:?}: 0, or 3 to 56")),
+                  }
+              })]
+        merge_at: u64,
     },
     /// List a site's recovery points with their times.
     Points {
@@ -77,6 +92,14 @@ pub enum ReplicaCmd {
         /// Write a single image of this format (raw, qcow2, vhdx) instead.
         #[arg(long, value_parser = parse_format)]
         flatten: Option<Format>,
+    },
+    /// Let the site merge a point a failover holds (once the failed-over
+    /// disk no longer needs the site's layer: flattened or deleted).
+    Release {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        point: u64,
     },
     /// Progress of a running `replica start` (through its --api socket), or
     /// the state of a site (--dir).
@@ -136,11 +159,13 @@ pub fn replica(cmd: ReplicaCmd) -> Result<i32> {
             dir,
             listen,
             idle_timeout,
+            keep,
         } => {
             let server = Server::bind(&ServeConfig {
                 dir: dir.clone(),
                 listen,
                 idle_timeout,
+                keep: Some(keep as usize),
             })
             .with_context(|| format!("starting the recovery site in {}", dir.display()))?;
             println!("ready {}", server.local_addr()?);
@@ -156,6 +181,7 @@ pub fn replica(cmd: ReplicaCmd) -> Result<i32> {
             timeout,
             api,
             count,
+            merge_at,
         } => {
             let source = match (path, disk) {
                 (Some(p), _) => Source::File(p),
@@ -174,6 +200,7 @@ pub fn replica(cmd: ReplicaCmd) -> Result<i32> {
                 timeout,
                 stop_after: count,
                 print_progress: true,
+                merge_at: merge_at as usize,
             };
             let result = sender::run(&cfg, &status, &AtomicBool::new(false));
             if let Some(api) = &api {
@@ -187,6 +214,7 @@ pub fn replica(cmd: ReplicaCmd) -> Result<i32> {
         ReplicaCmd::Points { dir, json } => {
             let points = tandem_replica::points(&dir)
                 .with_context(|| format!("reading the site in {}", dir.display()))?;
+            let held = tandem_replica::failover::held(&dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&points)?);
             } else if points.is_empty() {
@@ -197,12 +225,24 @@ pub fn replica(cmd: ReplicaCmd) -> Result<i32> {
                     "point", "time (sealed)", "size"
                 );
                 for p in &points {
+                    let mut notes = Vec::new();
+                    if let Some(from) = p.merged_from {
+                        notes.push(format!("points {from}..{} merged", p.seq));
+                    }
+                    if held.contains(&p.seq) {
+                        notes.push("held by a failover".into());
+                    }
                     println!(
-                        "{:>6}  {:<27}  {:>10}  {}",
+                        "{:>6}  {:<27}  {:>10}  {}{}",
                         p.seq,
                         utc(p.sealed_at_ms),
                         human(p.file_len),
-                        p.file
+                        p.file,
+                        if notes.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  ({})", notes.join(", "))
+                        }
                     );
                 }
             }
@@ -234,6 +274,14 @@ pub fn replica(cmd: ReplicaCmd) -> Result<i32> {
             );
             Ok(0)
         }
+        ReplicaCmd::Release { dir, point } => {
+            if tandem_replica::failover::release(&dir, point)? {
+                println!("point {point} is no longer held");
+            } else {
+                println!("point {point} was not held");
+            }
+            Ok(0)
+        }
         ReplicaCmd::Status { api, dir, json } => {
             if let Some(dir) = dir {
                 let m = tandem_replica::Manifest::load(&dir)?;
@@ -246,8 +294,8 @@ pub fn replica(cmd: ReplicaCmd) -> Result<i32> {
                         m.chain_id.as_deref().unwrap_or("(none yet)")
                     );
                     println!("generation: {}", m.generation);
-                    println!("points:     {}", m.layers.len());
-                    if let Some(l) = m.layers.last() {
+                    println!("points:     {}", m.points().count());
+                    if let Some(l) = m.points().last() {
                         println!("newest:     {} sealed {}", l.seq, utc(l.sealed_at_ms));
                     }
                 }

@@ -131,6 +131,13 @@ impl Primary {
         self.states.insert(hash(&self.model));
     }
 
+    /// The sealed layer whose chain reads as point `seq` (after merges).
+    pub fn layer_of_point(&self, seq: u64) -> PathBuf {
+        sender::layer_of_point(&Source::File(self.top.clone()), seq)
+            .expect("layer of point")
+            .unwrap_or_else(|| panic!("point {seq} was merged away on the primary"))
+    }
+
     /// Sealed layers, bottom first.
     pub fn sealed(&self) -> Vec<PathBuf> {
         Source::File(self.top.clone())
@@ -149,10 +156,16 @@ pub struct Site {
 
 impl Site {
     pub fn start(dir: &Path) -> Site {
+        Site::start_keeping(dir, None)
+    }
+
+    /// A site with a retention policy: keep the last `keep` points.
+    pub fn start_keeping(dir: &Path, keep: Option<usize>) -> Site {
         let server = Server::bind(&ServeConfig {
             dir: dir.to_path_buf(),
             listen: "127.0.0.1:0".into(),
             idle_timeout: Duration::from_secs(30),
+            keep,
         })
         .expect("bind site");
         let addr = server.local_addr().expect("addr").to_string();
@@ -181,6 +194,7 @@ pub fn send_cfg(top: &Path, to: &str, stop_after: u64) -> sender::SendConfig {
         timeout: Duration::from_secs(5),
         stop_after: Some(stop_after),
         print_progress: false,
+        merge_at: 0,
     }
 }
 
