@@ -5,8 +5,10 @@
 //! A merge takes a run of layers `target..=last` (indices into the chain,
 //! bottom first): layers `target+1..=last` are copied down into `target`'s
 //! file, which then holds point `last`. Points `target..last` disappear
-//! (their chains change), point `last` stays under another file. So every
-//! layer of the run must be unheld, and every point but `last` droppable.
+//! (their chains change), point `last` stays under another file, and the
+//! layer above the run is relinked to the target. So every layer of the
+//! run and the one above it must be unheld, and every point but `last`
+//! droppable: a held layer's file is never written, nor its parent's.
 
 /// One layer of the site's chain, as retention sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +36,10 @@ pub fn plan(chain: &[Slot], keep: usize) -> Option<Run> {
             let mut last = target;
             while droppable(last) && last + 1 < n && !chain[last + 1].held {
                 last += 1;
+            }
+            // The run's child is relinked: never a held layer's file.
+            if last + 1 < n && chain[last + 1].held {
+                last = last.saturating_sub(1);
             }
             if last > target {
                 return Some(Run { target, last });
@@ -87,10 +93,16 @@ mod tests {
         // A point just above a droppable one blocks merging into it.
         assert_eq!(plan(&chain(".H...."), 2), Some(Run { target: 2, last: 4 }));
         assert_eq!(settle(chain(".H...."), 2), chain(".H.."));
-        // A held point inside the old ones splits the runs.
-        assert_eq!(settle(chain("...H....."), 2), chain(".H.."));
+        // A held point inside the old ones splits the runs; the layer below
+        // it (its parent) stays as it is.
+        assert_eq!(
+            plan(&chain("...H....."), 2),
+            Some(Run { target: 0, last: 1 })
+        );
+        assert_eq!(settle(chain("...H....."), 2), chain("..H.."));
         assert_eq!(settle(chain("HHHH"), 1), chain("HHHH"));
-        // A held newest point: the ones below merge into one.
-        assert_eq!(settle(chain("....H"), 1), chain(".H"));
+        assert_eq!(settle(chain("..H"), 1), chain("..H"));
+        // A held newest point: the ones below merge, but for its parent.
+        assert_eq!(settle(chain("....H"), 1), chain("..H"));
     }
 }
