@@ -73,6 +73,14 @@ impl DiskRef {
     }
 }
 
+impl DiskRef {
+    /// The disk's device number.
+    fn devt(&self) -> u32 {
+        // SAFETY: as in `queue`: the `bd_device` of a live block device.
+        unsafe { (*kernel::container_of!(self.0, bindings::block_device, bd_device)).bd_dev }
+    }
+}
+
 impl Drop for DiskRef {
     fn drop(&mut self) {
         // SAFETY: we took exactly this reference with `get_device`.
@@ -259,6 +267,8 @@ unsafe extern "C" fn on_bus_event(
     let dev = data.cast::<bindings::device>();
     // SAFETY: PCI bus notifications carry the `dev` embedded in a `pci_dev`.
     let pdev = unsafe { kernel::container_of!(dev, bindings::pci_dev, dev) };
+    // A direct path on it is lost before its driver tears its disk down.
+    crate::multipath::function_leaving(pdev);
     let (q, fr) = {
         let mut g = FUNCS.lock();
         (take(&mut g.quiesced, |x| x.pdev.0 == pdev), take(&mut g.frozen, |x| x.pdev.0 == pdev))
@@ -394,6 +404,9 @@ fn report(p: &PciRef, drain_us: u32) -> FunctionReport {
     if busy == 0 {
         state |= f::state::DRAINED;
     }
+    for d in &disks {
+        state |= crate::multipath::state_of(d.devt());
+    }
     FunctionReport {
         state: state.into(),
         power_state: power_state(p).into(),
@@ -497,6 +510,20 @@ pub(crate) fn execute(req: &FunctionRequest) -> (Status, Option<FunctionReport>)
             }
             drop(g);
             (Status::Ok, Some(report(&p, 0)))
+        }
+        op @ (f::op::PATH_SYNTHETIC | f::op::PATH_DIRECT | f::op::PATH_RELEASE) => {
+            let disks = disks_of(&p);
+            let Some(d) = disks.first() else {
+                return (Status::NoDevice, Some(report(&p, 0)));
+            };
+            let (devt, vol, wait) = (d.devt(), req.volume.get(), req.drain_ms.get());
+            drop(disks);
+            let a = match op {
+                f::op::PATH_SYNTHETIC => crate::multipath::make_synthetic(vol, devt, p.0),
+                f::op::PATH_DIRECT => crate::multipath::make_direct(vol, devt, p.0, wait),
+                _ => crate::multipath::release_direct(vol, devt, wait),
+            };
+            (a.status, Some(report(&p, a.us)))
         }
         _ => (Status::BadMessage, None),
     }

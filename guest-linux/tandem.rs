@@ -59,6 +59,7 @@ use kernel::{
 mod abi;
 
 mod functions;
+mod multipath;
 
 use abi::channel::{BeginError, Endpoint, LastError, Outcome, Role, State, DEFAULT_HOST_PARAMS};
 use abi::msg::{self as wire, caps, encode, goodbye, os, Kind, Out};
@@ -229,7 +230,7 @@ impl Shared {
             doorbells: Atomic::new(0),
             ring_full: Atomic::new(0),
             chan <- new_mutex!(Chan {
-                ep: Endpoint::new(Role::Guest, offered(), caps::ALL_V1_1, DEFAULT_HOST_PARAMS, VERSION, 0),
+                ep: Endpoint::new(Role::Guest, offered(), caps::ALL, DEFAULT_HOST_PARAMS, VERSION, 0),
                 g2h_producer: 0,
                 h2g_consumer: 0,
                 enabled: false,
@@ -1164,6 +1165,9 @@ struct TandemModule {
     /// Dropped after the driver is gone (no request can run any more):
     /// releases whatever the host had quiesced or frozen.
     _functions: functions::Registration,
+    /// The multi-path volumes (F4), torn down after the driver is gone.
+    _volumes: multipath::Registration,
+    _volumes_file: Pin<KBox<debugfs::File<()>>>,
     _version: Pin<KBox<debugfs::File<()>>>,
     _abi_version: Pin<KBox<debugfs::File<()>>>,
     _dir: Dir,
@@ -1205,10 +1209,14 @@ impl kernel::InPlaceModule for TandemModule {
                 b.1
             );
             let functions = functions::Registration::new()?;
+            let volumes = multipath::Registration::new(module.as_ptr())?;
+            let volumes_file = KBox::pin_init(dir.read_callback_file(c"volumes", (), &multipath::show), GFP_KERNEL)?;
             Ok(try_pin_init!(Self {
                 // Written first so that a failed driver registration drops
                 // it (initializers are undone in reverse order).
                 _functions: functions,
+                _volumes: volumes,
+                _volumes_file: volumes_file,
                 driver <- driver::Registration::new(<Self as kernel::ModuleMetadata>::NAME, module),
                 _version: version,
                 _abi_version: abi_version,

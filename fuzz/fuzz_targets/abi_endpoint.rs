@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let mut host: Endpoint<4> = Endpoint::new(
         Role::Host,
         SUPPORTED,
-        caps::ALL_V1_1,
+        caps::ALL,
         DEFAULT_HOST_PARAMS,
         "h",
         0,
@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let mut guest: Endpoint<4> = Endpoint::new(
         Role::Guest,
         SUPPORTED,
-        caps::ALL_V1_1,
+        caps::ALL,
         DEFAULT_HOST_PARAMS,
         "g",
         0,

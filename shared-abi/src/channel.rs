@@ -750,16 +750,13 @@ mod tests {
     fn function_requests_reach_the_guest_driver_and_back() {
         use super::super::msg::{function, FunctionReport};
         let mk = |role, c| Ep::new(role, SUPPORTED, c, DEFAULT_HOST_PARAMS, "x", 0);
-        let (mut g, mut h) = (
-            mk(Role::Guest, caps::ALL_V1_1),
-            mk(Role::Host, caps::ALL_V1_1),
-        );
+        let (mut g, mut h) = (mk(Role::Guest, caps::ALL), mk(Role::Host, caps::ALL));
         let (out, hello) = g.hello(os::LINUX, 0, 1000).unwrap();
         let reply = deliver(&mut h, &enc(&out, hello.as_bytes()), 1).unwrap();
         assert!(matches!(
             g.receive(&reply, 2),
             Outcome::Negotiated {
-                capabilities: caps::ALL_V1_1,
+                capabilities: caps::ALL,
                 ..
             }
         ));
@@ -771,7 +768,7 @@ mod tests {
             drain_ms: U32::new(500),
             lease_ms: U32::new(0),
             policy: U32::new(0),
-            reserved: U32::new(0),
+            volume: U32::new(0),
         };
         let out = h.begin(Kind::Function, 10, 2000).unwrap();
         let bytes = enc(&out, req.as_bytes());
@@ -813,7 +810,10 @@ mod tests {
         // The host does not take FUNCTION requests.
         let r = deliver(
             &mut h,
-            &enc(&Out::request(ABI_1_1, Kind::Function, 5, 0), req.as_bytes()),
+            &enc(
+                &Out::request(super::super::version::ABI_VERSION, Kind::Function, 5, 0),
+                req.as_bytes(),
+            ),
             22,
         )
         .unwrap();
@@ -862,7 +862,32 @@ mod tests {
         );
     }
 
-    const ABI_1_1: AbiVersion = AbiVersion { major: 1, minor: 1 };
+    #[test]
+    fn a_1_1_peer_gets_functions_but_not_paths() {
+        let r11 = VersionRange {
+            min: AbiVersion { major: 1, minor: 0 },
+            max: AbiVersion { major: 1, minor: 1 },
+        };
+        let mut g11 = Ep::new(Role::Guest, r11, caps::ALL, DEFAULT_HOST_PARAMS, "x", 0);
+        let mut h = Ep::new(
+            Role::Host,
+            SUPPORTED,
+            caps::ALL,
+            DEFAULT_HOST_PARAMS,
+            "x",
+            0,
+        );
+        let (out, hello) = g11.hello(os::LINUX, 0, 1000).unwrap();
+        let reply = deliver(&mut h, &enc(&out, hello.as_bytes()), 1).unwrap();
+        assert!(matches!(
+            g11.receive(&reply, 2),
+            Outcome::Negotiated {
+                capabilities: caps::ALL_V1_1,
+                ..
+            }
+        ));
+        assert_eq!(caps::ALL_V1_1 & caps::PATHS, 0);
+    }
 
     #[test]
     fn negotiate_ping_and_heartbeat() {

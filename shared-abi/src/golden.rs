@@ -180,7 +180,7 @@ pub fn check() -> Result<usize, &'static str> {
         drain_ms: U32::new(1000),
         lease_ms: U32::new(0),
         policy: U32::new(0),
-        reserved: U32::new(0),
+        volume: U32::new(0),
     };
     same(
         "function-quiesce",

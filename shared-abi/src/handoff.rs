@@ -111,6 +111,15 @@ impl<const M: usize> Default for Actions<M> {
 }
 
 impl<const M: usize> Actions<M> {
+    /// An empty list (a `const fn`, so that a large one can be placed
+    /// straight into memory that is not the stack).
+    pub const fn new() -> Self {
+        Actions {
+            items: [None; M],
+            len: 0,
+        }
+    }
+
     fn push(&mut self, a: Action) {
         // The capacity rule (M >= N + 3) makes this always fit; a caller
         // that breaks it loses actions, which its tests would show.

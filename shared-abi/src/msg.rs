@@ -207,13 +207,22 @@ pub mod caps {
     pub const FUNCTIONS: u64 = 1 << 3;
     /// Everything ABI 1.1 defines.
     pub const ALL_V1_1: u64 = ALL_V1_0 | FUNCTIONS;
+    /// The multi-path operations of `FUNCTION` (ABI 1.2,
+    /// [`super::function::op::PATH_SYNTHETIC`] and after): the guest driver
+    /// presents one block device over a synthetic and a direct path (F4).
+    pub const PATHS: u64 = 1 << 4;
+    /// Everything ABI 1.2 defines.
+    pub const ALL_V1_2: u64 = ALL_V1_1 | PATHS;
+    /// Everything this build defines.
+    pub const ALL: u64 = ALL_V1_2;
 
     /// The capabilities a version defines: two peers that settle on 1.0
     /// use no 1.1 capability even if both builds have it.
     pub const fn known_in(v: super::AbiVersion) -> u64 {
         match (v.major, v.minor) {
             (1, 0) => ALL_V1_0,
-            (1, _) => ALL_V1_1,
+            (1, 1) => ALL_V1_1,
+            (1, _) => ALL_V1_2,
             _ => 0,
         }
     }
@@ -327,7 +336,9 @@ wire_struct! {
         pub lease_ms: U32,
         /// `POLICY`: [`function::policy`] bits.
         pub policy: U32,
-        pub reserved: U32,
+        /// `PATH_*` (ABI 1.2): the multi-path volume (0 is `/dev/tandem0`).
+        /// Zero in other operations.
+        pub volume: U32,
     }
 }
 
@@ -369,6 +380,25 @@ pub mod function {
         /// Apply the host's policy bits to guest-originated management of
         /// the function.
         pub const POLICY: u32 = 4;
+        /// (ABI 1.2, capability `PATHS`.) The function's block device
+        /// becomes the synthetic path of `volume`; the guest creates the
+        /// volume's block device if it has none yet. Answered `BUSY` if
+        /// the volume already has a synthetic path.
+        pub const PATH_SYNTHETIC: u32 = 5;
+        /// (ABI 1.2.) The function's block device becomes the direct path
+        /// of `volume` and its I/O moves there (a handoff: new requests are
+        /// held, requests on the synthetic path complete, held ones are
+        /// replayed in order). Waits up to `drain_ms` for the move;
+        /// `TIMED_OUT` if it has not finished (it goes on). `NO_DEVICE` if
+        /// the volume does not exist or the sizes differ.
+        pub const PATH_DIRECT: u32 = 6;
+        /// (ABI 1.2.) The volume's I/O moves off this function (its direct
+        /// path) to the synthetic path, and the guest lets go of the
+        /// function's block device. Waits up to `drain_ms`; `TIMED_OUT` if
+        /// requests are still in flight on the function (the move goes on,
+        /// and a removal of the function re-issues them on the synthetic
+        /// path exactly once).
+        pub const PATH_RELEASE: u32 = 7;
     }
     /// Bits of [`super::FunctionRequest::policy`].
     pub mod policy {
@@ -392,6 +422,10 @@ pub mod function {
         pub const DRAINED: u32 = 1 << 6;
         /// The `FROZEN` policy is applied.
         pub const FROZEN: u32 = 1 << 7;
+        /// (ABI 1.2.) The function's block device is a path of a volume.
+        pub const PATH: u32 = 1 << 8;
+        /// (ABI 1.2.) The volume's I/O goes to this function.
+        pub const ACTIVE_PATH: u32 = 1 << 9;
     }
     /// The lease of a quiesce when the request says 0.
     pub const DEFAULT_LEASE_MS: u32 = 60_000;

@@ -12,7 +12,7 @@ pub struct AbiVersion {
 }
 
 /// The ABI version this build of Tandem speaks at most.
-pub const ABI_VERSION: AbiVersion = AbiVersion { major: 1, minor: 1 };
+pub const ABI_VERSION: AbiVersion = AbiVersion { major: 1, minor: 2 };
 
 /// The versions this build can speak.
 pub const SUPPORTED: VersionRange = VersionRange {
@@ -104,10 +104,10 @@ mod tests {
 
     #[test]
     fn wire_roundtrip_and_golden_bytes() {
-        assert_eq!(ABI_VERSION.to_wire(), 0x0001_0001);
+        assert_eq!(ABI_VERSION.to_wire(), 0x0001_0002);
         assert_eq!(
             ABI_VERSION.to_wire().to_le_bytes(),
-            [0x01, 0x00, 0x01, 0x00]
+            [0x02, 0x00, 0x01, 0x00]
         );
         for raw in [0u32, 1, 0xffff, 0x1_0000, 0xdead_beef, u32::MAX] {
             assert_eq!(AbiVersion::from_wire(raw).to_wire(), raw);

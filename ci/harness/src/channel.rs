@@ -121,7 +121,7 @@ pub async fn e2e() -> Result<()> {
         d["version"]
     );
     ensure!(
-        d["capabilities"] == shared_abi::msg::caps::ALL_V1_1,
+        d["capabilities"] == shared_abi::msg::caps::ALL,
         "host: capabilities {}",
         d["capabilities"]
     );
@@ -137,7 +137,7 @@ pub async fn e2e() -> Result<()> {
         "guest version:\n{st}"
     );
     ensure!(field(&st, "session") == Some("1"), "guest session:\n{st}");
-    println!("negotiated: ABI {abi} on both sides (capabilities 0xf: ping, heartbeat, events, functions), session 1");
+    println!("negotiated: ABI {abi} on both sides (capabilities 0x1f: ping, heartbeat, events, functions, paths), session 1");
 
     // 2. Heartbeats flow and the host sees the guest alive.
     tokio::time::sleep(Duration::from_millis(2500)).await;

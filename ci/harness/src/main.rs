@@ -5,10 +5,12 @@
 
 mod boot;
 mod channel;
+mod failover;
 mod guest;
 mod migrate;
 mod nvme;
 mod replica;
+mod shared;
 mod snapshot;
 mod vhost;
 
@@ -63,8 +65,10 @@ fn main() {
                 "replica" => replica::e2e().await,
                 "snapshot" => snapshot::e2e().await,
                 "migrate" => migrate::e2e().await,
+                "shared-disk" => shared::e2e().await,
+                "failover" => failover::e2e().await,
                 other => bail!(
-                    "unknown scenario {other:?} (known: boot, channel, nvme, vhost-blk, replica, snapshot, migrate)"
+                    "unknown scenario {other:?} (known: boot, channel, nvme, vhost-blk, replica, snapshot, migrate, failover)"
                 ),
             },
             What::Bench { scenario, runs } => match scenario.as_str() {
@@ -72,7 +76,9 @@ fn main() {
                 "channel" => channel::bench(runs).await,
                 "nvme" => nvme::bench(runs).await,
                 "replica" => replica::bench(runs).await,
-                other => bail!("unknown benchmark {other:?} (known: boot, channel, nvme, replica)"),
+                "shared-disk" => shared::bench(runs).await,
+                "failover" => failover::bench(runs).await,
+                other => bail!("unknown benchmark {other:?} (known: boot, channel, nvme, replica, failover)"),
             },
         }
     });

@@ -24,6 +24,17 @@ pub(crate) struct NvmeServer {
     pub(crate) log: PathBuf,
 }
 
+impl NvmeServer {
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits for the server process to be gone (after a kill).
+    pub(crate) async fn reap(&mut self) {
+        let _ = self.child.wait().await;
+    }
+}
+
 pub(crate) async fn start_server(work: &Path, disks: &[PathBuf]) -> Result<NvmeServer> {
     let dir = work.join("nvme");
     let log = work.join("nvme-server.log");

@@ -149,6 +149,25 @@ pub enum FunctionOp {
     Report,
     /// Apply the host's policy (`frozen`) in the guest's filter.
     Policy,
+    /// (ABI 1.2) The function's disk becomes the synthetic path of a
+    /// multi-path volume (`/dev/tandem<volume>` in the guest).
+    PathSynthetic,
+    /// (ABI 1.2) The function's disk becomes the volume's direct path and
+    /// the volume's I/O moves to it.
+    PathDirect,
+    /// (ABI 1.2) The volume's I/O moves off the function to the synthetic
+    /// path and the guest lets go of the function's disk.
+    PathRelease,
+}
+
+impl FunctionOp {
+    /// Whether the operation needs ABI 1.2's `PATHS` capability.
+    pub fn is_path_op(self) -> bool {
+        matches!(
+            self,
+            FunctionOp::PathSynthetic | FunctionOp::PathDirect | FunctionOp::PathRelease
+        )
+    }
 }
 
 /// A `FUNCTION` request as the control device server takes it.
@@ -169,6 +188,9 @@ pub struct FunctionCall {
     /// `policy`: the host holds the function frozen.
     #[serde(default)]
     pub frozen: bool,
+    /// `path_*`: the multi-path volume.
+    #[serde(default)]
+    pub volume: u32,
     /// How long the host waits for the answer.
     pub timeout_ms: u32,
 }
@@ -197,6 +219,12 @@ pub struct GuestFunction {
     pub in_flight: u32,
     pub drain_us: u32,
     pub quiesces: u32,
+    /// (ABI 1.2) The function's disk is a path of a multi-path volume.
+    #[serde(default)]
+    pub path: bool,
+    /// (ABI 1.2) The volume's I/O goes to this function.
+    #[serde(default)]
+    pub active_path: bool,
     /// Host-side round trip of the request.
     pub round_trip_us: u64,
 }

@@ -168,6 +168,9 @@ pub struct DeviceGuestRequest {
     /// `policy`: the host holds the function frozen.
     #[serde(default)]
     pub frozen: bool,
+    /// `path_*`: the multi-path volume (default 0, `/dev/tandem0`).
+    #[serde(default)]
+    pub volume: Option<u32>,
 }
 
 /// `device.guest`'s answer.

@@ -44,6 +44,7 @@ pub const MODULE_SOURCES: &[Asset] = &[
     asset!("guest-linux/Makefile"),
     asset!("guest-linux/tandem.rs"),
     asset!("guest-linux/functions.rs"),
+    asset!("guest-linux/multipath.rs"),
     asset!("shared-abi/src/lib.rs"),
     asset!("shared-abi/src/channel.rs"),
     asset!("shared-abi/src/faults.rs"),

@@ -46,6 +46,23 @@ pub enum DeviceCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Multi-path volumes in the guest (F4, needs tandem.ko with ABI 1.2):
+    /// make a disk (a virtio-blk disk's id, or an attached function's) the
+    /// synthetic or the direct path of `/dev/tandem<volume>`, or move the
+    /// volume's I/O off a direct path and let go of it.
+    Path {
+        id: String,
+        role: PathRole,
+        #[arg(long, default_value_t = 0)]
+        volume: u32,
+        /// How long the guest waits for the move to finish.
+        #[arg(long, default_value_t = 5000)]
+        drain_ms: u32,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Attached functions and what their guest drivers did with them.
     Show {
         #[arg(long)]
@@ -117,7 +134,7 @@ fn print_guest(r: &DeviceGuestResponse, indent: &str) {
         g.power_state
     );
     println!(
-        "{indent}disks {} | in flight {} | quiesced {} drained {} (drain {} us, {} quiesces) | frozen {} | round trip {} us",
+        "{indent}disks {} | in flight {} | quiesced {} drained {} (drain {} us, {} quiesces) | frozen {} | path {} active {} | round trip {} us",
         g.disks,
         g.in_flight,
         yes(g.quiesced),
@@ -125,6 +142,8 @@ fn print_guest(r: &DeviceGuestResponse, indent: &str) {
         g.drain_us,
         g.quiesces,
         yes(g.frozen),
+        yes(g.path),
+        yes(g.active_path),
         g.round_trip_us
     );
 }
@@ -136,6 +155,7 @@ async fn guest_op(
     drain_ms: Option<u32>,
     lease_ms: Option<u32>,
     frozen: bool,
+    volume: Option<u32>,
 ) -> Result<DeviceGuestResponse> {
     let req = DeviceGuestRequest {
         id,
@@ -143,6 +163,7 @@ async fn guest_op(
         drain_ms,
         lease_ms,
         frozen,
+        volume,
     };
     let wait = u64::from(drain_ms.unwrap_or(5000)) + 15_000;
     Ok(target
@@ -159,6 +180,17 @@ fn show_guest(r: &DeviceGuestResponse, json: bool) -> Result<i32> {
         print_guest(r, "");
     }
     Ok(if r.guest.status == "ok" { 0 } else { 1 })
+}
+
+/// What a disk becomes for a multi-path volume.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum PathRole {
+    /// The always-present, migratable path (virtio-blk).
+    Synthetic,
+    /// The assigned function's path; the volume's I/O moves to it.
+    Direct,
+    /// Move I/O off this direct path and let go of it.
+    Release,
 }
 
 #[derive(Subcommand)]
@@ -455,7 +487,17 @@ pub async fn device(cmd: DeviceCmd) -> Result<i32> {
                     (None, Some(e)) => println!("  state unknown: {e}"),
                     (None, None) => println!("  state unknown: no device server API"),
                 }
-                match guest_op(&target, d.id.clone(), FunctionOp::Report, None, None, false).await {
+                match guest_op(
+                    &target,
+                    d.id.clone(),
+                    FunctionOp::Report,
+                    None,
+                    None,
+                    false,
+                    None,
+                )
+                .await
+                {
                     Ok(r) => print_guest(&r, "  "),
                     Err(e) => println!("  guest view unknown: {e:#}"),
                 }
@@ -477,16 +519,33 @@ pub async fn device(cmd: DeviceCmd) -> Result<i32> {
                 Some(drain_ms),
                 Some(lease_ms),
                 false,
+                None,
             )
             .await?;
             show_guest(&r, json)
         }
         DeviceCmd::Resume { id, json, target } => {
-            let r = guest_op(&target, id, FunctionOp::Resume, None, None, false).await?;
+            let r = guest_op(&target, id, FunctionOp::Resume, None, None, false, None).await?;
             show_guest(&r, json)
         }
         DeviceCmd::Report { id, json, target } => {
-            let r = guest_op(&target, id, FunctionOp::Report, None, None, false).await?;
+            let r = guest_op(&target, id, FunctionOp::Report, None, None, false, None).await?;
+            show_guest(&r, json)
+        }
+        DeviceCmd::Path {
+            id,
+            role,
+            volume,
+            drain_ms,
+            json,
+            target,
+        } => {
+            let op = match role {
+                PathRole::Synthetic => FunctionOp::PathSynthetic,
+                PathRole::Direct => FunctionOp::PathDirect,
+                PathRole::Release => FunctionOp::PathRelease,
+            };
+            let r = guest_op(&target, id, op, Some(drain_ms), None, false, Some(volume)).await?;
             show_guest(&r, json)
         }
         DeviceCmd::GuestPolicy {
@@ -495,7 +554,7 @@ pub async fn device(cmd: DeviceCmd) -> Result<i32> {
             json,
             target,
         } => {
-            let r = guest_op(&target, id, FunctionOp::Policy, None, None, frozen).await?;
+            let r = guest_op(&target, id, FunctionOp::Policy, None, None, frozen, None).await?;
             show_guest(&r, json)
         }
     }

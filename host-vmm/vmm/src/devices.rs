@@ -283,7 +283,10 @@ pub async fn guest_op(
     req: tandem_api::DeviceGuestRequest,
 ) -> Result<tandem_api::DeviceGuestResponse, DeviceError> {
     use tandem_control_device::api::{Request as DevRequest, Response as DevResponse};
-    if !lock(&vm.assigned).contains_key(&req.id) {
+    let assigned = lock(&vm.assigned).contains_key(&req.id);
+    // Path operations also name the VM's own disks (the synthetic path is
+    // a virtio-blk disk, `disk<N>`); the others only assigned functions.
+    if !assigned && !(req.op.is_path_op() && req.id.starts_with("disk")) {
         return Err(DeviceError::NotFound(req.id));
     }
     let pci = vm
@@ -293,7 +296,7 @@ pub async fn guest_op(
         .map_err(|e| DeviceError::Qemu(e.to_string()))?;
     let (bus, devfn) =
         find_in_pci(&pci, &req.id).ok_or_else(|| DeviceError::NotInGuest(req.id.clone()))?;
-    if bus == 0 {
+    if bus == 0 && assigned {
         // A root port the guest has not given a bus number yet.
         return Err(DeviceError::NotInGuest(req.id));
     }
@@ -307,6 +310,7 @@ pub async fn guest_op(
         drain_ms,
         lease_ms: req.lease_ms.unwrap_or(0),
         frozen: req.frozen,
+        volume: req.volume.unwrap_or(0),
         timeout_ms,
     };
     let answer = control

@@ -179,7 +179,7 @@ impl ControlDevice {
         Endpoint::new(
             Role::Host,
             range,
-            caps::ALL_V1_1,
+            caps::ALL,
             HostParams {
                 session: u64::from(session),
                 ..DEFAULT_HOST_PARAMS
@@ -198,8 +198,8 @@ impl ControlDevice {
             regs::MAGIC => msg::MSG_MAGIC,
             regs::VERSION_MAX => self.range.max.to_wire(),
             regs::VERSION_MIN => self.range.min.to_wire(),
-            regs::CAPS_LO => caps::ALL_V1_1 as u32,
-            regs::CAPS_HI => (caps::ALL_V1_1 >> 32) as u32,
+            regs::CAPS_LO => caps::ALL as u32,
+            regs::CAPS_HI => (caps::ALL >> 32) as u32,
             regs::STATUS => self.status,
             regs::CONTROL => self.ctl,
             regs::ERROR => self.error,

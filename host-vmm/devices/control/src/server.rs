@@ -172,6 +172,9 @@ pub fn function(
         tandem_api::channel::FunctionOp::Resume => f::op::RESUME,
         tandem_api::channel::FunctionOp::Report => f::op::REPORT,
         tandem_api::channel::FunctionOp::Policy => f::op::POLICY,
+        tandem_api::channel::FunctionOp::PathSynthetic => f::op::PATH_SYNTHETIC,
+        tandem_api::channel::FunctionOp::PathDirect => f::op::PATH_DIRECT,
+        tandem_api::channel::FunctionOp::PathRelease => f::op::PATH_RELEASE,
     };
     let req = FunctionRequest {
         op: op.into(),
@@ -181,7 +184,7 @@ pub fn function(
         drain_ms: call.drain_ms.into(),
         lease_ms: call.lease_ms.into(),
         policy: if call.frozen { f::policy::FROZEN } else { 0 }.into(),
-        reserved: 0.into(),
+        volume: call.volume.into(),
     };
     let timeout_ms = call.timeout_ms.max(1);
     let begun = Instant::now();
@@ -226,6 +229,8 @@ pub fn function(
         in_flight: r.in_flight.get(),
         drain_us: r.drain_us.get(),
         quiesces: r.quiesces.get(),
+        path: has(f::state::PATH),
+        active_path: has(f::state::ACTIVE_PATH),
         round_trip_us,
     })
 }

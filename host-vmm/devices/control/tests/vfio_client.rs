@@ -146,7 +146,7 @@ impl Guest {
             ep: Endpoint::new(
                 Role::Guest,
                 SUPPORTED,
-                caps::ALL_V1_1,
+                caps::ALL,
                 DEFAULT_HOST_PARAMS,
                 name,
                 0,
