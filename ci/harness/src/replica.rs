@@ -202,6 +202,9 @@ async fn start_replication(
             &site_dir.display().to_string(),
             "--listen",
             &listen,
+            // Few points kept: the site merges old ones during the run.
+            "--keep",
+            "8",
         ],
         &site_log,
     )?;
@@ -361,9 +364,34 @@ pub async fn e2e() -> Result<()> {
     );
     println!("a guest booted on the failed-over disk: fio --verify_only err=0");
     shutdown(vm2).await?;
+    // Both sides merged old layers while replicating.
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(rep.site_dir.join("manifest.json"))?)?;
+    let merged_from = manifest["layers"][0]["merged_from"].as_u64();
+    let merges = st["merges"].as_u64().unwrap_or(0);
+    let depth = tandem_ok(&["disk", "info", &disk_s])
+        .await?
+        .lines()
+        .filter(|l| {
+            l.split(':')
+                .next()
+                .is_some_and(|i| i.parse::<u32>().is_ok())
+        })
+        .count();
+    ensure!(
+        merged_from.is_some() && merges > 0,
+        "no merges (site bottom merged_from {merged_from:?}, primary merges {merges})"
+    );
     println!(
-        "PASS replica rpo_s={:.2} points={n}",
-        worst_rpo_ms as f64 / 1000.0
+        "merges: the site keeps {n} points (its bottom layer holds points {}..{}), the primary \
+         merged {merges} times (its chain is {depth} layers deep)",
+        merged_from.unwrap_or(0),
+        manifest["layers"][0]["seq"]
+    );
+    println!(
+        "PASS replica rpo_s={:.2} points={}",
+        worst_rpo_ms as f64 / 1000.0,
+        last["seq"]
     );
     Ok(())
 }
