@@ -299,6 +299,7 @@ pub async fn e2e() -> Result<()> {
     let st = status(&rep.api).await.unwrap_or(st);
     let log = std::fs::read_to_string(&rep.sender_log)?;
     let worst_rpo_ms = st["worst_rpo_ms"].as_u64().unwrap_or(0);
+    let merges = st["merges"].as_u64().unwrap_or(0);
     println!(
         "sender: {} points, {} reconnects after the cut, worst RPO {} ms, worst lag {} ms",
         st["points"], reconnects, worst_rpo_ms, st["worst_lag_ms"]
@@ -368,7 +369,6 @@ pub async fn e2e() -> Result<()> {
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(rep.site_dir.join("manifest.json"))?)?;
     let merged_from = manifest["layers"][0]["merged_from"].as_u64();
-    let merges = st["merges"].as_u64().unwrap_or(0);
     let depth = tandem_ok(&["disk", "info", &disk_s])
         .await?
         .lines()
