@@ -997,22 +997,26 @@ pub(crate) fn release_direct(index: u32, devt: u32, wait_ms: u32) -> PathAnswer 
     }
     end_chain(fin);
     v.submit_jobs();
-    let ok = v.wait(wait_ms.min(MAX_WAIT_MS), |g| {
-        g.h.active() == Path::Synthetic && g.h.switching_to().is_none() && g.h.in_flight(Path::Direct) == 0
-    });
+    // Off the path: I/O goes elsewhere, nothing of the application's and
+    // no barrier is left on it. Then the core forgets it (not a loss) and
+    // it is closed.
+    let released = v.wait(wait_ms.min(MAX_WAIT_MS), |g| {
+        g.h.active() == Path::Synthetic
+            && g.h.switching_to() != Some(Path::Direct)
+            && g.h.in_flight(Path::Direct) == 0
+            && g.h.barrier_on() != Some(Path::Direct)
+    }) && {
+        let mut g = v.inner.lock();
+        let ok = g.h.direct_released().is_ok();
+        if ok {
+            g.paths[1].gone = true;
+        }
+        ok
+    };
     let us = u32::try_from(v.inner.lock().last_blackout_us).unwrap_or(u32::MAX);
-    if !ok {
+    if !released {
         return PathAnswer { status: Status::TimedOut, us };
     }
-    {
-        let mut g = v.inner.lock();
-        g.paths[1].gone = true;
-        // The core forgets the path: a later PATH_DIRECT adds it again.
-        let g = &mut *g;
-        g.h.path_lost(Path::Direct, now_us(), &mut g.acts);
-        g.route(index, &mut fin);
-    }
-    end_chain(fin);
     v.submit_jobs();
     v.close_gone();
     PathAnswer { status: Status::Ok, us }

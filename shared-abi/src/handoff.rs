@@ -14,10 +14,14 @@
 //! - **Steady**: new requests go to the active path.
 //! - **Switch** (asked for, or the direct path arrived): new requests are
 //!   *parked* in a holding queue; requests already on the old path
-//!   complete there (the drain barrier); if the old path completed writes
-//!   since its last flush, a flush of ours (a *barrier*) runs on it so that
-//!   a later flush means what it says; then the parked requests are
-//!   *replayed* on the new path in the order they arrived.
+//!   complete there (the drain barrier); then the parked requests are
+//!   *replayed* on the new path in the order they arrived. If the old path
+//!   completed writes since its last flush, a flush of ours (a *barrier*)
+//!   runs on it at the same time, so that a later flush means what it says:
+//!   application flushes wait for the barrier (they are held until it
+//!   completes), reads and writes do not. A barrier carries no data, so
+//!   running it beside the new path's requests reorders nothing; and the
+//!   switch costs the drain, not a cache flush of the old device.
 //! - **Loss** (surprise removal, or any error from the direct path): the
 //!   requests in flight on it are parked again, ahead of the ones that
 //!   arrived later (they were submitted first), and re-issued exactly once
@@ -88,7 +92,8 @@ pub enum Action {
         parked: u32,
         /// Of those, requests that had been on a lost path and were re-issued.
         reissued: u32,
-        /// How long new I/O was held, in microseconds.
+        /// How long new I/O was held, in microseconds (application flushes
+        /// may wait longer, for the barrier).
         blackout_us: u64,
     },
 }
@@ -155,6 +160,9 @@ pub enum HandoffError {
     DuplicateId,
     /// The direct path is not there.
     NoDirectPath,
+    /// The direct path is still in use (I/O goes to it, or requests or a
+    /// barrier are in flight on it).
+    Busy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,13 +173,15 @@ enum Phase {
         from: Path,
         to: Path,
     },
-    /// Waiting for a barrier flush on `on`.
-    Barrier {
-        from: Path,
-        to: Path,
-        on: Path,
-        issue: u32,
-    },
+}
+
+/// A barrier flush in flight: application flushes wait for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Pending {
+    on: Path,
+    issue: u32,
+    /// The write count of `on` it covers, and its dispatch number.
+    mark: (u64, u64),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -223,7 +233,7 @@ pub struct Handoff<const N: usize> {
     /// Per in-flight flush (by entry index): the write count of its path it
     /// covers, and its dispatch number.
     flush_marks: [(u64, u64); N],
-    barrier_mark: (u64, u64),
+    barrier: Option<Pending>,
     next_issue: u32,
     next_seq: u64,
     parked_since_us: Option<u64>,
@@ -250,7 +260,7 @@ impl<const N: usize> Handoff<N> {
             writes_done: [0; 2],
             flushed: [0; 2],
             flush_marks: [(0, 0); N],
-            barrier_mark: (0, 0),
+            barrier: None,
             next_issue: 1,
             next_seq: 0,
             parked_since_us: None,
@@ -278,7 +288,7 @@ impl<const N: usize> Handoff<N> {
     pub fn switching_to(&self) -> Option<Path> {
         match self.phase {
             Phase::Steady => None,
-            Phase::Draining { to, .. } | Phase::Barrier { to, .. } => Some(to),
+            Phase::Draining { to, .. } => Some(to),
         }
     }
 
@@ -355,11 +365,14 @@ impl<const N: usize> Handoff<N> {
             issue: 0,
             reissue: false,
         });
-        if self.phase == Phase::Steady {
+        if self.phase != Phase::Steady {
+            if self.parked_since_us.is_none() {
+                self.parked_since_us = Some(now_us);
+            }
+        } else if !(op == Op::Flush && self.barrier.is_some()) {
             self.dispatch(idx, self.active, out);
-        } else if self.parked_since_us.is_none() {
-            self.parked_since_us = Some(now_us);
         }
+        // Else a flush held until the barrier completes.
         Ok(())
     }
 
@@ -367,6 +380,25 @@ impl<const N: usize> Handoff<N> {
     /// whether to [`Handoff::switch_to`] it.
     pub fn direct_added(&mut self) {
         self.direct_present = true;
+    }
+
+    /// The barrier flush in flight, if any, and its path.
+    pub fn barrier_on(&self) -> Option<Path> {
+        self.barrier.map(|b| b.on)
+    }
+
+    /// The direct path goes away in an orderly way (after a switch off it,
+    /// once nothing is in flight on it): not a loss, nothing to re-issue.
+    pub fn direct_released(&mut self) -> Result<(), HandoffError> {
+        let busy = self.active == Path::Direct
+            || self.switching_to() == Some(Path::Direct)
+            || self.in_flight(Path::Direct) > 0
+            || self.barrier_on() == Some(Path::Direct);
+        if busy {
+            return Err(HandoffError::Busy);
+        }
+        self.direct_present = false;
+        Ok(())
     }
 
     /// Starts moving I/O to `to`. Asking for the path I/O is already on
@@ -389,20 +421,10 @@ impl<const N: usize> Handoff<N> {
                 };
                 self.parked_since_us = None;
             }
-            Phase::Draining { to: t, .. } | Phase::Barrier { to: t, .. } if t == to => {
+            Phase::Draining { to: t, .. } if t == to => {
                 return Ok(());
             }
             Phase::Draining { from, .. } => self.phase = Phase::Draining { from, to },
-            Phase::Barrier {
-                from, on, issue, ..
-            } => {
-                self.phase = Phase::Barrier {
-                    from,
-                    to,
-                    on,
-                    issue,
-                }
-            }
         }
         self.progress(now_us, out);
         Ok(())
@@ -438,22 +460,12 @@ impl<const N: usize> Handoff<N> {
         if moved > 0 && self.parked_since_us.is_none() {
             self.parked_since_us = Some(now_us);
         }
+        // A barrier on the lost path will never complete; its writes are
+        // now covered by the synthetic flushes dispatched after the loss.
+        if self.barrier.is_some_and(|b| b.on == Path::Direct) {
+            self.barrier = None;
+        }
         self.phase = match self.phase {
-            // A barrier on the lost path will never complete.
-            Phase::Barrier {
-                on: Path::Direct, ..
-            } => Phase::Draining {
-                from: Path::Direct,
-                to: Path::Synthetic,
-            },
-            Phase::Barrier {
-                from, on, issue, ..
-            } => Phase::Barrier {
-                from,
-                to: Path::Synthetic,
-                on,
-                issue,
-            },
             Phase::Draining { from, .. } => Phase::Draining {
                 from,
                 to: Path::Synthetic,
@@ -464,6 +476,9 @@ impl<const N: usize> Handoff<N> {
             },
             Phase::Steady => Phase::Steady,
         };
+        if self.phase == Phase::Steady {
+            self.release_flushes(out);
+        }
         self.progress(now_us, out);
     }
 
@@ -518,29 +533,16 @@ impl<const N: usize> Handoff<N> {
         now_us: u64,
         out: &mut Actions<M>,
     ) {
-        let Phase::Barrier {
-            from,
-            to,
-            on,
-            issue: want,
-        } = self.phase
-        else {
+        let Some(b) = self.barrier.filter(|b| b.issue == issue) else {
             self.stats.stale_completions += 1;
             return;
         };
-        if issue != want {
-            self.stats.stale_completions += 1;
-            return;
-        }
-        self.phase = Phase::Draining { from, to };
+        self.barrier = None;
         match outcome {
-            Outcome::Ok => {
-                let (mark, at) = self.barrier_mark;
-                self.flushed_upto(on, mark, at);
-            }
-            Outcome::Error(_) if on == Path::Direct => {
+            Outcome::Ok => self.flushed_upto(b.on, b.mark.0, b.mark.1),
+            Outcome::Error(_) if b.on == Path::Direct => {
                 // The old direct path cannot flush: it counts as lost (its
-                // writes then need a synthetic flush, which comes next).
+                // writes are then covered by synthetic flushes).
                 self.stats.barrier_errors += 1;
                 self.path_lost(Path::Direct, now_us, out);
                 return;
@@ -550,11 +552,29 @@ impl<const N: usize> Handoff<N> {
                 // flushes will report the storage's errors.
                 self.stats.barrier_errors += 1;
                 self.lost_dirty = false;
-                let p = on.index();
-                self.flushed[p] = self.flushed[p].max(self.barrier_mark.0);
+                let p = b.on.index();
+                self.flushed[p] = self.flushed[p].max(b.mark.0);
             }
         }
+        if self.phase == Phase::Steady {
+            self.release_flushes(out);
+        }
         self.progress(now_us, out);
+    }
+
+    /// Dispatches the application flushes held for a barrier, oldest
+    /// first, once no barrier is in flight.
+    fn release_flushes<const M: usize>(&mut self, out: &mut Actions<M>) {
+        while self.barrier.is_none() {
+            let next = self
+                .entries
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| e.filter(|e| e.path.is_none()).map(|e| (i, e)))
+                .min_by_key(|(_, e)| e.seq);
+            let Some((idx, _)) = next else { return };
+            self.dispatch(idx, self.active, out);
+        }
     }
 
     /// A flush dispatched as number `at` on `path` covering `mark` of its
@@ -590,22 +610,23 @@ impl<const N: usize> Handoff<N> {
         } else {
             None
         };
-        match on {
-            Some(on) => {
-                let issue = self.issue();
-                self.dispatch_no += 1;
-                self.barrier_mark = (self.writes_done[on.index()], self.dispatch_no);
-                self.stats.barriers += 1;
-                self.phase = Phase::Barrier {
-                    from,
-                    to,
-                    on,
-                    issue,
-                };
-                out.push(Action::Barrier { path: on, issue });
+        if let Some(on) = on {
+            if self.barrier.is_some() {
+                // One barrier at a time: this switch waits for the last
+                // one (`barrier_done` comes back here).
+                return;
             }
-            None => self.replay(from, to, now_us, out),
+            let issue = self.issue();
+            self.dispatch_no += 1;
+            self.barrier = Some(Pending {
+                on,
+                issue,
+                mark: (self.writes_done[on.index()], self.dispatch_no),
+            });
+            self.stats.barriers += 1;
+            out.push(Action::Barrier { path: on, issue });
         }
+        self.replay(from, to, now_us, out);
     }
 
     fn replay<const M: usize>(&mut self, from: Path, to: Path, now_us: u64, out: &mut Actions<M>) {
@@ -614,11 +635,15 @@ impl<const N: usize> Handoff<N> {
         loop {
             // The oldest parked request next (re-issued ones are older than
             // anything that arrived after them).
+            let held = self.barrier.is_some();
             let next = self
                 .entries
                 .iter()
                 .enumerate()
-                .filter_map(|(i, e)| e.filter(|e| e.path.is_none()).map(|e| (i, e)))
+                .filter_map(|(i, e)| {
+                    e.filter(|e| e.path.is_none() && !(held && e.op == Op::Flush))
+                        .map(|e| (i, e))
+                })
                 .min_by_key(|(_, e)| e.seq);
             let Some((idx, e)) = next else { break };
             parked += 1;
@@ -714,43 +739,70 @@ mod tests {
         h.submit(4, Op::Flush, 12, &mut a).unwrap();
         assert_eq!(h.parked(), 2);
         assert!(a.is_empty());
-        // The last old request completes: a barrier on the old path first
-        // (it completed writes nobody flushed).
+        // The last old request completes: a barrier on the old path (it
+        // completed writes nobody flushed) and, beside it, the replay of
+        // the write; the flush waits for the barrier.
         h.complete(1, 1, Outcome::Ok, 20, &mut a);
-        let v = acts(&a);
         assert_eq!(
-            v[1],
-            Action::Barrier {
-                path: Path::Synthetic,
-                issue: 3
-            }
+            acts(&a),
+            [
+                Action::Complete {
+                    id: 1,
+                    outcome: Outcome::Ok
+                },
+                Action::Barrier {
+                    path: Path::Synthetic,
+                    issue: 3
+                },
+                Action::Dispatch {
+                    id: 3,
+                    path: Path::Direct,
+                    issue: 4
+                },
+                Action::Switched {
+                    from: Path::Synthetic,
+                    to: Path::Direct,
+                    parked: 1,
+                    reissued: 0,
+                    blackout_us: 9
+                }
+            ]
         );
+        assert_eq!(h.active(), Path::Direct);
+        assert_eq!(h.stats.switches, 1);
+        assert_eq!(h.parked(), 1);
+        // A new flush waits too; new writes do not.
+        a.clear();
+        h.submit(5, Op::Flush, 21, &mut a).unwrap();
+        h.submit(6, Op::Write, 22, &mut a).unwrap();
+        assert_eq!(
+            acts(&a),
+            [Action::Dispatch {
+                id: 6,
+                path: Path::Direct,
+                issue: 5
+            }]
+        );
+        // The direct path cannot be released while I/O goes to it.
+        assert_eq!(h.direct_released(), Err(HandoffError::Busy));
         a.clear();
         h.barrier_done(3, Outcome::Ok, 30, &mut a);
         assert_eq!(
             acts(&a),
             [
                 Action::Dispatch {
-                    id: 3,
-                    path: Path::Direct,
-                    issue: 4
-                },
-                Action::Dispatch {
                     id: 4,
                     path: Path::Direct,
-                    issue: 5
+                    issue: 6
                 },
-                Action::Switched {
-                    from: Path::Synthetic,
-                    to: Path::Direct,
-                    parked: 2,
-                    reissued: 0,
-                    blackout_us: 19
-                }
+                Action::Dispatch {
+                    id: 5,
+                    path: Path::Direct,
+                    issue: 7
+                },
             ]
         );
-        assert_eq!(h.active(), Path::Direct);
-        assert_eq!(h.stats.switches, 1);
+        assert_eq!(h.barrier_on(), None);
     }
 
     #[test]
@@ -764,40 +816,44 @@ mod tests {
         h.submit(2, Op::Read, 1, &mut a).unwrap(); // direct, issue 2
         h.complete(1, 1, Outcome::Ok, 2, &mut a);
         a.clear();
-        // The VF vanishes with request 2 in flight and a write unflushed.
+        // The VF vanishes with request 2 in flight and a write unflushed:
+        // a barrier on the synthetic path (the same storage) and the
+        // re-issue of request 2 there, at once.
         h.path_lost(Path::Direct, 5, &mut a);
         assert_eq!(
             acts(&a),
-            [Action::Barrier {
-                path: Path::Synthetic,
-                issue: 3
-            }]
-        );
-        h.submit(3, Op::Write, 6, &mut a).unwrap();
-        a.clear();
-        h.barrier_done(3, Outcome::Ok, 9, &mut a);
-        assert_eq!(
-            acts(&a),
             [
+                Action::Barrier {
+                    path: Path::Synthetic,
+                    issue: 3
+                },
                 Action::Dispatch {
                     id: 2,
                     path: Path::Synthetic,
                     issue: 4
                 },
-                Action::Dispatch {
-                    id: 3,
-                    path: Path::Synthetic,
-                    issue: 5
-                },
                 Action::Switched {
                     from: Path::Direct,
                     to: Path::Synthetic,
-                    parked: 2,
+                    parked: 1,
                     reissued: 1,
-                    blackout_us: 4
+                    blackout_us: 0
                 }
             ]
         );
+        a.clear();
+        h.submit(3, Op::Write, 6, &mut a).unwrap();
+        assert_eq!(
+            acts(&a),
+            [Action::Dispatch {
+                id: 3,
+                path: Path::Synthetic,
+                issue: 5
+            }]
+        );
+        a.clear();
+        h.barrier_done(3, Outcome::Ok, 9, &mut a);
+        assert!(a.is_empty());
         a.clear();
         // The dead path's late answer for request 2 is ignored.
         h.complete(2, 2, Outcome::Error(-5), 10, &mut a);
@@ -908,16 +964,21 @@ mod tests {
                 match act {
                     Action::Dispatch { id, path, issue } => {
                         assert!(!done.contains(&id), "{id} dispatched after completing");
+                        assert!(
+                            path == Path::Synthetic || h.direct_present(),
+                            "{id} dispatched to a direct path that is gone"
+                        );
                         for p in inflight.iter() {
                             assert!(
                                 !p.iter().any(|(i, _)| *i == Some(id)),
                                 "{id} twice in flight"
                             );
                         }
-                        // The drain barrier.
+                        // The drain barrier (barrier flushes carry no data and
+                        // may run beside the other path's requests).
                         let other = 1 - path.index();
                         assert!(
-                            inflight[other].is_empty(),
+                            !inflight[other].iter().any(|(i, _)| i.is_some()),
                             "dispatch to {path:?} while the other path is busy"
                         );
                         inflight[path.index()].push((Some(id), issue));
@@ -1025,6 +1086,13 @@ mod tests {
                     if rnd(3) == 0 && h.direct_present() {
                         losses.push(now);
                         h.path_lost(Path::Direct, now, &mut a);
+                    } else if h.direct_present() {
+                        // An orderly release: only when nothing uses the path.
+                        let idle = h.active() == Path::Synthetic
+                            && h.switching_to() != Some(Path::Direct)
+                            && inflight[1].is_empty();
+                        let r = h.direct_released();
+                        assert_eq!(r.is_ok(), idle, "release of the direct path: {r:?}");
                     }
                 }
             }
