@@ -445,9 +445,10 @@ impl Client {
                 }));
                 return;
             }
+            // The acknowledgement covers commands before this one only.
+            let acked = st.acked();
             let seq = st.next_seq;
             st.next_seq += 1;
-            let acked = st.acked();
             let frame = Inner::frame(seq, acked, &req);
             st.pending.insert(
                 seq,

@@ -719,14 +719,15 @@ fn serve_conn(shared: &Shared, mut stream: TcpStream) -> Result<(), StreamError>
     let writer = Arc::new(Mutex::new(stream.try_clone()?));
     let (resumed, last_seq) = {
         let mut slots = lock(&d.slots);
+        let known = slots.contains_key(&initiator);
         let slot = slots.entry(initiator.clone()).or_insert_with(|| Slot {
             session: Session::new(incarnation),
             writer: None,
             commands: 0,
             replayed: 0,
         });
-        let resumed = slot.session.incarnation() == incarnation;
-        if !resumed {
+        let resumed = known && slot.session.incarnation() == incarnation;
+        if slot.session.incarnation() != incarnation {
             slot.session = Session::new(incarnation);
         }
         // The newest connection of an initiator takes over (the old one is

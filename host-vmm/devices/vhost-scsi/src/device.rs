@@ -219,6 +219,7 @@ impl ScsiDevice {
                     continue;
                 }
             };
+            debug!(opcode = ?req.cdb.first(), tag = req.tag, lun, data_in = req.data_in_len, data_out = req.data_out.len(), "command");
             self.counters.commands.fetch_add(1, Ordering::Relaxed);
             self.inflight.add();
             let tunnel = Request {
@@ -267,6 +268,7 @@ impl ScsiDevice {
                             )
                         }
                     };
+                    debug!(tag = req.tag, head, used, "completed");
                     if let Err(e) = vring.add_used(head, used) {
                         debug!(error = %e, "cannot complete a command (the device was reset?)");
                     } else {
@@ -342,19 +344,25 @@ impl ScsiDevice {
     }
 
     fn serve(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+        // The guest's event buffers stay with the device (no event is
+        // ever sent): nothing to pop, and the notification loop below
+        // would never end on a queue whose buffers are never consumed.
+        if index == EVENT_QUEUE {
+            return Ok(());
+        }
         let Some(atomic) = lock(&self.mem).clone() else {
             return Ok(());
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let run = |d: &Self| match index {
             CONTROL_QUEUE => d.process_control(vring, &atomic),
-            // The guest's event buffers stay with the device.
-            EVENT_QUEUE => Ok(false),
             _ => d.process_requests(vring, &atomic),
         };
         if event_idx {
-            // Bounded: each round consumes what the guest made available;
-            // it ends when no more was added while notifications were off.
+            // Each round consumes everything the guest made available; it
+            // ends when no more was added while notifications were off.
+            // (The guest can keep adding, as with any virtio device; each
+            // round serves real requests.)
             loop {
                 vring
                     .disable_notification()

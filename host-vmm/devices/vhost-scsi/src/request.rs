@@ -643,7 +643,10 @@ mod tests {
         let mut an = [0u8; AN_REQ_LEN];
         an[0] = 2;
         m.write_slice(&an, GuestAddress(0x11000)).unwrap();
-        let d = chain(&m, &[(0x11000, AN_REQ_LEN as u32, false), (0x15000, 8, true)]);
+        let d = chain(
+            &m,
+            &[(0x11000, AN_REQ_LEN as u32, false), (0x15000, 8, true)],
+        );
         let r = parse_ctrl(&d, &m).unwrap();
         assert!(matches!(r, CtrlRequest::An { .. }));
         assert_eq!(complete_ctrl(&m, &r, 0), 5);
