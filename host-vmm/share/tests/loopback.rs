@@ -1,6 +1,7 @@
 //! The file server and clients over loopback: commands, reservations
 //! shared between two initiators, and a connection cut in the middle
 //! (through a proxy this test owns) with every command answered once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
@@ -188,7 +189,7 @@ fn commands_survive_a_cut_connection_and_run_once() {
         }
     }
     drop(tx);
-    let mut seen = vec![false; 200];
+    let mut seen = [false; 200];
     for _ in 0..200 {
         let (i, r) = rx.recv_timeout(WAIT).expect("a command never completed");
         let o = r.expect("a command failed");
