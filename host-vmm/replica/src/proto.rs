@@ -458,6 +458,23 @@ pub fn encode_chunk_into(out: &mut Vec<u8>, seq: u64, offset: u64, data: &[u8]) 
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
+/// The first bytes of a chunk frame carrying `len` bytes (type, length,
+/// seq, offset): a sender writes them, the data and [`chunk_crc`] without
+/// copying the data into a frame.
+pub fn chunk_header(seq: u64, offset: u64, len: usize) -> [u8; HEADER_LEN + 16] {
+    let mut h = [0u8; HEADER_LEN + 16];
+    h[0] = T_CHUNK;
+    h[1..5].copy_from_slice(&((len + 16) as u32).to_le_bytes());
+    h[5..13].copy_from_slice(&seq.to_le_bytes());
+    h[13..21].copy_from_slice(&offset.to_le_bytes());
+    h
+}
+
+/// The trailer of a chunk frame with this header and data.
+pub fn chunk_crc(header: &[u8; HEADER_LEN + 16], data: &[u8]) -> [u8; TRAILER_LEN] {
+    crc32c::crc32c_append(crc32c::crc32c(header), data).to_le_bytes()
+}
+
 /// Whether a frame of type `t` is a chunk.
 pub fn is_chunk(t: u8) -> bool {
     t == T_CHUNK
@@ -612,6 +629,16 @@ pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_written_in_pieces_is_the_encoded_frame() {
+        let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let mut frame = Vec::new();
+        encode_chunk_into(&mut frame, 7, CHUNK * 3, &data);
+        let h = chunk_header(7, CHUNK * 3, data.len());
+        let pieces = [&h[..], &data, &chunk_crc(&h, &data)].concat();
+        assert_eq!(pieces, frame);
+    }
 
     fn all() -> Vec<Message> {
         vec![

@@ -312,37 +312,75 @@ impl Identity {
     }
 }
 
-/// Calls `f` with each non-zero chunk of the file (holes are skipped
-/// without reading them), in order, as the protocol sends them.
+/// Reads a file's chunks as the protocol sends them: in order, each
+/// `min(CHUNK, rest)` long at a multiple of `CHUNK`, skipping chunks that
+/// are all zeros (and holes, without reading them).
+pub struct ChunkReader {
+    path: PathBuf,
+    file: fs::File,
+    file_len: u64,
+    offset: u64,
+}
+
+impl ChunkReader {
+    pub fn open(path: &Path) -> Result<ChunkReader, SendError> {
+        let file = fs::File::open(path).map_err(io(path, "open"))?;
+        let file_len = file.metadata().map_err(io(path, "stat"))?.len();
+        Ok(ChunkReader {
+            path: path.to_path_buf(),
+            file,
+            file_len,
+            offset: 0,
+        })
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Reads the next chunk with data into `buf` (resized to its length);
+    /// returns its offset, or `None` at the end of the file.
+    pub fn next_into(&mut self, buf: &mut Vec<u8>) -> Result<Option<u64>, SendError> {
+        while self.offset < self.file_len {
+            // Jump over a hole; a file system without SEEK_DATA reads everything.
+            match nix::unistd::lseek(
+                self.file.as_raw_fd(),
+                self.offset as i64,
+                nix::unistd::Whence::SeekData,
+            ) {
+                Ok(data) if data as u64 >= self.file_len => break,
+                Ok(data) => self.offset = (data as u64 / CHUNK * CHUNK).max(self.offset),
+                Err(nix::errno::Errno::ENXIO) => break,
+                Err(_) => {}
+            }
+            let at = self.offset;
+            let len = LayerDigest::chunk_len(self.file_len, at) as usize;
+            buf.resize(len, 0);
+            self.file
+                .read_exact_at(buf, at)
+                .map_err(io(&self.path, "read"))?;
+            self.offset += len as u64;
+            if buf.iter().any(|&x| x != 0) {
+                return Ok(Some(at));
+            }
+        }
+        self.offset = self.file_len;
+        Ok(None)
+    }
+}
+
+/// Calls `f` with each non-zero chunk of the file, in order, as the
+/// protocol sends them.
 pub fn for_each_chunk(
     path: &Path,
     mut f: impl FnMut(u64, &[u8]) -> Result<(), SendError>,
 ) -> Result<u64, SendError> {
-    let file = fs::File::open(path).map_err(io(path, "open"))?;
-    let file_len = file.metadata().map_err(io(path, "stat"))?.len();
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut offset = 0;
-    while offset < file_len {
-        // Jump over a hole; a file system without SEEK_DATA reads everything.
-        match nix::unistd::lseek(
-            file.as_raw_fd(),
-            offset as i64,
-            nix::unistd::Whence::SeekData,
-        ) {
-            Ok(data) if data as u64 >= file_len => break,
-            Ok(data) => offset = (data as u64 / CHUNK * CHUNK).max(offset),
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(_) => {}
-        }
-        let len = LayerDigest::chunk_len(file_len, offset) as usize;
-        let b = &mut buf[..len];
-        file.read_exact_at(b, offset).map_err(io(path, "read"))?;
-        if b.iter().any(|&x| x != 0) {
-            f(offset, b)?;
-        }
-        offset += len as u64;
+    let mut r = ChunkReader::open(path)?;
+    let mut buf = Vec::with_capacity(CHUNK as usize);
+    while let Some(at) = r.next_into(&mut buf)? {
+        f(at, &buf)?;
     }
-    Ok(file_len)
+    Ok(r.file_len())
 }
 
 /// The layer digest of a file, as the receiver computes it.
@@ -713,6 +751,9 @@ fn session(
     }
 }
 
+/// Chunks read ahead of the socket.
+const PIPELINE: usize = 3;
+
 fn ship(
     reader: &mut impl std::io::Read,
     writer: &mut impl Write,
@@ -744,35 +785,76 @@ fn ship(
                 .unwrap_or_default(),
         },
     )?;
-    let mut digest = LayerDigest::new(meta.len());
+    // Reading and hashing run on a thread of their own, a few chunks ahead
+    // of the socket (both ends may share two cores: neither waits idle).
+    let mut chunks = ChunkReader::open(path)?;
+    let file_len = chunks.file_len();
     let mut sent = 0u64;
-    let mut frame = Vec::with_capacity(CHUNK as usize + 64);
     let mut last_line = Instant::now();
-    for_each_chunk(path, |offset, data| {
-        digest
-            .add(offset, data)
-            .map_err(|e| SendError::Backend(format!("{}: {e}", path.display())))?;
-        crate::proto::encode_chunk_into(&mut frame, seq, offset, data);
-        writer.write_all(&frame).map_err(WireError::from)?;
-        sent += data.len() as u64;
-        set(status, |s| {
-            s.bytes_sent += data.len() as u64;
-            s.layer_offset = offset + data.len() as u64;
-            s.layer_len = meta.len();
-        });
-        // A big layer (the base) takes a while: say how far it got.
-        if cfg.print_progress && last_line.elapsed() >= Duration::from_secs(2) {
-            last_line = Instant::now();
-            eprintln!(
-                "replica: layer {seq}: {} of {} ({}/s)",
-                crate::status::human(offset + data.len() as u64),
-                crate::status::human(meta.len()),
-                crate::status::human(
-                    (sent as f64 / started.elapsed().as_secs_f64().max(1e-3)) as u64
-                )
-            );
+    let digest = std::thread::scope(|scope| -> Result<LayerDigest, SendError> {
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(PIPELINE);
+        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        for _ in 0..=PIPELINE {
+            let _ = empty_tx.send(Vec::with_capacity(CHUNK as usize));
         }
-        Ok(())
+        let reader = scope.spawn(move || -> Result<LayerDigest, SendError> {
+            let mut digest = LayerDigest::new(file_len);
+            while let Ok(mut buf) = empty_rx.recv() {
+                let Some(offset) = chunks.next_into(&mut buf)? else {
+                    break;
+                };
+                digest
+                    .add(offset, &buf)
+                    .map_err(|e| SendError::Backend(format!("{}: {e}", path.display())))?;
+                if full_tx.send((offset, buf)).is_err() {
+                    break;
+                }
+            }
+            Ok(digest)
+        });
+        let mut failed = None;
+        while let Ok((offset, data)) = full_rx.recv() {
+            let header = crate::proto::chunk_header(seq, offset, data.len());
+            let crc = crate::proto::chunk_crc(&header, &data);
+            // The data goes straight to the socket (it is larger than the
+            // buffer); the small pieces around it are buffered.
+            if let Err(e) = writer
+                .write_all(&header)
+                .and_then(|_| writer.write_all(&data))
+                .and_then(|_| writer.write_all(&crc))
+            {
+                failed = Some(SendError::from(WireError::from(e)));
+                break;
+            }
+            sent += data.len() as u64;
+            set(status, |s| {
+                s.bytes_sent += data.len() as u64;
+                s.layer_offset = offset + data.len() as u64;
+                s.layer_len = file_len;
+            });
+            // A big layer (the base) takes a while: say how far it got.
+            if cfg.print_progress && last_line.elapsed() >= Duration::from_secs(2) {
+                last_line = Instant::now();
+                eprintln!(
+                    "replica: layer {seq}: {} of {} ({}/s)",
+                    crate::status::human(offset + data.len() as u64),
+                    crate::status::human(file_len),
+                    crate::status::human(
+                        (sent as f64 / started.elapsed().as_secs_f64().max(1e-3)) as u64
+                    )
+                );
+            }
+            let _ = empty_tx.send(data);
+        }
+        drop(full_rx);
+        drop(empty_tx);
+        let digest = reader
+            .join()
+            .map_err(|_| SendError::Backend("the layer reader panicked".into()))??;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(digest),
+        }
     })?;
     let chunks = digest.chunks();
     let digest = digest.finish();

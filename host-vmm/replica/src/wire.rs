@@ -67,7 +67,17 @@ pub struct FrameReader {
     buf: Vec<u8>,
 }
 
+/// Where a chunk's data starts in its payload (after seq and offset).
+pub const CHUNK_DATA_START: usize = 16;
+
 impl FrameReader {
+    /// Takes the buffer holding the last frame's payload, leaving `with`
+    /// for the next frame (a receiver hands chunk payloads to a writer
+    /// thread without copying them).
+    pub fn swap_buffer(&mut self, with: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut self.buf, with)
+    }
+
     /// The next frame; `None` when the peer closed between frames.
     pub fn next<'a>(&'a mut self, r: &mut impl Read) -> Result<Option<Frame<'a>>, WireError> {
         let mut header = [0u8; HEADER_LEN];
