@@ -19,7 +19,7 @@ use crate::tandem;
 /// `tandem device path <id> <role> --json`.
 /// On failure, the guest's view of the volume and its kernel log's tail
 /// are part of the error.
-async fn path_op(vm: &mut Booted, id: &str, role: &str) -> Result<Value> {
+pub(crate) async fn path_op(vm: &mut Booted, id: &str, role: &str) -> Result<Value> {
     let api = vm.api.display().to_string();
     let args = [
         "device",
@@ -57,7 +57,7 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-async fn volume(c: &mut Console) -> Result<String> {
+pub(crate) async fn volume(c: &mut Console) -> Result<String> {
     let out = c.check("cat /sys/kernel/debug/tandem/volumes").await?;
     out.lines()
         .find(|l| l.starts_with("tandem0 "))
@@ -174,7 +174,7 @@ impl Rig {
 const FIO_SECS: u32 = 75;
 
 /// Starts fio with verify on /dev/tandem0 in the background.
-async fn start_fio(c: &mut Console, secs: u32, qd: u32) -> Result<()> {
+pub(crate) async fn start_fio(c: &mut Console, secs: u32, qd: u32) -> Result<()> {
     c.check(&format!(
         "rm -f /tmp/fio.rc; ( (fio --name=v --filename=/dev/tandem0 --rw=randwrite --bs=4k \
          --size=128M --ioengine=libaio --direct=1 --iodepth={qd} --time_based --runtime={secs} \
@@ -186,7 +186,7 @@ async fn start_fio(c: &mut Console, secs: u32, qd: u32) -> Result<()> {
 }
 
 /// Waits for the background fio; fails on any error it reported.
-async fn finish_fio(c: &mut Console, limit: Duration) -> Result<String> {
+pub(crate) async fn finish_fio(c: &mut Console, limit: Duration) -> Result<String> {
     let begun = Instant::now();
     loop {
         let rc = c.check("cat /tmp/fio.rc 2>/dev/null; true").await?;

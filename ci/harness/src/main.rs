@@ -8,6 +8,7 @@ mod channel;
 mod failover;
 mod guest;
 mod migrate;
+mod migrate_vf;
 mod nvme;
 mod replica;
 mod shared;

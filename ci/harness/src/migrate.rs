@@ -1,7 +1,9 @@
 //! `e2e migrate`: live migration of a VM without assigned functions to a
 //! second simulated host (a network namespace), with the faults F1 lists:
-//! a destination that refuses, a network cut mid-migration; then the
-//! refusal to migrate a VM with an assigned function.
+//! a destination that refuses, a network cut mid-migration; the refusal
+//! to migrate a VM with an assigned function that is not a direct path;
+//! then (`migrate_vf.rs`) a VM whose volume's direct path is an NVMe VF,
+//! under fio with verify, migrated there and back, saved and restored.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -15,8 +17,8 @@ use crate::guest::Console;
 use crate::snapshot::{channel_up, plant_state, uptime};
 use crate::{host, tandem, tandem_bin};
 
-const SRC_IP: &str = "10.213.7.1";
-const DST_IP: &str = "10.213.7.2";
+pub(crate) const SRC_IP: &str = "10.213.7.1";
+pub(crate) const DST_IP: &str = "10.213.7.2";
 
 async fn ip(args: &[&str]) -> Result<()> {
     host("ip", args).await.map(|_| ())
@@ -24,13 +26,13 @@ async fn ip(args: &[&str]) -> Result<()> {
 
 /// The destination host: a network namespace reached over a veth pair
 /// from this one. Only its address is ever connected to. Removed on drop.
-struct Host {
-    ns: String,
+pub(crate) struct Host {
+    pub(crate) ns: String,
     link: String,
 }
 
 impl Host {
-    async fn create() -> Result<Host> {
+    pub(crate) async fn create() -> Result<Host> {
         let id = std::process::id() % 100_000;
         let h = Host {
             ns: format!("tdm-mig-{id}"),
@@ -65,15 +67,41 @@ impl Host {
     }
 
     /// `tandem run --incoming` inside the namespace.
-    async fn incoming(&self, w: &Path, tag: &str, port: u16, machine: &[&str]) -> Result<Dest> {
+    pub(crate) async fn incoming(
+        &self,
+        w: &Path,
+        tag: &str,
+        port: u16,
+        machine: &[&str],
+    ) -> Result<Dest> {
+        start_incoming(Some(&self.ns), DST_IP, w, tag, port, machine).await
+    }
+}
+
+/// `tandem run --incoming tcp:IP:PORT`, in namespace `ns` or in this one.
+pub(crate) async fn start_incoming(
+    ns: Option<&str>,
+    ip_addr: &str,
+    w: &Path,
+    tag: &str,
+    port: u16,
+    machine: &[&str],
+) -> Result<Dest> {
+    {
         let api = w.join(format!("{tag}.sock"));
         let serial = w.join(format!("{tag}.serial"));
         let log = w.join(format!("{tag}.log"));
-        let uri = format!("tcp:{DST_IP}:{port}");
+        let uri = format!("tcp:{ip_addr}:{port}");
         let logf = std::fs::File::create(&log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .arg(tandem_bin()?)
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(tandem_bin()?);
+                c
+            }
+            None => Command::new(tandem_bin()?),
+        };
+        let child = cmd
             .args(["run", "--incoming", &uri, "--name", tag])
             .arg("--serial")
             .arg(format!("unix:{}", serial.display()))
@@ -119,12 +147,12 @@ impl Drop for Host {
     }
 }
 
-struct Dest {
-    child: Child,
-    api: std::path::PathBuf,
-    serial: std::path::PathBuf,
-    log: std::path::PathBuf,
-    uri: String,
+pub(crate) struct Dest {
+    pub(crate) child: Child,
+    pub(crate) api: std::path::PathBuf,
+    pub(crate) serial: std::path::PathBuf,
+    pub(crate) log: std::path::PathBuf,
+    pub(crate) uri: String,
 }
 
 pub async fn e2e() -> Result<()> {
@@ -275,8 +303,8 @@ pub async fn e2e() -> Result<()> {
     ])
     .await?;
     ensure!(
-        code != 0 && err.contains("assigned functions (nvme-vf1)"),
-        "migration with an assigned VF: exit {code}: {err}"
+        code != 0 && err.contains("not the direct path of a guest volume (nvme-vf1)"),
+        "migration with an assigned VF that is no direct path: exit {code}: {err}"
     );
     let (_, st) = moved
         .console
@@ -289,11 +317,20 @@ pub async fn e2e() -> Result<()> {
         st == 0,
         "the VF stopped working after the refused migration"
     );
-    println!("with {ctrl} assigned: the migration was refused; the VM and the VF run on");
+    println!("with {ctrl} assigned (no direct path of a volume): the migration was refused; the VM and the VF run on");
 
     let (code, _, err) = tandem(&["shutdown", "--api-socket", &dapi, "--timeout", "30"]).await?;
     ensure!(code == 0, "shutdown: {err}");
     let _ = tokio::time::timeout(Duration::from_secs(30), moved.child.wait()).await;
-    println!("PASS migrate downtime_ms={downtime_ms}");
+    drop(srv);
+
+    // 5. A VM whose volume has an NVMe VF as its direct path.
+    let vf = crate::migrate_vf::run(w, &host).await?;
+    println!(
+        "PASS migrate downtime_ms={downtime_ms} blackout_ms_max={:.1} vf_downtime_ms={} vf_handoffs={}",
+        vf.blackout_us as f64 / 1000.0,
+        vf.downtime_ms,
+        vf.handoffs
+    );
     Ok(())
 }

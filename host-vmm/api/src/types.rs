@@ -187,6 +187,28 @@ pub struct DeviceGuestResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRequest {
     pub file: String,
+    /// How long the guest gets to move each direct path's I/O to its
+    /// synthetic path (default 5000 ms).
+    #[serde(default)]
+    pub handoff_timeout_ms: Option<u32>,
+    /// Remove the assigned functions even if the guest does not answer.
+    #[serde(default)]
+    pub force_handoff: bool,
+}
+
+/// What the handoff of assigned functions did before a save or migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffReport {
+    /// The functions removed (each a volume's direct path).
+    pub functions: Vec<String>,
+    /// The guest answered every release in time.
+    pub acknowledged: bool,
+    /// Removed without the guest's answer (`force_handoff`).
+    pub forced: bool,
+    /// Time for the guest to move I/O to the synthetic paths.
+    pub release_ms: u64,
+    /// Time to hot-remove the functions.
+    pub detach_ms: u64,
 }
 
 /// `vm.snapshot`'s answer; the VM stops right after it.
@@ -198,6 +220,9 @@ pub struct SnapshotResponse {
     pub total_ms: u64,
     /// How long the guest was stopped while QEMU wrote the last part.
     pub downtime_ms: Option<u64>,
+    /// The assigned functions handed off first, if any.
+    #[serde(default)]
+    pub handoff: Option<HandoffReport>,
 }
 
 /// `vm.migrate`: where the destination (`tandem run --incoming URI`) listens.
@@ -208,6 +233,11 @@ pub struct MigrateRequest {
     /// Cap on the migration's bandwidth, MiB/s (default: QEMU's).
     #[serde(default)]
     pub max_bandwidth_mib: Option<u64>,
+    /// As in [`SnapshotRequest`].
+    #[serde(default)]
+    pub handoff_timeout_ms: Option<u32>,
+    #[serde(default)]
+    pub force_handoff: bool,
 }
 
 /// `vm.migrate`'s answer; the VM stops here right after it.
@@ -218,4 +248,7 @@ pub struct MigrateResponse {
     pub total_ms: u64,
     /// How long the guest was stopped for the switch-over.
     pub downtime_ms: Option<u64>,
+    /// The assigned functions handed off first, if any.
+    #[serde(default)]
+    pub handoff: Option<HandoffReport>,
 }

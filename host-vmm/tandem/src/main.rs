@@ -65,17 +65,22 @@ enum Cmd {
         timeout: u64,
     },
     /// Save a VM to a file and stop it; `tandem run --restore FILE` brings
-    /// it back where it was. Refused while functions are assigned.
+    /// it back where it was. Assigned functions that are direct paths of
+    /// guest volumes are handed off first (the guest moves their I/O to the
+    /// synthetic path, then they are removed); any other is refused.
     Snapshot {
         /// Where to save it (must not exist; `FILE.json` gets the machine's
         /// configuration).
         file: PathBuf,
         #[command(flatten)]
+        handoff: HandoffArgs,
+        #[command(flatten)]
         target: Target,
     },
     /// Live-migrate a VM to a `tandem run --incoming tcp:ADDR:PORT` on
-    /// another host (same machine flags, disks on shared storage). Refused
-    /// while functions are assigned; on failure the VM keeps running here.
+    /// another host (same machine flags, disks on shared storage). Direct
+    /// paths are handed off first, as for `snapshot`; on failure the VM
+    /// keeps running here with its functions back.
     Migrate {
         /// tcp:ADDR:PORT of the destination.
         #[arg(long)]
@@ -83,6 +88,8 @@ enum Cmd {
         /// Cap the transfer at this many MiB/s.
         #[arg(long)]
         bandwidth: Option<u64>,
+        #[command(flatten)]
+        handoff: HandoffArgs,
         #[command(flatten)]
         target: Target,
     },
@@ -310,11 +317,14 @@ async fn control(cmd: Cmd) -> Result<i32> {
         Cmd::Migrate {
             to,
             bandwidth,
+            handoff,
             target,
         } => {
             let req = tandem_api::MigrateRequest {
                 to,
                 max_bandwidth_mib: bandwidth,
+                handoff_timeout_ms: Some(handoff.handoff_ms),
+                force_handoff: handoff.force_handoff,
             };
             let client = target.client().with_timeout(Duration::from_secs(660));
             let r: tandem_api::MigrateResponse = client.put(routes::VM_MIGRATE, &req).await?;
@@ -327,12 +337,19 @@ async fn control(cmd: Cmd) -> Result<i32> {
                     .map(|d| format!(", downtime {d} ms"))
                     .unwrap_or_default()
             );
+            print_handoff(r.handoff.as_ref());
         }
-        Cmd::Snapshot { file, target } => {
+        Cmd::Snapshot {
+            file,
+            handoff,
+            target,
+        } => {
             let file = std::path::absolute(&file)
                 .with_context(|| format!("{}: bad path", file.display()))?;
             let req = tandem_api::SnapshotRequest {
                 file: file.display().to_string(),
+                handoff_timeout_ms: Some(handoff.handoff_ms),
+                force_handoff: handoff.force_handoff,
             };
             let client = target.client().with_timeout(Duration::from_secs(660));
             let r: tandem_api::SnapshotResponse = client.put(routes::VM_SNAPSHOT, &req).await?;
@@ -347,6 +364,7 @@ async fn control(cmd: Cmd) -> Result<i32> {
                 r.config,
                 r.file
             );
+            print_handoff(r.handoff.as_ref());
         }
         Cmd::Ping { target } => {
             let p: Ping = target.client().get(routes::PING).await?;
@@ -467,4 +485,34 @@ fn image(cmd: ImageCmd) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// How assigned functions leave before a save or a migration.
+#[derive(Args)]
+struct HandoffArgs {
+    /// How long the guest gets to move each direct path's I/O to its
+    /// synthetic path.
+    #[arg(long, default_value_t = 5000)]
+    handoff_ms: u32,
+    /// If the guest does not answer in time, remove the functions anyway
+    /// (the guest's volumes then fail over by themselves) instead of
+    /// aborting.
+    #[arg(long)]
+    force_handoff: bool,
+}
+
+fn print_handoff(h: Option<&tandem_api::HandoffReport>) {
+    if let Some(h) = h {
+        println!(
+            "handed off {} first: the guest moved their I/O in {} ms{}, removed in {} ms",
+            h.functions.join(", "),
+            h.release_ms,
+            if h.forced {
+                " (not acknowledged: removed by force)"
+            } else {
+                ""
+            },
+            h.detach_ms
+        );
+    }
 }

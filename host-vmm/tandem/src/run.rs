@@ -77,6 +77,38 @@ pub struct RunArgs {
     /// socket, engine and accelerator may be given again).
     #[arg(long, value_name = "FILE")]
     restore: Option<PathBuf>,
+    /// With --incoming or --restore: once the machine state is in, plug
+    /// this host's NVMe function and make it the direct path of a guest
+    /// volume again (F1 with assigned functions):
+    /// `ID=NVME_DIR:VF[:VOLUME]`, e.g. `nvme-vf1=/run/nvme:1`.
+    #[arg(long, value_name = "ID=DIR:VF[:VOLUME]")]
+    direct: Vec<String>,
+}
+
+/// A `--direct` flag: the attach request and the volume.
+fn parse_direct(s: &str) -> Result<(tandem_api::DeviceAttachRequest, u32)> {
+    use tandem_nvme_device::server;
+    let bad = || anyhow::anyhow!("--direct {s}: expected ID=NVME_DIR:VF[:VOLUME]");
+    let (id, rest) = s.split_once('=').ok_or_else(bad)?;
+    let (head, last) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let last: u32 = last.parse().map_err(|_| bad())?;
+    let (dir, vf, volume) = match head.rsplit_once(':') {
+        Some((d, v)) if v.parse::<u16>().is_ok() => (d, v.parse::<u16>().map_err(|_| bad())?, last),
+        _ => (head, u16::try_from(last).map_err(|_| bad())?, 0),
+    };
+    if id.is_empty() || dir.is_empty() || vf == 0 {
+        return Err(bad());
+    }
+    let dir = std::path::Path::new(dir);
+    Ok((
+        tandem_api::DeviceAttachRequest {
+            id: id.to_owned(),
+            socket: server::vf_socket(dir, vf).display().to_string(),
+            server_api: Some(server::api_socket(dir).display().to_string()),
+            vf,
+        },
+        volume,
+    ))
 }
 
 impl RunArgs {
@@ -196,6 +228,14 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     if let Some(uri) = &incoming {
         eprintln!("tandem: waiting for the machine state from {uri}");
     }
+    let directs = args
+        .direct
+        .iter()
+        .map(|d| parse_direct(d))
+        .collect::<Result<Vec<_>>>()?;
+    if !directs.is_empty() && incoming.is_none() {
+        anyhow::bail!("--direct puts a direct path back after --incoming or --restore; for a new VM use tandem device attach and tandem device path");
+    }
     let running = Vm::start_from(
         resolved,
         engine,
@@ -212,6 +252,16 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let vm = running.vm.clone();
     if let Some((server, child)) = control {
         tokio::spawn(supervise(server, vm.clone(), child));
+    }
+    for (req, volume) in directs {
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            let id = req.id.clone();
+            match tandem_vmm::handoff::plug_direct(&vm, req, volume).await {
+                Ok(ms) => eprintln!("tandem: {id} plugged and back as the direct path of volume {volume} in {ms} ms"),
+                Err(e) => eprintln!("tandem: {id} could not be made the direct path of volume {volume}: {e}; the volume stays on its synthetic path"),
+            }
+        });
     }
 
     let (stop_tx, stop_rx) = tokio::sync::mpsc::channel(4);
@@ -288,4 +338,28 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     }
     eprintln!("tandem: {} stopped: {msg}", vm.info().name);
     Ok(code)
+}
+
+#[cfg(test)]
+mod direct_tests {
+    use super::parse_direct;
+
+    #[test]
+    fn direct_flags() {
+        let (r, v) = parse_direct("nvme-vf1=/run/nvme:1").unwrap();
+        assert_eq!((r.id.as_str(), r.vf, v), ("nvme-vf1", 1, 0));
+        assert!(r.socket.starts_with("/run/nvme/"));
+        let (r, v) = parse_direct("vf2=/run/nvme:2:3").unwrap();
+        assert_eq!((r.vf, v), (2, 3));
+        for bad in [
+            "nvme-vf1",
+            "x=/run/nvme",
+            "x=/run/nvme:0",
+            "=/d:1",
+            "x=:1",
+            "x=/d:one",
+        ] {
+            assert!(parse_direct(bad).is_err(), "{bad}");
+        }
+    }
 }

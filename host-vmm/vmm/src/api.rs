@@ -318,9 +318,12 @@ async fn device_guest(
 fn leave_error(e: crate::snapshot::SnapshotError) -> Error {
     use crate::snapshot::SnapshotError as S;
     let status = match &e {
-        S::State(_) | S::Assigned(_) | S::VhostBlk(_) | S::Shared | S::Exists(_) => {
-            StatusCode::CONFLICT
-        }
+        S::State(_)
+        | S::Assigned(_)
+        | S::VhostBlk(_)
+        | S::Shared
+        | S::Exists(_)
+        | S::Handoff(_) => StatusCode::CONFLICT,
         S::Relative(_) | S::Uri(_) => StatusCode::BAD_REQUEST,
         S::Write { .. } | S::Control(_) | S::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -332,7 +335,8 @@ async fn migrate(
     b: Bytes,
 ) -> Result<Json<tandem_api::MigrateResponse>, Error> {
     let req: tandem_api::MigrateRequest = body(&b)?;
-    let r = crate::snapshot::migrate(&vm, &req.to, req.max_bandwidth_mib)
+    let opts = handoff_options(req.handoff_timeout_ms, req.force_handoff);
+    let r = crate::snapshot::migrate(&vm, &req.to, req.max_bandwidth_mib, opts)
         .await
         .map_err(leave_error)?;
     Ok(Json(tandem_api::MigrateResponse {
@@ -340,7 +344,16 @@ async fn migrate(
         bytes: r.bytes,
         total_ms: r.total_ms,
         downtime_ms: r.downtime_ms,
+        handoff: r.handoff,
     }))
+}
+
+fn handoff_options(timeout_ms: Option<u32>, force: bool) -> crate::handoff::HandoffOptions {
+    let d = crate::handoff::HandoffOptions::default();
+    crate::handoff::HandoffOptions {
+        timeout_ms: timeout_ms.unwrap_or(d.timeout_ms),
+        force,
+    }
 }
 
 async fn snapshot(
@@ -348,7 +361,8 @@ async fn snapshot(
     b: Bytes,
 ) -> Result<Json<tandem_api::SnapshotResponse>, Error> {
     let req: tandem_api::SnapshotRequest = body(&b)?;
-    let r = crate::snapshot::save(&vm, std::path::Path::new(&req.file))
+    let opts = handoff_options(req.handoff_timeout_ms, req.force_handoff);
+    let r = crate::snapshot::save(&vm, std::path::Path::new(&req.file), opts)
         .await
         .map_err(leave_error)?;
     Ok(Json(tandem_api::SnapshotResponse {
@@ -357,5 +371,6 @@ async fn snapshot(
         bytes: r.bytes,
         total_ms: r.total_ms,
         downtime_ms: r.downtime_ms,
+        handoff: r.handoff,
     }))
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tandem_api::channel::FunctionOp;
 use tandem_api::{AttachedDevice, DeviceAttachRequest, DeviceList};
 use tandem_engine::cmdline::root_port_id;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -187,6 +188,7 @@ pub async fn detach(vm: &Arc<Vm>, id: &str, timeout: Duration) -> Result<(), Dev
         });
     }
     lock(&vm.assigned).remove(id);
+    lock(&vm.direct_paths).remove(id);
     info!(id, "function detached");
     Ok(())
 }
@@ -330,6 +332,18 @@ pub async fn guest_op(
         }
     };
     info!(id = %req.id, op = ?req.op, status = %guest.status, in_flight = guest.in_flight, quiesced = guest.quiesced, "guest function operation");
+    if assigned && guest.status == "ok" {
+        let mut paths = lock(&vm.direct_paths);
+        match req.op {
+            FunctionOp::PathDirect => {
+                paths.insert(req.id.clone(), req.volume.unwrap_or(0));
+            }
+            FunctionOp::PathRelease => {
+                paths.remove(&req.id);
+            }
+            _ => {}
+        }
+    }
     Ok(tandem_api::DeviceGuestResponse {
         id: req.id,
         guest_address: format!("0000:{bus:02x}:{:02x}.{}", devfn >> 3, devfn & 7),

@@ -12,6 +12,7 @@ pub mod api;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod handoff;
 pub mod lifecycle;
 pub mod probe;
 pub mod snapshot;

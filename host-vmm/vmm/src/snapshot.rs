@@ -6,12 +6,14 @@
 //! restoring `tandem run --restore PATH` must reproduce exactly.
 //!
 //! QEMU neither saves nor refuses a vfio-user device: it would silently
-//! lose the device's state. So Tandem refuses to save a VM that has
-//! assigned functions (handing their I/O to a migratable path first is
-//! F4/F1's handoff, not built yet) and removes its own control device
-//! before saving (the guest driver lets it go and renegotiates with a new
-//! one after the restore). If saving fails, the control device is plugged
-//! back and the VM keeps running.
+//! lose the device's state. So an assigned function must leave first: one
+//! that is the direct path of a guest volume is handed off (`handoff.rs`:
+//! the guest moves its I/O to the synthetic path, then the function is
+//! removed); any other is refused. Tandem also removes its own control
+//! device before the transfer (the guest driver lets it go and
+//! renegotiates with a new one afterwards). If the transfer fails, the
+//! control device and the functions are plugged back, the guest moves I/O
+//! back to its direct paths, and the VM keeps running.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use tandem_engine::DiskInterface;
 use tracing::{info, warn};
 
 use crate::config::VmConfig;
+use crate::handoff::HandoffOptions;
 use crate::vm::{Vm, VmError};
 
 /// The longest a save or a restore may take.
@@ -36,8 +39,10 @@ const STALL_LIMIT: Duration = Duration::from_secs(10);
 pub enum SnapshotError {
     #[error("the VM is {0}; only a running or paused VM can be saved")]
     State(VmState),
-    #[error("the VM has assigned functions ({0}): QEMU would neither save nor refuse their state. Detach them first (tandem device detach); carrying them across needs the guest to hand their I/O to the synthetic path (F4), which is not built yet")]
+    #[error("the VM has assigned functions that are not the direct path of a guest volume ({0}): QEMU would neither save nor refuse their state, and nothing would carry their I/O. Make each the direct path of a volume (tandem device path ID direct) or detach it (tandem device detach)")]
     Assigned(String),
+    #[error("handoff of the assigned functions: {0}")]
+    Handoff(String),
     #[error("the VM has shared disks (vhost-user-scsi), whose backends cannot follow a save or migration yet")]
     Shared,
     #[error("disk {0} is served by a vhost-user-blk backend, which cannot follow a save yet; use if=virtio-blk for VMs you save")]
@@ -69,6 +74,7 @@ pub struct SaveReport {
     pub total_ms: u64,
     /// How long the guest was stopped while QEMU wrote the last part.
     pub downtime_ms: Option<u64>,
+    pub handoff: Option<tandem_api::HandoffReport>,
 }
 
 /// The configuration file beside a snapshot.
@@ -164,22 +170,14 @@ async fn follow(vm: &Vm, what: &str, outgoing: bool) -> Result<Value, String> {
 }
 
 /// Checks that the VM may leave (saved or migrated): its state, no
-/// assigned functions, no vhost-user disks.
-fn may_leave(vm: &Vm) -> Result<VmState, SnapshotError> {
+/// assigned function that is not a direct path, no vhost-user disks.
+/// Returns the state and the direct paths to hand off.
+fn may_leave(vm: &Vm) -> Result<(VmState, Vec<(tandem_api::AttachedDevice, u32)>), SnapshotError> {
     let state = vm.state();
     if !matches!(state, VmState::Running | VmState::Paused) {
         return Err(SnapshotError::State(state));
     }
-    let assigned: Vec<String> = vm
-        .assigned
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .keys()
-        .cloned()
-        .collect();
-    if !assigned.is_empty() {
-        return Err(SnapshotError::Assigned(assigned.join(", ")));
-    }
+    let paths = crate::handoff::direct_paths(vm)?;
     if let Some((i, _)) = vm
         .resolved()
         .disks
@@ -192,14 +190,44 @@ fn may_leave(vm: &Vm) -> Result<VmState, SnapshotError> {
     if !vm.resolved().shared_disks.is_empty() {
         return Err(SnapshotError::Shared);
     }
-    Ok(state)
+    Ok((state, paths))
+}
+
+/// Hands the direct paths off, runs `leave`, and on failure puts them back.
+async fn leave_with_handoff(
+    vm: &Arc<Vm>,
+    uri: &str,
+    state: VmState,
+    paths: Vec<(tandem_api::AttachedDevice, u32)>,
+    opts: HandoffOptions,
+    max_bandwidth_mib: Option<u64>,
+) -> Result<(Value, u64, Option<tandem_api::HandoffReport>), SnapshotError> {
+    let (handed, report) = if paths.is_empty() {
+        (Vec::new(), None)
+    } else {
+        let (h, r) = crate::handoff::hand_off(vm, paths, opts).await?;
+        (h, Some(r))
+    };
+    match leave(vm, uri, state, max_bandwidth_mib).await {
+        Ok((st, ms)) => Ok((st, ms, report)),
+        Err(e) => {
+            if !handed.is_empty() {
+                crate::handoff::hand_back(vm, handed).await;
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Saves the VM to `file` and stops it. On failure the VM keeps running,
 /// with its control device back.
-pub async fn save(vm: &Arc<Vm>, file: &Path) -> Result<SaveReport, SnapshotError> {
+pub async fn save(
+    vm: &Arc<Vm>,
+    file: &Path,
+    opts: HandoffOptions,
+) -> Result<SaveReport, SnapshotError> {
     let _one = vm.busy.lock().await;
-    let state = may_leave(vm)?;
+    let (state, paths) = may_leave(vm)?;
     if !file.is_absolute() {
         return Err(SnapshotError::Relative(file.to_owned()));
     }
@@ -216,13 +244,14 @@ pub async fn save(vm: &Arc<Vm>, file: &Path) -> Result<SaveReport, SnapshotError
         source,
     })?;
     let uri = format!("file:{}", file.display());
-    match leave(vm, &uri, state, None).await {
-        Ok((st, total_ms)) => Ok(SaveReport {
+    match leave_with_handoff(vm, &uri, state, paths, opts, None).await {
+        Ok((st, total_ms, handoff)) => Ok(SaveReport {
             file: file.to_owned(),
             config,
             bytes: std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
             total_ms,
             downtime_ms: st.get("downtime").and_then(Value::as_u64),
+            handoff,
         }),
         Err(e) => {
             let _ = std::fs::remove_file(file);
@@ -239,6 +268,7 @@ pub struct MigrateReport {
     pub bytes: u64,
     pub total_ms: u64,
     pub downtime_ms: Option<u64>,
+    pub handoff: Option<tandem_api::HandoffReport>,
 }
 
 /// Live-migrates the VM to a `tandem run --incoming` at `uri`
@@ -248,18 +278,21 @@ pub async fn migrate(
     vm: &Arc<Vm>,
     uri: &str,
     max_bandwidth_mib: Option<u64>,
+    opts: HandoffOptions,
 ) -> Result<MigrateReport, SnapshotError> {
     let _one = vm.busy.lock().await;
     if !uri.starts_with("tcp:") {
         return Err(SnapshotError::Uri(uri.to_owned()));
     }
-    let state = may_leave(vm)?;
-    let (st, total_ms) = leave(vm, uri, state, max_bandwidth_mib).await?;
+    let (state, paths) = may_leave(vm)?;
+    let (st, total_ms, handoff) =
+        leave_with_handoff(vm, uri, state, paths, opts, max_bandwidth_mib).await?;
     Ok(MigrateReport {
         to: uri.to_owned(),
         bytes: st["ram"]["transferred"].as_u64().unwrap_or(0),
         total_ms,
         downtime_ms: st.get("downtime").and_then(Value::as_u64),
+        handoff,
     })
 }
 

@@ -77,6 +77,8 @@ pub struct Vm {
     control: Option<Arc<ControlServer>>,
     /// Functions hot-plugged through the API, by id.
     pub(crate) assigned: Mutex<std::collections::BTreeMap<String, tandem_api::AttachedDevice>>,
+    /// Of those, the direct paths of guest volumes (F4), by id: the volume.
+    pub(crate) direct_paths: Mutex<std::collections::BTreeMap<String, u32>>,
     /// Set when the VM left by a snapshot or a migration (QEMU then
     /// quits): the migration URI (`file:PATH`, `tcp:HOST:PORT`).
     pub(crate) left_for: Mutex<Option<String>>,
@@ -237,6 +239,7 @@ impl Vm {
             stderr_tail,
             control,
             assigned: Mutex::new(Default::default()),
+            direct_paths: Mutex::new(Default::default()),
             left_for: Mutex::new(None),
             busy: tokio::sync::Mutex::new(()),
         });

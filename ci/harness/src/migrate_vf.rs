@@ -1,0 +1,231 @@
+//! Part of `e2e migrate`: F1 with an assigned function. The guest's
+//! `/dev/tandem0` has a virtio-blk synthetic path (QEMU's, on the shared
+//! file, so it migrates) and an NVMe VF as its direct path, served from
+//! the same file by a device server on each simulated host. fio with
+//! verify runs on `/dev/tandem0` while the VM is live-migrated to the other
+//! host and back, then saved and restored; each time `tandem` hands the VF
+//! off (the guest moves I/O to the synthetic path, the VF is removed) and
+//! the receiving side plugs its own VF back as the direct path
+//! (`tandem run --direct`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+
+use crate::boot::{boot_tandem, Booted};
+use crate::failover::{finish_fio, path_op, start_fio, volume as volume_line};
+use crate::guest::Console;
+use crate::migrate::{start_incoming, Dest, Host, SRC_IP};
+use crate::nvme::start_server;
+use crate::{spawn_tandem, tandem};
+
+pub(crate) struct VfFigures {
+    /// The guest's longest hold of new I/O in a handoff (µs).
+    pub blackout_us: u64,
+    /// QEMU's downtime for the first migration with the VF.
+    pub downtime_ms: u64,
+    pub handoffs: u32,
+}
+
+/// Waits until the guest's volume runs on the VF again at `api`.
+async fn direct_again(api: &Path, limit: Duration) -> Result<f64> {
+    let begun = Instant::now();
+    let api = api.display().to_string();
+    loop {
+        let (code, out, _) = tandem(&[
+            "device",
+            "report",
+            "nvme-vf1",
+            "--json",
+            "--api-socket",
+            &api,
+        ])
+        .await?;
+        if code == 0 {
+            let v: Value = serde_json::from_str(&out).unwrap_or_default();
+            if v["guest"]["active_path"] == true {
+                return Ok(begun.elapsed().as_secs_f64());
+            }
+        }
+        ensure!(
+            begun.elapsed() < limit,
+            "the VF is not the direct path again {limit:?} after the transfer: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The VM now runs behind `d`: its console, as a `Booted`.
+async fn arrived(d: Dest) -> Result<Booted> {
+    let mut console = Console::connect(&d.serial, Duration::from_secs(120))
+        .await
+        .with_context(|| std::fs::read_to_string(&d.log).unwrap_or_default())?;
+    console.wait_for_shell(Duration::from_secs(120)).await?;
+    Ok(Booted {
+        child: d.child,
+        console,
+        api: d.api,
+        log: d.log,
+        boot_s: 0.0,
+    })
+}
+
+/// `tandem migrate` from `vm` to `d`; returns QEMU's downtime and the
+/// handoff line.
+async fn migrate(vm: &mut Booted, d: &Dest) -> Result<(u64, String)> {
+    let api = vm.api.display().to_string();
+    let (code, out, err) = tandem(&["migrate", "--to", &d.uri, "--api-socket", &api]).await?;
+    ensure!(
+        code == 0,
+        "migration with the VF failed ({code}): {out}{err}"
+    );
+    ensure!(
+        out.contains("handed off nvme-vf1"),
+        "no handoff reported: {out}"
+    );
+    let downtime: u64 = out
+        .split("downtime ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let _ = tokio::time::timeout(Duration::from_secs(60), vm.child.wait())
+        .await
+        .context("the source did not stop after the migration")?;
+    let line = out
+        .lines()
+        .find(|l| l.contains("handed off"))
+        .unwrap_or("")
+        .to_owned();
+    Ok((downtime, line))
+}
+
+pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
+    let disk = w.join("vf-shared.raw");
+    let (wa, wb) = (w.join("host-a"), w.join("host-b"));
+    std::fs::create_dir_all(&wa)?;
+    std::fs::create_dir_all(&wb)?;
+    // A device server per host, both on the shared file.
+    let srv_a = start_server(&wa, std::slice::from_ref(&disk)).await?;
+    let srv_b = start_server(&wb, std::slice::from_ref(&disk)).await?;
+    for s in [&srv_a, &srv_b] {
+        crate::tandem_ok(&["nvme", "vfs", "1", "--dir", &s.dir.display().to_string()]).await?;
+    }
+    let disk_arg = format!("path={},if=virtio-blk,format=raw", disk.display());
+    let machine = [
+        "--disk",
+        disk_arg.as_str(),
+        "--memory",
+        "512M",
+        "--cpus",
+        "2",
+    ];
+    let direct_a = format!("nvme-vf1={}:1", srv_a.dir.display());
+    let direct_b = format!("nvme-vf1={}:1", srv_b.dir.display());
+
+    let mut vm = boot_tandem(w, "e2e-mig-vf", &machine).await?;
+    path_op(&mut vm, "disk0", "synthetic").await?;
+    let (ctrl, _) = crate::nvme::attach(&mut vm, &srv_a.dir, 1).await?;
+    path_op(&mut vm, "nvme-vf1", "direct").await?;
+    println!("[vf] /dev/tandem0 over virtio-blk vda and {ctrl}n1 (VF1 of host A's device server), I/O on the VF");
+    start_fio(&mut vm.console, 100, 8).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // There: to the other host, which plugs its own VF.
+    let mut there_args: Vec<&str> = machine.to_vec();
+    there_args.extend(["--direct", direct_b.as_str()]);
+    let d = host.incoming(w, "dst-vf", 4450, &there_args).await?;
+    let (downtime_ms, line) = migrate(&mut vm, &d).await?;
+    let mut vm = arrived(d).await?;
+    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    println!("[vf] migrated to host B under fio: {line}; downtime {downtime_ms} ms; host B's VF1 is the direct path {back_s:.1} s after");
+
+    // And back, to this host.
+    let mut back_args: Vec<&str> = machine.to_vec();
+    back_args.extend(["--direct", direct_a.as_str()]);
+    let d = start_incoming(None, SRC_IP, w, "back-vf", 4451, &back_args).await?;
+    let (downtime2, line) = migrate(&mut vm, &d).await?;
+    let mut vm = arrived(d).await?;
+    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    println!("[vf] migrated back to host A: {line}; downtime {downtime2} ms; VF1 direct again {back_s:.1} s after");
+
+    // Saved and restored.
+    let state = w.join("vf.state");
+    let state_s = state.display().to_string();
+    let api = vm.api.display().to_string();
+    let (code, out, err) = tandem(&["snapshot", &state_s, "--api-socket", &api]).await?;
+    ensure!(
+        code == 0 && out.contains("handed off nvme-vf1"),
+        "snapshot with the VF ({code}): {out}{err}"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(60), vm.child.wait()).await;
+    let api2 = w.join("vf-restored.sock");
+    let serial2 = w.join("vf-restored.serial");
+    let log2 = w.join("vf-restored.log");
+    let child = spawn_tandem(
+        &[
+            "run",
+            "--restore",
+            &state_s,
+            "--direct",
+            &direct_a,
+            "--serial",
+            &format!("unix:{}", serial2.display()),
+            "--api-socket",
+            &api2.display().to_string(),
+        ],
+        &log2,
+    )?;
+    let mut vm = arrived(Dest {
+        child,
+        api: api2,
+        serial: serial2,
+        log: log2,
+        uri: String::new(),
+    })
+    .await?;
+    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    println!(
+        "[vf] saved ({}) and restored; VF1 direct again {back_s:.1} s after the restore",
+        out.lines()
+            .find(|l| l.contains("handed off"))
+            .unwrap_or("")
+            .trim()
+    );
+
+    let fio = finish_fio(&mut vm.console, Duration::from_secs(400)).await?;
+    let line = volume_line(&mut vm.console).await?;
+    let num = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    ensure!(
+        num("errors_to_app") == 0,
+        "errors reached the application: {line}"
+    );
+    ensure!(
+        fio.contains("err= 0"),
+        "fio: {}",
+        crate::guest::tail(&fio, 20)
+    );
+    println!("[vf] fio randwrite QD8 with verify on /dev/tandem0 through 2 migrations and a save/restore: no error; guest volume: {line}");
+    let (code, _, err) = tandem(&[
+        "shutdown",
+        "--api-socket",
+        &vm.api.display().to_string(),
+        "--timeout",
+        "30",
+    ])
+    .await?;
+    ensure!(code == 0, "shutdown: {err}");
+    let _ = tokio::time::timeout(Duration::from_secs(30), vm.child.wait()).await;
+    drop((srv_a, srv_b));
+    Ok(VfFigures {
+        blackout_us: num("max_blackout_us"),
+        downtime_ms,
+        handoffs: 3,
+    })
+}
