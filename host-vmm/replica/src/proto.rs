@@ -7,7 +7,7 @@
 use sha2::{Digest as _, Sha256};
 
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// First bytes of a Hello, so a stray peer is told apart from a primary.
 pub const MAGIC: [u8; 4] = *b"TNRP";
 /// Layers travel in chunks of this size, at offsets that are multiples of it.
@@ -62,7 +62,7 @@ impl WireFormat {
             WireFormat::Vhdx => tandem_disk::Format::Vhdx,
         }
     }
-    fn from_u8(b: u8) -> Result<WireFormat, ProtoError> {
+    pub fn from_u8(b: u8) -> Result<WireFormat, ProtoError> {
         Ok(match b {
             1 => WireFormat::Raw,
             2 => WireFormat::Qcow2,
@@ -117,6 +117,16 @@ impl RefuseCode {
     }
 }
 
+/// The part of a layer a site received before its connection was cut: the
+/// layer (as its `layer-begin` described it) and how far it got. Every
+/// chunk below `offset` is in the site's file, checked by its CRC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Partial {
+    pub file_len: u64,
+    pub sealed_at_ms: u64,
+    pub offset: u64,
+}
+
 /// Everything that crosses the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -132,6 +142,8 @@ pub enum Message {
         version: u16,
         last_seq: u64,
         last_digest: [u8; 32],
+        /// What the site holds of layer `last_seq + 1`, cut mid-transfer.
+        partial: Option<Partial>,
     },
     /// Either way: the session ends, with the reason.
     Refuse { code: RefuseCode, reason: String },
@@ -289,8 +301,20 @@ impl Message {
                 version,
                 last_seq,
                 last_digest,
+                partial,
             } => {
-                w.u16(*version).u64(*last_seq).bytes(last_digest);
+                // No partial layer: three zeros (a partial has offset > 0).
+                let p = partial.unwrap_or(Partial {
+                    file_len: 0,
+                    sealed_at_ms: 0,
+                    offset: 0,
+                });
+                w.u16(*version)
+                    .u64(*last_seq)
+                    .bytes(last_digest)
+                    .u64(p.file_len)
+                    .u64(p.sealed_at_ms)
+                    .u64(p.offset);
                 T_WELCOME
             }
             Message::Refuse { code, reason } => {
@@ -365,11 +389,26 @@ impl Message {
                     disk_size: r.u64()?,
                 }
             }
-            T_WELCOME => Message::Welcome {
-                version: r.u16()?,
-                last_seq: r.u64()?,
-                last_digest: r.array()?,
-            },
+            T_WELCOME => {
+                let (version, last_seq, last_digest) = (r.u16()?, r.u64()?, r.array()?);
+                let p = Partial {
+                    file_len: r.u64()?,
+                    sealed_at_ms: r.u64()?,
+                    offset: r.u64()?,
+                };
+                if p.offset > p.file_len {
+                    return Err(ProtoError::Invalid(format!(
+                        "welcome: partial layer cut at {} of {} bytes",
+                        p.offset, p.file_len
+                    )));
+                }
+                Message::Welcome {
+                    version,
+                    last_seq,
+                    last_digest,
+                    partial: (p.offset > 0).then_some(p),
+                }
+            }
             T_REFUSE => Message::Refuse {
                 code: RefuseCode::from_u8(r.u8()?)?,
                 reason: r.string()?,
@@ -572,6 +611,11 @@ impl LayerDigest {
         CHUNK.min(file_len.saturating_sub(offset))
     }
 
+    /// The offset after the last chunk added (0 before any).
+    pub fn next_offset(&self) -> u64 {
+        self.next
+    }
+
     /// Adds a chunk, checking that it is where and as long as the rules say.
     pub fn add(&mut self, offset: u64, data: &[u8]) -> Result<(), ProtoError> {
         if !offset.is_multiple_of(CHUNK) || offset < self.next || offset >= self.file_len {
@@ -652,6 +696,17 @@ mod tests {
                 version: VERSION,
                 last_seq: 5,
                 last_digest: [9; 32],
+                partial: None,
+            },
+            Message::Welcome {
+                version: VERSION,
+                last_seq: 5,
+                last_digest: [9; 32],
+                partial: Some(Partial {
+                    file_len: 9 << 20,
+                    sealed_at_ms: 1_700_000_000_000,
+                    offset: 3 << 20,
+                }),
             },
             Message::Refuse {
                 code: RefuseCode::StaleGeneration,
@@ -703,17 +758,26 @@ mod tests {
     #[test]
     fn golden_welcome_frame() {
         let f = Message::Welcome {
-            version: 1,
+            version: 2,
             last_seq: 2,
             last_digest: [0xab; 32],
+            partial: Some(Partial {
+                file_len: 3 << 20,
+                sealed_at_ms: 5,
+                offset: 1 << 20,
+            }),
         }
         .encode();
-        assert_eq!(&f[..5], &[2, 42, 0, 0, 0]);
-        assert_eq!(&f[5..7], &[1, 0]);
+        assert_eq!(&f[..5], &[2, 66, 0, 0, 0]);
+        assert_eq!(&f[5..7], &[2, 0]);
         assert_eq!(&f[7..15], &[2, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(f.len(), 5 + 42 + 4);
-        let crc = crc32c::crc32c(&f[..47]);
-        assert_eq!(&f[47..], &crc.to_le_bytes());
+        assert_eq!(&f[15..47], &[0xab; 32]);
+        assert_eq!(&f[47..55], &(3u64 << 20).to_le_bytes());
+        assert_eq!(&f[55..63], &5u64.to_le_bytes());
+        assert_eq!(&f[63..71], &(1u64 << 20).to_le_bytes());
+        assert_eq!(f.len(), 5 + 66 + 4);
+        let crc = crc32c::crc32c(&f[..71]);
+        assert_eq!(&f[71..], &crc.to_le_bytes());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::manifest::{
 };
 use crate::proto::{hex, Message, RefuseCode};
 use crate::retention::{plan, Slot};
-use crate::session::{Completed, Peer, Refusal, Session};
+use crate::session::{Completed, Offer, Peer, Refusal, Session};
 use crate::wire::{self, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +64,10 @@ pub fn layer_file(seq: u64, format: tandem_disk::Format) -> String {
 }
 
 fn is_ours(name: &str) -> bool {
-    name.starts_with("layer-") || name.starts_with(".incoming-") || name == ".manifest.json.tmp"
+    name.starts_with("layer-")
+        || name.starts_with(".incoming-")
+        || name.starts_with(".partial-")
+        || name == ".manifest.json.tmp"
 }
 
 /// The site's directory and manifest.
@@ -98,8 +101,15 @@ impl Store {
             tracing::info!("finishing an interrupted merge");
             store.finish_merge()?;
         }
+        let next = store.manifest.layers.last().map_or(0, |l| l.seq) + 1;
+        let partial = store.partial_path(next);
+        let partial_names: Vec<String> = [partial.clone(), sidecar(&partial)]
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
         let manifest = &store.manifest;
-        let keep: Vec<&str> = manifest.layers.iter().map(|l| l.file.as_str()).collect();
+        let mut keep: Vec<&str> = manifest.layers.iter().map(|l| l.file.as_str()).collect();
+        keep.extend(partial_names.iter().map(String::as_str));
         for entry in fs::read_dir(dir).map_err(io(dir, "list"))? {
             let entry = entry.map_err(io(dir, "list"))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -231,7 +241,9 @@ impl Store {
     /// Registers the connection of an accepted primary and cuts every
     /// other one; returns the session's id.
     pub fn register(&mut self, conn: Option<TcpStream>) -> u64 {
-        for (id, old) in self.sessions.drain(..) {
+        // Each cut session unregisters itself once it has ended (having
+        // kept what it received of a layer).
+        for (id, old) in &self.sessions {
             tracing::info!(session = id, "a newer session of the primary cuts this one");
             let _ = old.shutdown(std::net::Shutdown::Both);
         }
@@ -241,6 +253,35 @@ impl Store {
             self.sessions.push((id, c));
         }
         id
+    }
+
+    /// How many sessions other than `id` are registered.
+    pub fn sessions_other_than(&self, id: u64) -> usize {
+        self.sessions.iter().filter(|(i, _)| *i != id).count()
+    }
+
+    /// Where the part of layer `seq` a cut session received is kept.
+    pub fn partial_path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!(".partial-{seq:06}"))
+    }
+
+    /// The partial next layer, if a cut session left one.
+    pub fn partial_offer(&self) -> Option<Offer> {
+        let seq = self.manifest.layers.last().map_or(0, |l| l.seq) + 1;
+        let path = self.partial_path(seq);
+        let record: PartialRecord = serde_json::from_slice(&fs::read(sidecar(&path)).ok()?).ok()?;
+        let len = fs::metadata(&path).ok()?.len();
+        if record.seq != seq || len != record.file_len {
+            return None;
+        }
+        Some(Offer {
+            seq,
+            format: crate::proto::WireFormat::from_u8(record.format).ok()?,
+            file_len: record.file_len,
+            sealed_at_ms: record.sealed_at_ms,
+            name: record.name,
+            offset: record.offset,
+        })
     }
 
     pub fn unregister(&mut self, id: u64) {
@@ -332,6 +373,10 @@ impl Store {
         m.layers.push(record.clone());
         m.save(&self.dir)?;
         self.manifest = m;
+        // A part of this layer a cut session kept is stale now.
+        let partial = self.partial_path(layer.seq);
+        let _ = fs::remove_file(sidecar(&partial));
+        let _ = fs::remove_file(&partial);
         tracing::debug!(
             seq = layer.seq,
             fsync_ms = synced.as_millis() as u64,
@@ -567,9 +612,29 @@ pub fn serve_connection(
         (control, &mut registered),
     );
     if let Some(t) = tmp {
+        let cut = matches!(result, Ok(()) | Err(SessionError::Wire(WireError::Io(_))));
+        let received = session.incoming().map(|i| (i.seq, i.received_up_to()));
         let path = t.path.clone();
-        drop(t);
-        let _ = fs::remove_file(path);
+        let kept = match (cut, received) {
+            (true, Some((seq, offset))) if offset > 0 => match t.finish() {
+                Ok(path) => keep_partial(store, &session, &path, seq, offset),
+                Err(e) => Err(e),
+            },
+            _ => {
+                drop(t);
+                Ok(false)
+            }
+        };
+        match kept {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = fs::remove_file(&path);
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "could not keep the partial layer");
+                let _ = fs::remove_file(&path);
+            }
+        }
     }
     if let Some(id) = registered {
         lock(store).unregister(id);
@@ -587,6 +652,71 @@ pub fn serve_connection(
         }
         Err(e) => Err(e.to_string()),
     }
+}
+
+fn remove_if_there(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path, "remove")(e)),
+        _ => Ok(()),
+    }
+}
+
+/// The description of a partial layer file.
+fn sidecar(partial: &Path) -> PathBuf {
+    let mut name = partial.as_os_str().to_owned();
+    name.push(".json");
+    PathBuf::from(name)
+}
+
+/// What a site keeps of a layer cut mid-transfer (`.partial-NNNNNN.json`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PartialRecord {
+    seq: u64,
+    format: u8,
+    file_len: u64,
+    sealed_at_ms: u64,
+    name: String,
+    /// Every chunk below is in the file, synced.
+    offset: u64,
+}
+
+/// Keeps the part of a layer a cut session received, to be offered to the
+/// next session: the file synced, renamed to `.partial-NNNNNN`, then its
+/// description written (atomically). Returns whether it was kept.
+fn keep_partial(
+    store: &Mutex<Store>,
+    session: &Session,
+    tmp: &Path,
+    seq: u64,
+    offset: u64,
+) -> Result<bool, StoreError> {
+    let Some(i) = session.incoming() else {
+        return Ok(false);
+    };
+    let st = lock(store);
+    if st.manifest.layers.last().map_or(0, |l| l.seq) + 1 != seq {
+        return Ok(false);
+    }
+    fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(tmp, "fsync"))?;
+    let partial = st.partial_path(seq);
+    fs::rename(tmp, &partial).map_err(io(&partial, "rename partial layer"))?;
+    fsync_dir(&st.dir)?;
+    let record = PartialRecord {
+        seq,
+        format: i.format as u8,
+        file_len: i.file_len,
+        sealed_at_ms: i.sealed_at_ms,
+        name: i.name.clone(),
+        offset,
+    };
+    let text = serde_json::to_vec(&record).map_err(|e| {
+        io(&partial, "describe partial layer")(std::io::Error::other(e.to_string()))
+    })?;
+    crate::manifest::write_atomic(&sidecar(&partial), &text)?;
+    tracing::info!(seq, offset, "kept a layer cut mid-transfer");
+    Ok(true)
 }
 
 /// An error and its causes on one line.
@@ -612,22 +742,39 @@ fn session_loop(
     let Some(first) = wire::recv(reader)? else {
         return Ok(());
     };
-    let peer = {
+    let (peer, mut welcome) = {
         let mut st = lock(store);
         let (peer, welcome) = session
             .hello(&first, st.manifest())
             .map_err(SessionError::Refused)?;
         st.accept(&peer)?;
         *registered = Some(st.register(control));
+        (peer, welcome)
+    };
+    // The sessions this one cut keep what they received of a layer: wait
+    // (a little) for them to end, so it can be offered.
+    let me = registered.unwrap_or_default();
+    for _ in 0..150 {
+        if lock(store).sessions_other_than(me) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    {
+        let st = lock(store);
+        let offer = st.partial_offer();
+        if let Message::Welcome { partial, .. } = &mut welcome {
+            *partial = session.set_offer(offer);
+        }
         wire::send(writer, &welcome)?;
         tracing::info!(
             chain = %hex(&peer.chain_id),
             generation = peer.generation,
             resume_after = st.manifest().layers.last().map_or(0, |l| l.seq),
+            partial = ?welcome,
             "primary accepted"
         );
-        peer
-    };
+    }
     let mut frames = wire::FrameReader::default();
     loop {
         let msg = match frames.next(reader)? {
@@ -652,17 +799,51 @@ fn session_loop(
         };
         match msg {
             Message::LayerBegin { .. } => {
-                let (seq, file_len) = {
+                let (seq, file_len, resume_from) = {
                     let i = session.begin(msg).map_err(SessionError::Refused)?;
-                    (i.seq, i.file_len)
+                    (i.seq, i.file_len, i.resume_from)
                 };
-                let path =
-                    lock(store).incoming_path(seq, peer.generation, registered.unwrap_or_default());
+                let (path, partial) = {
+                    let st = lock(store);
+                    (
+                        st.incoming_path(seq, peer.generation, me),
+                        st.partial_path(seq),
+                    )
+                };
+                if resume_from > 0 {
+                    // The site's own part first: moved to this session's
+                    // name, hashed again from the file (a chunk that reads
+                    // as zeros was never sent).
+                    fs::rename(&partial, &path).map_err(io(&partial, "rename partial layer"))?;
+                    remove_if_there(&sidecar(&partial))?;
+                    let mut r = crate::sender::ChunkReader::open(&path).map_err(|e| {
+                        io(&path, "read partial layer")(std::io::Error::other(e.to_string()))
+                    })?;
+                    let mut buf = Vec::new();
+                    while let Some(at) = r.next_into(&mut buf).map_err(|e| {
+                        io(&path, "read partial layer")(std::io::Error::other(e.to_string()))
+                    })? {
+                        if at >= resume_from {
+                            break;
+                        }
+                        session
+                            .replay(seq, at, &buf)
+                            .map_err(SessionError::Refused)?;
+                    }
+                    tracing::info!(
+                        seq,
+                        offset = resume_from,
+                        "resuming a layer cut mid-transfer"
+                    );
+                } else {
+                    remove_if_there(&partial)?;
+                    remove_if_there(&sidecar(&partial))?;
+                }
                 let f = fs::OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create(true)
-                    .truncate(true)
+                    .truncate(resume_from == 0)
                     .open(&path)
                     .map_err(io(&path, "create"))?;
                 f.set_len(file_len).map_err(io(&path, "size"))?;

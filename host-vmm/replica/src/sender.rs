@@ -639,12 +639,16 @@ fn session(
             disk_size,
         },
     )?;
+    // What the site holds of the next layer, cut mid-transfer.
+    let mut resume: Option<crate::proto::Partial>;
     let mut confirmed = match wire::recv(&mut reader)? {
         Some(Message::Welcome {
             last_seq,
             last_digest,
+            partial,
             ..
         }) => {
+            resume = partial;
             let first = identity.first();
             let n = first - 1 + layers.len() as u64;
             if last_seq > n {
@@ -746,7 +750,15 @@ fn session(
         }
         let seq = confirmed + 1;
         let path = layers[(seq - first) as usize].clone();
-        ship(&mut reader, &mut writer, &path, seq, status, cfg)?;
+        ship(
+            &mut reader,
+            &mut writer,
+            &path,
+            seq,
+            resume.take(),
+            status,
+            cfg,
+        )?;
         confirmed = seq;
     }
 }
@@ -754,11 +766,15 @@ fn session(
 /// Chunks read ahead of the socket.
 const PIPELINE: usize = 3;
 
+/// Ships layer `seq`. With `partial` (what the site kept of it from a cut
+/// session), chunks below its offset are hashed but not sent, if it is the
+/// same layer (length and seal time; the digest checks the rest).
 fn ship(
     reader: &mut impl std::io::Read,
     writer: &mut impl Write,
     path: &Path,
     seq: u64,
+    partial: Option<crate::proto::Partial>,
     status: &Mutex<Status>,
     cfg: &SendConfig,
 ) -> Result<(), SendError> {
@@ -771,6 +787,17 @@ fn ship(
         source,
     })?;
     let sealed_at = sealed_at_ms(&meta);
+    let skip = partial
+        .filter(|p| p.file_len == meta.len() && p.sealed_at_ms == sealed_at)
+        .map_or(0, |p| p.offset);
+    if skip > 0 {
+        tracing::info!(
+            seq,
+            offset = skip,
+            "the site holds the start of this layer: resuming"
+        );
+        set(status, |s| s.bytes_resumed += skip);
+    }
     wire::queue(
         writer,
         &Message::LayerBegin {
@@ -799,13 +826,26 @@ fn ship(
         }
         let reader = scope.spawn(move || -> Result<LayerDigest, SendError> {
             let mut digest = LayerDigest::new(file_len);
-            while let Ok(mut buf) = empty_rx.recv() {
+            let mut spare = None;
+            loop {
+                let mut buf = match spare.take() {
+                    Some(b) => b,
+                    None => match empty_rx.recv() {
+                        Ok(b) => b,
+                        Err(_) => break,
+                    },
+                };
                 let Some(offset) = chunks.next_into(&mut buf)? else {
                     break;
                 };
                 digest
                     .add(offset, &buf)
                     .map_err(|e| SendError::Backend(format!("{}: {e}", path.display())))?;
+                if offset < skip {
+                    // The site has it: hashed, not sent.
+                    spare = Some(buf);
+                    continue;
+                }
                 if full_tx.send((offset, buf)).is_err() {
                     break;
                 }

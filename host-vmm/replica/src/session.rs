@@ -4,7 +4,7 @@
 //! digest. The server (`server.rs`) does the I/O its answers call for.
 
 use crate::manifest::Manifest;
-use crate::proto::{hex, LayerDigest, Message, RefuseCode, WireFormat, VERSION};
+use crate::proto::{hex, LayerDigest, Message, Partial, RefuseCode, WireFormat, VERSION};
 
 /// A refusal: sent to the peer, then the connection closes.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -45,7 +45,29 @@ pub struct Incoming {
     pub sealed_at_ms: u64,
     pub has_parent: bool,
     pub name: String,
+    /// Resumed: chunks below this offset are the site's own (replayed
+    /// from its partial file), the sender's start here. 0: a fresh layer.
+    pub resume_from: u64,
     digest: LayerDigest,
+}
+
+impl Incoming {
+    /// Where the chunks received so far end: every chunk below is in the file.
+    pub fn received_up_to(&self) -> u64 {
+        self.digest.next_offset()
+    }
+}
+
+/// A partial layer the site holds (the next one, cut mid-transfer), offered
+/// to the primary in its welcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offer {
+    pub seq: u64,
+    pub format: WireFormat,
+    pub file_len: u64,
+    pub sealed_at_ms: u64,
+    pub name: String,
+    pub offset: u64,
 }
 
 /// A layer whose bytes all arrived and whose digest matches.
@@ -65,6 +87,7 @@ pub struct Session {
     peer: Option<Peer>,
     last_seq: u64,
     incoming: Option<Incoming>,
+    offer: Option<Offer>,
 }
 
 fn protocol(reason: impl Into<String>) -> Refusal {
@@ -90,6 +113,18 @@ impl Session {
         &mut self,
         msg: &Message,
         manifest: &Manifest,
+    ) -> Result<(Peer, Message), Refusal> {
+        self.hello_with(msg, manifest, None)
+    }
+
+    /// [`Session::hello`], offering a partial layer (ignored unless it is
+    /// the next one): the welcome names it, and a `layer-begin` that
+    /// describes the same layer resumes it.
+    pub fn hello_with(
+        &mut self,
+        msg: &Message,
+        manifest: &Manifest,
+        offer: Option<Offer>,
     ) -> Result<(Peer, Message), Refusal> {
         let Message::Hello {
             version,
@@ -156,14 +191,28 @@ impl Session {
         };
         self.peer = Some(peer.clone());
         self.last_seq = last_seq;
+        let partial = self.set_offer(offer);
         Ok((
             peer,
             Message::Welcome {
                 version: VERSION,
                 last_seq,
                 last_digest,
+                partial,
             },
         ))
+    }
+
+    /// Offers a partial layer after the hello (ignored unless it is the next
+    /// layer and partial); returns what the welcome says of it.
+    pub fn set_offer(&mut self, offer: Option<Offer>) -> Option<Partial> {
+        self.offer =
+            offer.filter(|o| o.seq == self.last_seq + 1 && o.offset > 0 && o.offset <= o.file_len);
+        self.offer.as_ref().map(|o| Partial {
+            file_len: o.file_len,
+            sealed_at_ms: o.sealed_at_ms,
+            offset: o.offset,
+        })
     }
 
     /// A layer begins: it must be the next one, and only the base has no parent.
@@ -206,6 +255,19 @@ impl Session {
         if format == WireFormat::Raw && has_parent {
             return Err(protocol("a raw layer cannot have a parent"));
         }
+        // The offer holds for the first layer of the session only.
+        let resume_from = match self.offer.take() {
+            Some(o)
+                if o.seq == seq
+                    && o.format == format
+                    && o.file_len == file_len
+                    && o.sealed_at_ms == sealed_at_ms
+                    && o.name == name =>
+            {
+                o.offset
+            }
+            _ => 0,
+        };
         Ok(self.incoming.insert(Incoming {
             seq,
             format,
@@ -213,12 +275,35 @@ impl Session {
             sealed_at_ms,
             has_parent,
             name,
+            resume_from,
             digest: LayerDigest::new(file_len),
         }))
     }
 
+    /// A chunk of a resumed layer that the site already holds (below
+    /// `resume_from`), read back from its partial file, in order.
+    pub fn replay(&mut self, seq: u64, offset: u64, data: &[u8]) -> Result<(), Refusal> {
+        match &self.incoming {
+            Some(i) if offset < i.resume_from => {}
+            _ => return Err(protocol(format!("replay of a chunk at {offset:#x}"))),
+        }
+        self.add(seq, offset, data).map(|_| ())
+    }
+
     /// A chunk of the current layer: returns where to write it.
     pub fn chunk(&mut self, seq: u64, offset: u64, data: &[u8]) -> Result<u64, Refusal> {
+        if let Some(i) = &self.incoming {
+            if offset < i.resume_from {
+                return Err(protocol(format!(
+                    "chunk at {offset:#x} of a layer resumed at {:#x}",
+                    i.resume_from
+                )));
+            }
+        }
+        self.add(seq, offset, data)
+    }
+
+    fn add(&mut self, seq: u64, offset: u64, data: &[u8]) -> Result<u64, Refusal> {
         let i = self
             .incoming
             .as_mut()
@@ -341,6 +426,68 @@ mod tests {
         }
     }
 
+    /// A partial layer offered in the welcome resumes only for the same
+    /// layer: the site's own chunks are replayed below the offset, the
+    /// sender's start at it, and the digest is the whole layer's.
+    #[test]
+    fn a_partial_layer_resumes_only_for_the_same_layer() {
+        let offer = Offer {
+            seq: 4,
+            format: WireFormat::Qcow2,
+            file_len: 3 * CHUNK,
+            sealed_at_ms: 1,
+            name: "x".into(),
+            offset: 2 * CHUNK,
+        };
+        let chunks: Vec<Vec<u8>> = (1..=3u8).map(|b| vec![b; CHUNK as usize]).collect();
+        let mut whole = LayerDigest::new(3 * CHUNK);
+        for (i, c) in chunks.iter().enumerate() {
+            whole.add(i as u64 * CHUNK, c).unwrap();
+        }
+        let whole = whole.finish();
+        // Another layer 4 (another seal time): a fresh start.
+        let mut s = Session::new();
+        let (_, w) = s
+            .hello_with(&hello(1, 5), &manifest_with(1, 4, 3), Some(offer.clone()))
+            .unwrap();
+        assert!(matches!(w, Message::Welcome { partial: Some(p), .. } if p.offset == 2 * CHUNK));
+        let mut other = begin(4, 3 * CHUNK, true);
+        if let Message::LayerBegin { sealed_at_ms, .. } = &mut other {
+            *sealed_at_ms = 2;
+        }
+        assert_eq!(s.begin(other).unwrap().resume_from, 0);
+        // An offer for a layer that is not the next one is not made.
+        let mut s = Session::new();
+        let (_, w) = s
+            .hello_with(&hello(1, 5), &manifest_with(1, 4, 2), Some(offer.clone()))
+            .unwrap();
+        assert!(matches!(w, Message::Welcome { partial: None, .. }));
+        // The same layer resumes.
+        let mut s = Session::new();
+        s.hello_with(&hello(1, 5), &manifest_with(1, 4, 3), Some(offer))
+            .unwrap();
+        assert_eq!(
+            s.begin(begin(4, 3 * CHUNK, true)).unwrap().resume_from,
+            2 * CHUNK
+        );
+        assert!(s.chunk(4, 0, &chunks[0]).is_err(), "the site's part");
+        s.replay(4, 0, &chunks[0]).unwrap();
+        s.replay(4, CHUNK, &chunks[1]).unwrap();
+        assert!(
+            s.replay(4, 2 * CHUNK, &chunks[2]).is_err(),
+            "the sender's part"
+        );
+        s.chunk(4, 2 * CHUNK, &chunks[2]).unwrap();
+        let done = s
+            .end(Message::LayerEnd {
+                seq: 4,
+                chunks: 3,
+                digest: whole,
+            })
+            .unwrap();
+        assert_eq!(done.digest, whole);
+    }
+
     #[test]
     fn an_empty_site_accepts_and_resumes_from_nothing() {
         let mut s = Session::new();
@@ -359,7 +506,8 @@ mod tests {
             Message::Welcome {
                 version: VERSION,
                 last_seq: 3,
-                last_digest: [3; 32]
+                last_digest: [3; 32],
+                partial: None,
             }
         );
         assert!(s.begin(begin(3, 10, true)).is_err(), "already have 3");

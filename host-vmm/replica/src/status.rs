@@ -36,6 +36,9 @@ pub struct Status {
     /// from the previous point's seal).
     pub worst_rpo_ms: u64,
     pub reconnects: u64,
+    /// Bytes of layers cut mid-transfer that were not sent again (the site
+    /// kept them).
+    pub bytes_resumed: u64,
     /// Merges of shipped layers on the primary (retention keeps its chain short).
     pub merges: u64,
     pub last_error: Option<String>,

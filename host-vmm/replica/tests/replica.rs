@@ -171,6 +171,42 @@ fn a_cut_connection_resumes_without_a_full_copy() {
     assert_qemu_identical(&p.sealed()[1], &out);
 }
 
+/// A layer cut in the middle of its transfer resumes where the site got
+/// to: the site keeps what it received and offers its offset, the sender
+/// hashes that part without sending it (the digest still covers the whole
+/// layer), and the point equals the primary's layer.
+#[test]
+fn a_layer_cut_mid_transfer_resumes_where_the_site_got_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::start(&dir.path().join("site"));
+    let mut p = Primary::create(dir.path(), Format::Raw);
+    p.write_batch(300);
+    // Cut the initial sync (a 4 MiB raw base) 2.5 MiB in.
+    let (proxy, cuts) = cutting_proxy(site.addr.clone(), 5 << 19);
+    let st = replicate(&p.top, &proxy, 1).unwrap();
+    assert_eq!(cuts.load(Ordering::SeqCst), 1, "the connection was cut");
+    assert!(st.reconnects >= 1, "{st:?}");
+    assert!(
+        st.bytes_resumed >= 2 << 20,
+        "the site's first 2 MiB were sent again: {st:?}"
+    );
+    let pts = points(&site.dir).unwrap();
+    assert_eq!(pts.len(), 1);
+    let base = &p.sealed()[0];
+    assert_eq!(read_all(&site.dir.join(&pts[0].file)), read_all(base));
+    assert_qemu_identical(base, &site.dir.join(&pts[0].file));
+    let names: Vec<String> = std::fs::read_dir(&site.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.starts_with(".partial") && !n.starts_with(".incoming")),
+        "{names:?}"
+    );
+}
+
 #[test]
 fn wrong_stale_and_diverged_primaries_are_refused() {
     let dir = tempfile::tempdir().unwrap();
