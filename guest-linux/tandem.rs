@@ -178,6 +178,10 @@ struct Shared {
     status_irqs: Atomic<u64>,
     doorbells: Atomic<u64>,
     ring_full: Atomic<u64>,
+    /// Test hook (`stall_requests`): host `FUNCTION` requests that arrive
+    /// before this time (ms since load) are dropped unanswered, as by a
+    /// guest driver that hung.
+    stall_until_ms: Atomic<u64>,
     #[pin]
     chan: Mutex<Chan>,
     /// Bumped when a ping completes; ping waiters sleep on `ev_cv`.
@@ -229,6 +233,7 @@ impl Shared {
             status_irqs: Atomic::new(0),
             doorbells: Atomic::new(0),
             ring_full: Atomic::new(0),
+            stall_until_ms: Atomic::new(0),
             chan <- new_mutex!(Chan {
                 ep: Endpoint::new(Role::Guest, offered(), caps::ALL, DEFAULT_HOST_PARAMS, VERSION, 0),
                 g2h_producer: 0,
@@ -416,6 +421,10 @@ impl Shared {
         let Some((tag, req)) = self.chan.lock().function.take() else {
             return;
         };
+        if self.now_ms() < self.stall_until_ms.load(Acquire) {
+            pr_warn!("stall_requests: a host function request is dropped unanswered\n");
+            return;
+        }
         let (status, report) = functions::execute(&req);
         let mut guard = self.chan.lock();
         let c = &mut *guard;
@@ -921,6 +930,17 @@ fn ping_write(s: &Arc<Shared>, r: &mut UserSliceReader) -> Result {
 
 /// `echo FAULT > inject`: garbage, oversized, unknown_kind, bad_version,
 /// short_payload, unexpected_response, bad_flags.
+/// `stall_requests`: for the next N ms, host function requests go
+/// unanswered (tests of a host facing a hung guest driver).
+fn stall_write(s: &Arc<Shared>, r: &mut UserSliceReader) -> Result {
+    let mut buf = [0u8; 64];
+    let n = read_words(r, &mut buf)?;
+    let text = core::str::from_utf8(&buf[..n]).map_err(|_| EINVAL)?;
+    let ms: u64 = text.trim().parse().map_err(|_| EINVAL)?;
+    s.stall_until_ms.store(s.now_ms().saturating_add(ms), Release);
+    Ok(())
+}
+
 fn inject_write(s: &Arc<Shared>, r: &mut UserSliceReader) -> Result {
     let mut buf = [0u8; 64];
     let n = read_words(r, &mut buf)?;
@@ -935,6 +955,7 @@ fn populate_dir<'d>(s: &'d Arc<Shared>, dir: &ScopedDir<'d, '_>) {
     dir.read_callback_file(c"ping_stats", s, &ping_stats_show);
     dir.write_only_callback_file(c"ping", s, &ping_write);
     dir.write_only_callback_file(c"inject", s, &inject_write);
+    dir.write_only_callback_file(c"stall_requests", s, &stall_write);
 }
 
 // ---- the PCI driver ----

@@ -130,7 +130,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     let (ctrl, _) = crate::nvme::attach(&mut vm, &srv_a.dir, 1).await?;
     path_op(&mut vm, "nvme-vf1", "direct").await?;
     println!("[vf] /dev/tandem0 over virtio-blk vda and {ctrl}n1 (VF1 of host A's device server), I/O on the VF");
-    start_fio(&mut vm.console, 100, 8).await?;
+    start_fio(&mut vm.console, 150, 8).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // There: to the other host, which plugs its own VF.
@@ -151,7 +151,70 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
     println!("[vf] migrated back to host A: {line}; downtime {downtime2} ms; VF1 direct again {back_s:.1} s after");
 
-    // Saved and restored.
+    // A guest driver that does not answer (its function requests dropped
+    // for 15 s): by default the migration is aborted and nothing moves.
+    vm.console
+        .check("echo 15000 > $(ls -d /sys/kernel/debug/tandem/0000:* | head -1)/stall_requests")
+        .await?;
+    let api = vm.api.display().to_string();
+    let nowhere = format!("tcp:{}:4452", crate::migrate::DST_IP);
+    let (code, out, err) = tandem(&[
+        "migrate",
+        "--to",
+        &nowhere,
+        "--handoff-ms",
+        "2000",
+        "--api-socket",
+        &api,
+    ])
+    .await?;
+    ensure!(
+        code != 0
+            && err.contains("did not move nvme-vf1's I/O")
+            && err.contains("nothing was moved"),
+        "migration with an unanswering guest ({code}): {out}{err}"
+    );
+    let still = direct_again(&vm.api, Duration::from_secs(60)).await?;
+    println!(
+        "[vf] guest driver stalled: the migration aborted ({}); the VM ran on with the VF, direct again once the guest answered ({still:.1} s)",
+        err.lines().last().unwrap_or("").trim()
+    );
+
+    // The same with --force-handoff: the VF is removed anyway, the guest's
+    // volume fails over by itself, and the migration goes on.
+    vm.console
+        .check("echo 15000 > $(ls -d /sys/kernel/debug/tandem/0000:* | head -1)/stall_requests")
+        .await?;
+    let d = host.incoming(w, "dst-vf-forced", 4453, &there_args).await?;
+    let (code, out, err) = tandem(&[
+        "migrate",
+        "--to",
+        &d.uri,
+        "--handoff-ms",
+        "2000",
+        "--force-handoff",
+        "--api-socket",
+        &api,
+    ])
+    .await?;
+    ensure!(
+        code == 0 && out.contains("removed by force"),
+        "forced handoff ({code}): {out}{err}"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(60), vm.child.wait()).await;
+    let mut vm = arrived(d).await?;
+    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    let line = volume_line(&mut vm.console).await?;
+    ensure!(
+        line.contains("losses=1"),
+        "the forced removal should count as the volume's one loss: {line}"
+    );
+    println!(
+        "[vf] stalled guest with --force-handoff: {}; the volume failed over by itself; at host B the VF is direct again {back_s:.1} s after",
+        out.lines().find(|l| l.contains("handed off")).unwrap_or("").trim()
+    );
+
+    // Saved and restored (at host B).
     let state = w.join("vf.state");
     let state_s = state.display().to_string();
     let api = vm.api.display().to_string();
@@ -170,7 +233,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
             "--restore",
             &state_s,
             "--direct",
-            &direct_a,
+            &direct_b,
             "--serial",
             &format!("unix:{}", serial2.display()),
             "--api-socket",
@@ -211,7 +274,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         "fio: {}",
         crate::guest::tail(&fio, 20)
     );
-    println!("[vf] fio randwrite QD8 with verify on /dev/tandem0 through 2 migrations and a save/restore: no error; guest volume: {line}");
+    println!("[vf] fio randwrite QD8 with verify on /dev/tandem0 through 3 migrations, an aborted one and a save/restore: no error; guest volume: {line}");
     let (code, _, err) = tandem(&[
         "shutdown",
         "--api-socket",
@@ -226,6 +289,6 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     Ok(VfFigures {
         blackout_us: num("max_blackout_us"),
         downtime_ms,
-        handoffs: 3,
+        handoffs: 4,
     })
 }

@@ -303,7 +303,14 @@ pub async fn guest_op(
         return Err(DeviceError::NotInGuest(req.id));
     }
     let drain_ms = req.drain_ms.unwrap_or(DEFAULT_DRAIN_MS);
-    let timeout_ms = drain_ms.saturating_add(5000);
+    // A path operation's drain is the operator's handoff budget: little
+    // slack beyond it. Other operations keep a generous margin.
+    let (margin, slack) = if req.op.is_path_op() {
+        (1000, 500)
+    } else {
+        (5000, 3000)
+    };
+    let timeout_ms = drain_ms.saturating_add(margin);
     let call = tandem_api::channel::FunctionCall {
         op: req.op,
         segment: 0,
@@ -318,7 +325,7 @@ pub async fn guest_op(
     let answer = control
         .request(
             &DevRequest::Function { call },
-            Duration::from_millis(u64::from(timeout_ms) + 3000),
+            Duration::from_millis(u64::from(timeout_ms) + slack),
         )
         .await
         .map_err(|e| DeviceError::GuestTimeout(e.to_string()))?;
