@@ -31,13 +31,17 @@ pub fn read_message(r: &mut impl Read) -> Result<Option<Message>, StreamError> {
 
 /// Reads frames from a stream with a read timeout: bytes of a frame cut
 /// by a timeout are kept for the next call, so a timeout never loses
-/// data. The buffer holds at most one frame and one read's worth.
+/// data. The buffer is allocated once (and grown to the largest frame
+/// seen); bytes are read into its free end, frames decoded in place.
 #[derive(Default)]
 pub struct FrameReader {
     buf: Vec<u8>,
+    /// Undecoded bytes are `buf[head..tail]`.
+    head: usize,
+    tail: usize,
 }
 
-/// Bytes asked of the stream per read.
+/// Bytes asked of the stream per read, at least.
 const READ_CHUNK: usize = 256 << 10;
 
 impl FrameReader {
@@ -45,27 +49,39 @@ impl FrameReader {
     /// timeout is `StreamError::Io` of kind `WouldBlock` or `TimedOut`.
     pub fn next(&mut self, r: &mut impl Read) -> Result<Option<Message>, StreamError> {
         loop {
-            if let Some((m, used)) = decode_from(&self.buf)? {
-                self.buf.drain(..used);
+            let have = &self.buf[self.head..self.tail];
+            if let Some((m, used)) = decode_from(have)? {
+                self.head += used;
+                if self.head == self.tail {
+                    self.head = 0;
+                    self.tail = 0;
+                }
                 return Ok(Some(m));
             }
-            let have = self.buf.len();
-            self.buf.resize(have + READ_CHUNK, 0);
-            let n = match r.read(&mut self.buf[have..]) {
-                Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(have);
-                    return Err(e.into());
-                }
+            // Room for the whole frame being read (its length is checked
+            // against the bound by decode_from above) and a chunk more.
+            let need = match have.first_chunk::<HEADER_LEN>() {
+                Some(h) => HEADER_LEN + parse_header(h)?.1,
+                None => HEADER_LEN,
             };
-            self.buf.truncate(have + n);
+            if self.head > 0 && self.buf.len() - self.head < need.max(READ_CHUNK) {
+                self.buf.copy_within(self.head..self.tail, 0);
+                self.tail -= self.head;
+                self.head = 0;
+            }
+            let want = self.head + need.max(READ_CHUNK);
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+            let n = r.read(&mut self.buf[self.tail..])?;
             if n == 0 {
-                return if have == 0 {
+                return if self.tail == self.head {
                     Ok(None)
                 } else {
                     Err(io::Error::from(io::ErrorKind::UnexpectedEof).into())
                 };
             }
+            self.tail += n;
         }
     }
 }

@@ -10,6 +10,7 @@
 //! requires every request the function touches to be completed before its
 //! own response, and the guest frees them when it gets that response.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -122,7 +123,12 @@ pub struct ScsiDevice {
     event_idx: Arc<AtomicBool>,
     inflight: Arc<InFlight>,
     counters: Arc<AtomicCounters>,
+    /// Round trips of the latest PERSISTENT RESERVE OUT commands, in µs.
+    prout_us: Arc<Mutex<VecDeque<u64>>>,
 }
+
+/// PERSISTENT RESERVE OUT latencies kept.
+const PROUT_KEPT: usize = 1024;
 
 fn signal(vring: &VringRwLock, event_idx: bool) {
     let needed = !event_idx || vring.needs_notification().unwrap_or(true);
@@ -142,11 +148,18 @@ impl ScsiDevice {
             event_idx: Arc::new(AtomicBool::new(false)),
             inflight: Arc::new(InFlight::default()),
             counters: Arc::new(AtomicCounters::default()),
+            prout_us: Arc::new(Mutex::new(VecDeque::new())),
         }
     }
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Round trips (submit to outcome) of the latest PERSISTENT RESERVE
+    /// OUT commands, in µs, oldest first.
+    pub fn prout_latencies_us(&self) -> Vec<u64> {
+        lock(&self.prout_us).iter().copied().collect()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -234,10 +247,19 @@ impl ScsiDevice {
             let event_idx = self.event_idx.clone();
             let inflight = self.inflight.clone();
             let counters = self.counters.clone();
+            let prout =
+                (req.cdb.first() == Some(&0x5f)).then(|| (Instant::now(), self.prout_us.clone()));
             self.client.submit(
                 tunnel,
                 Box::new(move |res| {
                     let mem = atomic.memory();
+                    if let (Some((begun, kept)), Ok(_)) = (&prout, &res) {
+                        let mut k = lock(kept);
+                        if k.len() == PROUT_KEPT {
+                            k.pop_front();
+                        }
+                        k.push_back(u64::try_from(begun.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    }
                     let used = match res {
                         Ok(o) => {
                             if o.status != 0 {

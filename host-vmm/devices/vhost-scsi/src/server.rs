@@ -79,6 +79,8 @@ pub struct Info {
     pub resent: u64,
     pub replayed: u64,
     pub failed: u64,
+    /// Round trips of the latest PERSISTENT RESERVE OUT commands (µs).
+    pub prout_latencies_us: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +189,7 @@ pub fn info(dev: &ScsiDevice, cfg: &ServerConfig) -> Info {
         resent: l(&s.resent),
         replayed: l(&s.replayed),
         failed: l(&s.failed),
+        prout_latencies_us: dev.prout_latencies_us(),
     }
 }
 
