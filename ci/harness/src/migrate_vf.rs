@@ -130,7 +130,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     let (ctrl, _) = crate::nvme::attach(&mut vm, &srv_a.dir, 1).await?;
     path_op(&mut vm, "nvme-vf1", "direct").await?;
     println!("[vf] /dev/tandem0 over virtio-blk vda and {ctrl}n1 (VF1 of host A's device server), I/O on the VF");
-    start_fio(&mut vm.console, 150, 8).await?;
+    start_fio(&mut vm.console, 200, 8).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // There: to the other host, which plugs its own VF.
@@ -180,6 +180,45 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         err.lines().last().unwrap_or("").trim()
     );
 
+    // The destination dies mid-migration (bandwidth capped so that it
+    // lasts): the VM runs on here and its VF comes back as the direct path.
+    let d = host.incoming(w, "dst-vf-killed", 4454, &there_args).await?;
+    let api_s = api.clone();
+    let mig = tokio::spawn(async move {
+        tandem(&[
+            "migrate",
+            "--to",
+            &d.uri.clone(),
+            "--bandwidth",
+            "4",
+            "--api-socket",
+            &api_s,
+        ])
+        .await
+        .map(|r| (r, d))
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The handoff is done by now and the transfer under way: kill it.
+    let _ = tokio::process::Command::new("pkill")
+        .args(["-KILL", "-f", "dst-vf-killed"])
+        .status()
+        .await;
+    let ((code, out, err), mut d) = mig.await??;
+    let _ = d.child.kill().await;
+    ensure!(
+        code != 0 && err.contains("keeps running here"),
+        "migration to a destination killed mid-way ({code}): {out}{err}"
+    );
+    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    ensure!(
+        vm.console.check("echo alive").await? == "alive",
+        "the VM does not answer after the failed migration"
+    );
+    println!(
+        "[vf] destination killed mid-migration: {}; the VM ran on here, its VF direct again {back_s:.1} s after",
+        err.lines().last().unwrap_or("").trim()
+    );
+
     // The same with --force-handoff: the VF is removed anyway, the guest's
     // volume fails over by itself, and the migration goes on.
     vm.console
@@ -214,7 +253,9 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         out.lines().find(|l| l.contains("handed off")).unwrap_or("").trim()
     );
 
-    // Saved and restored (at host B).
+    // Saved and restored (at host B), where the VF is refused at first (a
+    // device server that is not there): the VM runs on its synthetic path
+    // until the operator gives it one.
     let state = w.join("vf.state");
     let state_s = state.display().to_string();
     let api = vm.api.display().to_string();
@@ -233,7 +274,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
             "--restore",
             &state_s,
             "--direct",
-            &direct_b,
+            "nvme-vf1=/nonexistent/nvme:1",
             "--serial",
             &format!("unix:{}", serial2.display()),
             "--api-socket",
@@ -249,9 +290,35 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         uri: String::new(),
     })
     .await?;
+    let begun = Instant::now();
+    let refused = loop {
+        let log = std::fs::read_to_string(&vm.log).unwrap_or_default();
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("could not be made the direct path"))
+        {
+            break l.to_owned();
+        }
+        ensure!(
+            begun.elapsed() < Duration::from_secs(120),
+            "no refusal of the missing VF:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let line = volume_line(&mut vm.console).await?;
+    ensure!(
+        line.contains("active=synthetic"),
+        "after the refused VF: {line}"
+    );
+    println!(
+        "[vf] restored with a VF that is not there: {}; the volume runs on its synthetic path",
+        refused.trim()
+    );
+    let (_, _) = crate::nvme::attach(&mut vm, &srv_b.dir, 1).await?;
+    path_op(&mut vm, "nvme-vf1", "direct").await?;
     let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
     println!(
-        "[vf] saved ({}) and restored; VF1 direct again {back_s:.1} s after the restore",
+        "[vf] saved ({}) and restored; VF1 attached by hand and direct again {back_s:.1} s after",
         out.lines()
             .find(|l| l.contains("handed off"))
             .unwrap_or("")
@@ -274,7 +341,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         "fio: {}",
         crate::guest::tail(&fio, 20)
     );
-    println!("[vf] fio randwrite QD8 with verify on /dev/tandem0 through 3 migrations, an aborted one and a save/restore: no error; guest volume: {line}");
+    println!("[vf] fio randwrite QD8 with verify on /dev/tandem0 through 3 migrations, an aborted one, a failed one and a save/restore: no error; guest volume: {line}");
     let (code, _, err) = tandem(&[
         "shutdown",
         "--api-socket",
@@ -289,6 +356,6 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     Ok(VfFigures {
         blackout_us: num("max_blackout_us"),
         downtime_ms,
-        handoffs: 4,
+        handoffs: 5,
     })
 }
