@@ -321,29 +321,32 @@ impl Inner {
         }
     }
 
+    /// `first` is the connection `Client::connect` made and installed.
     fn run(self: &Arc<Self>, mut first: Option<TcpStream>) {
         let mut attempts: u64 = 0;
         while !self.stopping.load(Ordering::Relaxed) {
-            let stream = match first.take() {
-                Some(s) => s,
-                None => match self.connect() {
-                    Ok((s, _, epoch, resumed)) => {
-                        let old = self.epoch.swap(epoch, Ordering::Relaxed);
-                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                        info!(server = %self.cfg.server, restarted = old != epoch, resumed, attempts, "reconnected to the file server");
-                        attempts = 0;
-                        s
+            if let Some(s) = first.take() {
+                self.read_results(s);
+                self.lost();
+                continue;
+            }
+            let stream = match self.connect() {
+                Ok((s, _, epoch, resumed)) => {
+                    let old = self.epoch.swap(epoch, Ordering::Relaxed);
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    info!(server = %self.cfg.server, restarted = old != epoch, resumed, attempts, "reconnected to the file server");
+                    attempts = 0;
+                    s
+                }
+                Err(e) => {
+                    attempts += 1;
+                    if attempts == 1 || attempts.is_multiple_of(25) {
+                        warn!(server = %self.cfg.server, error = %e, attempts, "cannot reach the file server");
                     }
-                    Err(e) => {
-                        attempts += 1;
-                        if attempts == 1 || attempts.is_multiple_of(25) {
-                            warn!(server = %self.cfg.server, error = %e, attempts, "cannot reach the file server");
-                        }
-                        self.expire();
-                        std::thread::sleep(RETRY_EVERY);
-                        continue;
-                    }
-                },
+                    self.expire();
+                    std::thread::sleep(RETRY_EVERY);
+                    continue;
+                }
             };
             if let Err(e) = self.resume(&stream) {
                 warn!(error = %e, "cannot resend commands");
@@ -392,6 +395,8 @@ impl Client {
         });
         let (stream, geometry, epoch, _) = inner.connect()?;
         inner.epoch.store(epoch, Ordering::Relaxed);
+        // Commands submitted from now on go straight out.
+        inner.resume(&stream)?;
         info!(server = %inner.cfg.server, disk = %inner.cfg.disk, initiator = %inner.cfg.initiator, blocks = geometry.blocks, "connected to the file server");
         let runner = inner.clone();
         let reader = std::thread::Builder::new()

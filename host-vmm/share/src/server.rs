@@ -854,3 +854,119 @@ fn serve_api(conn: UnixStream, shared: &Shared) {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn cmd(seq: u64, cdb: &[u8], data_out: Vec<u8>) -> Command {
+        Command {
+            seq,
+            acked: 0,
+            lun: 0,
+            task_attr: 0,
+            data_in_len: 4096,
+            cdb: cdb.to_vec(),
+            data_out,
+        }
+    }
+
+    fn register(seq: u64, key: u64, aptpl: bool) -> Command {
+        let mut p = vec![0u8; 24];
+        p[8..16].copy_from_slice(&key.to_be_bytes());
+        p[20] = u8::from(aptpl);
+        cmd(seq, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24, 0], p)
+    }
+
+    /// A disk opened again from its state file is what a server restart
+    /// sees: with APTPL the registrations and reservation are back, and
+    /// each initiator's last PERSISTENT RESERVE OUT is answered from the
+    /// record instead of running again.
+    #[test]
+    fn a_restart_keeps_aptpl_state_and_the_last_reservation_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let state = dir.path().join("d.raw.pr.json");
+        let d = Disk::open("d.raw", &path, state.clone()).unwrap();
+        assert_eq!(d.execute("a", 7, &register(1, 0xa, true)).status, 0);
+        assert_eq!(d.execute("b", 8, &register(1, 0xb, true)).status, 0);
+        // a reserves Write Exclusive (type 1).
+        let mut p = vec![0u8; 24];
+        p[0..8].copy_from_slice(&0xau64.to_be_bytes());
+        let reserve = cmd(2, &[0x5f, 1, 1, 0, 0, 0, 0, 0, 24, 0], p);
+        assert_eq!(d.execute("a", 7, &reserve).status, 0);
+        drop(d);
+
+        let d = Disk::open("d.raw", &path, state).unwrap();
+        let pr = d.lu.pr_state();
+        assert!(pr.aptpl);
+        assert_eq!(pr.registrations.len(), 2);
+        assert_eq!(pr.reservation.map(|r| r.holder.initiator), Some("a".into()));
+        // b's write conflicts with a's reservation, restored.
+        let w = cmd(2, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], vec![1; 512]);
+        assert_eq!(d.execute("b", 8, &w).status, 0x18);
+        let mut slots = lock(&d.slots);
+        let a = slots.get_mut("a").unwrap();
+        assert_eq!(a.session.incarnation(), 7);
+        // The RESERVE replayed after the restart is not run again (a
+        // second one would succeed too, but a REGISTER with a changed
+        // key would not): its saved outcome comes back.
+        match a.session.admit(2, 1) {
+            Ok(Admit::Replay(o)) => assert!(o.replayed && o.status == 0),
+            other => panic!("{other:?}"),
+        }
+        // b's last PERSISTENT RESERVE OUT was its REGISTER (seq 1).
+        assert!(matches!(
+            slots.get_mut("b").unwrap().session.admit(1, 0),
+            Ok(Admit::Replay(_))
+        ));
+    }
+
+    #[test]
+    fn without_aptpl_a_restart_clears_reservations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let state = dir.path().join("d.raw.pr.json");
+        let d = Disk::open("d.raw", &path, state.clone()).unwrap();
+        assert_eq!(d.execute("a", 7, &register(1, 0xa, false)).status, 0);
+        drop(d);
+        let d = Disk::open("d.raw", &path, state).unwrap();
+        assert!(d.lu.pr_state().registrations.is_empty());
+        // The record of a's REGISTER is still there for a replay.
+        let mut slots = lock(&d.slots);
+        assert!(matches!(
+            slots.get_mut("a").unwrap().session.admit(1, 0),
+            Ok(Admit::Replay(_))
+        ));
+    }
+
+    #[test]
+    fn the_operator_clears_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let d = Disk::open("d.raw", &path, dir.path().join("s.json")).unwrap();
+        assert_eq!(d.execute("a", 7, &register(1, 0xa, true)).status, 0);
+        assert_eq!(d.execute("b", 8, &register(1, 0xb, true)).status, 0);
+        assert_eq!(d.clear(), Ok(2));
+        let pr = d.lu.pr_state();
+        assert!(pr.registrations.is_empty() && pr.reservation.is_none());
+        assert!(d.info().registrations.is_empty());
+        // a's next command reports what happened to its registration.
+        let tur = cmd(2, &[0, 0, 0, 0, 0, 0], vec![]);
+        let o = d.execute("a", 7, &tur);
+        assert_eq!((o.status, o.sense.get(12).copied()), (2, Some(0x2a)));
+    }
+}

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -120,6 +121,8 @@ fn two_initiators_share_reservations() {
 struct Proxy {
     addr: SocketAddr,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// While set, new connections are closed at once (the server is away).
+    refuse: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -127,9 +130,15 @@ impl Proxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let conns = Arc::new(Mutex::new(Vec::new()));
+        let refuse = Arc::new(AtomicBool::new(false));
         let c2 = conns.clone();
+        let r2 = refuse.clone();
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
+                if r2.load(Ordering::SeqCst) {
+                    drop(s);
+                    continue;
+                }
                 let Ok(up) = TcpStream::connect(to) else {
                     continue;
                 };
@@ -145,7 +154,11 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, conns }
+        Proxy {
+            addr,
+            conns,
+            refuse,
+        }
     }
 
     fn cut(&self) {
@@ -206,4 +219,70 @@ fn commands_survive_a_cut_connection_and_run_once() {
     // REGISTER with the old key as reservation key would fail if the first
     // REGISTER had run twice with another outcome; it is still 0xa.
     assert_eq!(prout(&a, 0, 0, 0xa, 0xc).status, 0);
+}
+
+#[test]
+fn commands_fail_cleanly_while_the_server_stays_away_then_work_again() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("d.raw"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let addr = start_server(dir.path());
+    let proxy = Proxy::start(addr);
+    let a = Client::connect(ClientConfig {
+        server: proxy.addr.to_string(),
+        disk: "d.raw".into(),
+        initiator: "a@h1".into(),
+        reconnect_for: Duration::from_secs(1),
+        command_timeout: Duration::from_secs(2),
+    })
+    .unwrap();
+    assert_eq!(write(&a, 1).status, 0);
+    proxy.refuse.store(true, Ordering::SeqCst);
+    proxy.cut();
+    let (tx, rx) = mpsc::channel();
+    a.submit(
+        Request {
+            lun: 0,
+            task_attr: 0,
+            data_in_len: 0,
+            cdb: vec![0x2a, 0, 0, 0, 0, 2, 0, 0, 1, 0],
+            data_out: vec![2; 512],
+        },
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    // Failed after the reconnect limit, not before, not never.
+    let begun = std::time::Instant::now();
+    let r = rx.recv_timeout(WAIT).expect("the command hangs");
+    assert!(r.is_err(), "{r:?}");
+    assert!(begun.elapsed() >= Duration::from_millis(500));
+    assert_eq!(a.pending(), 0);
+    // The server is back: the next commands work.
+    proxy.refuse.store(false, Ordering::SeqCst);
+    let mut ok = false;
+    for _ in 0..50 {
+        let (tx, rx) = mpsc::channel();
+        a.submit(
+            Request {
+                lun: 0,
+                task_attr: 0,
+                data_in_len: 512,
+                cdb: vec![0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0],
+                data_out: vec![],
+            },
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        if let Ok(Ok(o)) = rx.recv_timeout(WAIT) {
+            assert_eq!(o.data, vec![1u8; 512]);
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok, "the client never came back");
 }
