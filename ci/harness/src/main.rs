@@ -79,7 +79,8 @@ fn main() {
                 "replica" => replica::bench(runs).await,
                 "shared-disk" => shared::bench(runs).await,
                 "failover" => failover::bench(runs).await,
-                other => bail!("unknown benchmark {other:?} (known: boot, channel, nvme, replica, failover)"),
+                "migrate" => migrate_vf::bench(runs).await,
+                other => bail!("unknown benchmark {other:?} (known: boot, channel, nvme, replica, failover, migrate)"),
             },
         }
     });

@@ -359,3 +359,121 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         handoffs: 5,
     })
 }
+
+/// `bench migrate`: QEMU's downtime for live migrations of one VM with
+/// its volume's direct path on an NVMe VF (handed off, the destination's
+/// VF plugged back) against the same VM migrated without an assigned
+/// function, alternating, under the same fio load; medians of `runs` each.
+pub async fn bench(runs: usize) -> Result<()> {
+    let work = crate::boot::tempdir()?;
+    let w = work.path();
+    let host = Host::create().await?;
+    let disk = w.join("vf-shared.raw");
+    let (wa, wb) = (w.join("host-a"), w.join("host-b"));
+    std::fs::create_dir_all(&wa)?;
+    std::fs::create_dir_all(&wb)?;
+    let srv_a = start_server(&wa, std::slice::from_ref(&disk)).await?;
+    let srv_b = start_server(&wb, std::slice::from_ref(&disk)).await?;
+    for s in [&srv_a, &srv_b] {
+        crate::tandem_ok(&["nvme", "vfs", "1", "--dir", &s.dir.display().to_string()]).await?;
+    }
+    let disk_arg = format!("path={},if=virtio-blk,format=raw", disk.display());
+    let machine = [
+        "--disk",
+        disk_arg.as_str(),
+        "--memory",
+        "512M",
+        "--cpus",
+        "2",
+    ];
+    let direct = [
+        format!("nvme-vf1={}:1", srv_a.dir.display()),
+        format!("nvme-vf1={}:1", srv_b.dir.display()),
+    ];
+    let mut vm = boot_tandem(w, "bench-mig", &machine).await?;
+    path_op(&mut vm, "disk0", "synthetic").await?;
+    crate::nvme::attach(&mut vm, &srv_a.dir, 1).await?;
+    path_op(&mut vm, "nvme-vf1", "direct").await?;
+    let n = runs.max(3);
+    start_fio(
+        &mut vm.console,
+        u32::try_from(n * 40 + 60).unwrap_or(300),
+        4,
+    )
+    .await?;
+    let (mut with, mut without, mut handoff, mut again) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut port = 4460u16;
+    let mut at_b = false;
+    for i in 0..2 * n {
+        let vf = i % 2 == 0;
+        let to_b = !at_b;
+        let mut args: Vec<&str> = machine.to_vec();
+        if vf {
+            args.extend(["--direct", direct[usize::from(to_b)].as_str()]);
+        } else {
+            // The same VM without an assigned function: let go of it first.
+            path_op(&mut vm, "nvme-vf1", "release").await?;
+            let api = vm.api.display().to_string();
+            crate::tandem_ok(&["device", "detach", "nvme-vf1", "--api-socket", &api]).await?;
+        }
+        port += 1;
+        let d = if to_b {
+            host.incoming(w, &format!("bm{i}"), port, &args).await?
+        } else {
+            start_incoming(None, SRC_IP, w, &format!("bm{i}"), port, &args).await?
+        };
+        let api = vm.api.display().to_string();
+        let (code, out, err) = tandem(&["migrate", "--to", &d.uri, "--api-socket", &api]).await?;
+        ensure!(code == 0, "migration {i} ({code}): {out}{err}");
+        let downtime: u64 = out
+            .split("downtime ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .context("no downtime reported")?;
+        let _ = tokio::time::timeout(Duration::from_secs(60), vm.child.wait()).await;
+        vm = arrived(d).await?;
+        at_b = to_b;
+        if vf {
+            with.push(downtime);
+            if let Some(l) = out.lines().find(|l| l.contains("handed off")) {
+                let ms: Vec<u64> = l
+                    .split_whitespace()
+                    .filter_map(|t| t.parse().ok())
+                    .collect();
+                handoff.push(ms.iter().sum::<u64>());
+            }
+            again.push(direct_again(&vm.api, Duration::from_secs(120)).await?);
+        } else {
+            without.push(downtime);
+            // Give it its VF back for the next migration with one.
+            let srv = if at_b { &srv_b } else { &srv_a };
+            crate::nvme::attach(&mut vm, &srv.dir, 1).await?;
+            path_op(&mut vm, "nvme-vf1", "direct").await?;
+        }
+    }
+    let fio = finish_fio(&mut vm.console, Duration::from_secs(600)).await?;
+    ensure!(fio.contains("err= 0"), "fio failed during the benchmark");
+    let med = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let (mw, mo) = (med(&mut with), med(&mut without));
+    again.sort_by(f64::total_cmp);
+    println!(
+        "QEMU downtime, {n} live migrations each way under fio randwrite QD4: with the VF handed off {mw} ms (median; all {with:?}), without an assigned function {mo} ms (all {without:?}): {:.2}x (goal at most 1.1x)",
+        mw as f64 / mo.max(1) as f64
+    );
+    println!(
+        "handoff before each migration with the VF (release + removal): median {} ms; the destination's VF direct again {:.1} s (median) after the migration returned",
+        med(&mut handoff),
+        again[again.len() / 2]
+    );
+    println!(
+        "RESULT migrate vf_downtime_ms={mw} downtime_ms={mo} ratio={:.2}",
+        mw as f64 / mo.max(1) as f64
+    );
+    drop((srv_a, srv_b));
+    Ok(())
+}
