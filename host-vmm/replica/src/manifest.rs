@@ -45,7 +45,7 @@ pub struct LayerRecord {
     /// raw, qcow2 or vhdx.
     pub format: String,
     pub file_len: u64,
-    /// The layer digest (hex SHA-256, see `proto::LayerDigest`).
+    /// The layer digest (hex BLAKE3, see `proto::LayerDigest`).
     pub digest: String,
     /// When the primary sealed the layer (Unix milliseconds): the point's time.
     pub sealed_at_ms: u64,

@@ -4,8 +4,6 @@
 //! before anything is allocated, so a hostile peer gets an error, never a
 //! panic or a huge allocation.
 
-use sha2::{Digest as _, Sha256};
-
 /// Protocol version spoken by this build.
 pub const VERSION: u16 = 2;
 /// First bytes of a Hello, so a stray peer is told apart from a primary.
@@ -581,12 +579,14 @@ pub fn decode_from(buf: &[u8]) -> Result<Option<(Message, usize)>, ProtoError> {
     )))
 }
 
-/// The per-layer digest both sides compute: SHA-256 over a domain tag, the
+/// The per-layer digest both sides compute: BLAKE3 over a domain tag, the
 /// file length, and each non-zero chunk (offset, length, bytes) in order.
+/// (BLAKE3 rather than SHA-256: hashing was most of the CPU time of a
+/// transfer, on both ends, and BLAKE3 is several times faster here.)
 /// Chunk boundaries are fixed (multiples of [`CHUNK`]) and zero chunks are
 /// left out, so the digest depends on the file's content alone.
 pub struct LayerDigest {
-    hash: Sha256,
+    hash: blake3::Hasher,
     file_len: u64,
     /// Smallest offset the next chunk may have.
     next: u64,
@@ -595,9 +595,9 @@ pub struct LayerDigest {
 
 impl LayerDigest {
     pub fn new(file_len: u64) -> LayerDigest {
-        let mut hash = Sha256::new();
-        hash.update(b"tandem-replica-layer-v1");
-        hash.update(file_len.to_le_bytes());
+        let mut hash = blake3::Hasher::new();
+        hash.update(b"tandem-replica-layer-v2");
+        hash.update(&file_len.to_le_bytes());
         LayerDigest {
             hash,
             file_len,
@@ -636,8 +636,8 @@ impl LayerDigest {
                 "chunk at {offset:#x} is all zeros (zero chunks are not sent)"
             )));
         }
-        self.hash.update(offset.to_le_bytes());
-        self.hash.update((data.len() as u32).to_le_bytes());
+        self.hash.update(&offset.to_le_bytes());
+        self.hash.update(&(data.len() as u32).to_le_bytes());
         self.hash.update(data);
         self.next = offset + want;
         self.chunks += 1;
@@ -649,7 +649,7 @@ impl LayerDigest {
     }
 
     pub fn finish(self) -> [u8; 32] {
-        self.hash.finalize().into()
+        *self.hash.finalize().as_bytes()
     }
 }
 
