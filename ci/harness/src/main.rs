@@ -69,7 +69,7 @@ fn main() {
                 "shared-disk" => shared::e2e().await,
                 "failover" => failover::e2e().await,
                 other => bail!(
-                    "unknown scenario {other:?} (known: boot, channel, nvme, vhost-blk, replica, snapshot, migrate, failover)"
+                    "unknown scenario {other:?} (known: boot, channel, nvme, vhost-blk, replica, snapshot, migrate, failover, shared-disk)"
                 ),
             },
             What::Bench { scenario, runs } => match scenario.as_str() {
@@ -80,7 +80,7 @@ fn main() {
                 "shared-disk" => shared::bench(runs).await,
                 "failover" => failover::bench(runs).await,
                 "migrate" => migrate_vf::bench(runs).await,
-                other => bail!("unknown benchmark {other:?} (known: boot, channel, nvme, replica, failover, migrate)"),
+                other => bail!("unknown benchmark {other:?} (known: boot, channel, nvme, replica, failover, migrate, shared-disk)"),
             },
         }
     });
