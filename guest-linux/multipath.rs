@@ -175,6 +175,16 @@ struct Inner {
     /// context); the work item closes them.
     to_close: [(*mut bindings::file, *mut bindings::pci_dev); 2],
     last_blackout_us: u64,
+    /// When the last application request completed.
+    last_done_us: u64,
+    /// A host-driven switch is in progress (until the first completion
+    /// after it finished), and whether it finished.
+    in_switch: bool,
+    switch_over: bool,
+    /// The largest gap between two application completions while a
+    /// switch was in progress, and outside switches (for comparison).
+    max_switch_gap_us: u64,
+    max_gap_us: u64,
     /// `/dev/tandem<N>` (null until added).
     disk: *mut bindings::gendisk,
     /// The volume is going away: new bios fail.
@@ -277,7 +287,20 @@ impl Inner {
     /// Carries out the core's actions: queues jobs, finishes completed
     /// bios (onto `fin`), records switches.
     fn route(&mut self, index: u32, fin: &mut *mut bindings::bio) {
-        let Inner { h, acts, jobs, slots, paths, last_blackout_us, .. } = self;
+        let Inner {
+            h,
+            acts,
+            jobs,
+            slots,
+            paths,
+            last_blackout_us,
+            last_done_us,
+            in_switch,
+            switch_over,
+            max_switch_gap_us,
+            max_gap_us,
+            ..
+        } = self;
         for a in acts.iter() {
             match a {
                 Action::Dispatch { id, path, issue } => {
@@ -296,6 +319,19 @@ impl Inner {
                     }
                 }
                 Action::Complete { id, outcome } => {
+                    let now = now_us();
+                    let gap = now.saturating_sub(*last_done_us);
+                    if *last_done_us != 0 {
+                        if *in_switch {
+                            *max_switch_gap_us = (*max_switch_gap_us).max(gap);
+                            if *switch_over {
+                                *in_switch = false;
+                            }
+                        } else {
+                            *max_gap_us = (*max_gap_us).max(gap);
+                        }
+                    }
+                    *last_done_us = now;
                     let slot = (id & 0xff) as usize;
                     if let Some(s) = slots.get_mut(slot) {
                         s.done = Some(status_of(outcome));
@@ -304,6 +340,7 @@ impl Inner {
                 }
                 Action::Switched { from, to, parked, reissued, blackout_us } => {
                     *last_blackout_us = blackout_us;
+                    *switch_over = true;
                     pr_info!(
                         "tandem{}: I/O moved from the {} path to the {} path ({} held, {} re-issued, {} us)\n",
                         index,
@@ -770,6 +807,11 @@ fn create(index: u32, devt: u32, pdev: *mut bindings::pci_dev) -> Result<Arc<Vol
         paths: [NO_PATH, NO_PATH],
         to_close: [(null_mut(), null_mut()); 2],
         last_blackout_us: 0,
+        last_done_us: 0,
+        in_switch: false,
+        switch_over: false,
+        max_switch_gap_us: 0,
+        max_gap_us: 0,
         disk: null_mut(),
         dead: false,
     };
@@ -963,6 +1005,8 @@ pub(crate) fn make_direct(index: u32, devt: u32, pdev: *mut bindings::pci_dev, w
     {
         let mut g = v.inner.lock();
         let g = &mut *g;
+        g.in_switch = true;
+        g.switch_over = false;
         let _ = g.h.switch_to(Path::Direct, now_us(), &mut g.acts);
         g.route(index, &mut fin);
     }
@@ -992,6 +1036,8 @@ pub(crate) fn release_direct(index: u32, devt: u32, wait_ms: u32) -> PathAnswer 
     {
         let mut g = v.inner.lock();
         let g = &mut *g;
+        g.in_switch = true;
+        g.switch_over = false;
         let _ = g.h.switch_to(Path::Synthetic, now_us(), &mut g.acts);
         g.route(index, &mut fin);
     }
@@ -1076,7 +1122,7 @@ pub(crate) fn show(_: &(), out: &mut fmt::Formatter<'_>) -> fmt::Result {
             out,
             "tandem{} active={} switching={} direct={} switches={} losses={} reissued={} barriers={} \
              stale={} errors_to_app={} max_blackout_us={} last_blackout_us={} in_flight_synthetic={} \
-             in_flight_direct={} parked={} waiting={}",
+             in_flight_direct={} parked={} waiting={} max_switch_gap_us={} max_gap_us={}",
             v.index,
             i.h.active().name(),
             i.h.switching_to().map_or("no", |p| p.name()),
@@ -1092,7 +1138,9 @@ pub(crate) fn show(_: &(), out: &mut fmt::Formatter<'_>) -> fmt::Result {
             i.h.in_flight(Path::Synthetic),
             i.h.in_flight(Path::Direct),
             i.h.parked(),
-            if i.overflow.0.is_null() { 0 } else { 1 }
+            if i.overflow.0.is_null() { 0 } else { 1 },
+            i.max_switch_gap_us,
+            i.max_gap_us
         )?;
     }
     Ok(())
