@@ -415,6 +415,33 @@ mod tests {
     }
 
     #[test]
+    fn a_virtio_scsi_disk_gets_its_own_controller() {
+        let mut s = spec();
+        s.disks = vec![DiskSpec {
+            path: "/d/same.raw".into(),
+            format: DiskFormat::Raw,
+            interface: DiskInterface::VirtioScsi,
+            readonly: false,
+            direct: false,
+        }];
+        let a = args(&s);
+        let dev: Vec<serde_json::Value> = value_after(&a, "-device")
+            .iter()
+            .map(|j| serde_json::from_str(j).unwrap())
+            .filter(|d: &serde_json::Value| {
+                d["driver"] != "pcie-root-port" && d["driver"] != "vfio-user-pci"
+            })
+            .collect();
+        assert_eq!(dev[0]["driver"], "virtio-scsi-pci");
+        assert_eq!(dev[0]["id"], "scsi0");
+        assert_eq!(dev[1]["driver"], "scsi-hd");
+        assert_eq!(
+            (&dev[1]["bus"], &dev[1]["drive"]),
+            (&json!("scsi0.0"), &json!("disk0"))
+        );
+    }
+
+    #[test]
     fn vhost_blk_disks_become_a_chardev_and_no_blockdev() {
         let mut s = spec();
         s.disks = vec![
