@@ -62,7 +62,7 @@ impl Host {
         Ok(h)
     }
 
-    async fn link(&self, up: bool) -> Result<()> {
+    pub(crate) async fn link(&self, up: bool) -> Result<()> {
         ip(&["link", "set", &self.link, if up { "up" } else { "down" }]).await
     }
 

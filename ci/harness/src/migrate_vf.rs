@@ -219,6 +219,42 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         err.lines().last().unwrap_or("").trim()
     );
 
+    // The network is cut mid-migration: the source gives up after 10 s
+    // without progress; the VM runs on here with its VF back.
+    let mut d = host.incoming(w, "dst-vf-cut", 4455, &there_args).await?;
+    let api_s = api.clone();
+    let uri = d.uri.clone();
+    let mig = tokio::spawn(async move {
+        tandem(&[
+            "migrate",
+            "--to",
+            &uri,
+            "--bandwidth",
+            "4",
+            "--api-socket",
+            &api_s,
+        ])
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    host.link(false).await?;
+    let (code, out, err) = mig.await??;
+    host.link(true).await?;
+    let _ = d.child.kill().await;
+    ensure!(
+        code != 0 && err.contains("keeps running here"),
+        "migration over a cut network ({code}): {out}{err}"
+    );
+    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    ensure!(
+        vm.console.check("echo alive").await? == "alive",
+        "the VM does not answer after the failed migration"
+    );
+    println!(
+        "[vf] network cut mid-migration: {}; the VM ran on here, its VF direct again {back_s:.1} s after",
+        err.lines().last().unwrap_or("").trim()
+    );
+
     // The same with --force-handoff: the VF is removed anyway, the guest's
     // volume fails over by itself, and the migration goes on.
     vm.console
@@ -341,7 +377,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         "fio: {}",
         crate::guest::tail(&fio, 20)
     );
-    println!("[vf] fio randwrite QD8 with verify on /dev/tandem0 through 3 migrations, an aborted one, a failed one and a save/restore: no error; guest volume: {line}");
+    println!("[vf] fio randwrite QD8 with verify on /dev/tandem0 through 3 migrations, an aborted one, two failed ones and a save/restore: no error; guest volume: {line}");
     let (code, _, err) = tandem(&[
         "shutdown",
         "--api-socket",
@@ -356,7 +392,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     Ok(VfFigures {
         blackout_us: num("max_blackout_us"),
         downtime_ms,
-        handoffs: 5,
+        handoffs: 6,
     })
 }
 
@@ -408,7 +444,7 @@ pub async fn bench(runs: usize) -> Result<()> {
     for i in 0..2 * n {
         // vf, none, none, vf, vf, none, ...: each kind goes both ways
         // (the direction alternates with every migration).
-        let vf = ((i + 1) / 2) % 2 == 0;
+        let vf = (i + 1).div_euclid(2) % 2 == 0;
         let to_b = !at_b;
         let mut args: Vec<&str> = machine.to_vec();
         if vf {

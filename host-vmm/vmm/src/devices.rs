@@ -288,7 +288,7 @@ pub async fn guest_op(
     let assigned = lock(&vm.assigned).contains_key(&req.id);
     // Path operations also name the VM's own disks (the synthetic path is
     // a virtio-blk disk, `disk<N>`); the others only assigned functions.
-    if !assigned && !(req.op.is_path_op() && req.id.starts_with("disk")) {
+    if !assigned && (!req.op.is_path_op() || !req.id.starts_with("disk")) {
         return Err(DeviceError::NotFound(req.id));
     }
     let pci = vm

@@ -52,6 +52,7 @@ mod tests {
                 drain_ms: 100,
                 lease_ms: 0,
                 frozen: false,
+                volume: 0,
                 timeout_ms: 1000,
             },
         };

@@ -263,7 +263,7 @@ fn negotiation_pings_and_interrupts_through_the_rings() {
         drain_ms: 0.into(),
         lease_ms: 0.into(),
         policy: 0.into(),
-        reserved: 0.into(),
+        volume: 0.into(),
     };
     let rx = rig
         .dev
