@@ -1,6 +1,6 @@
 //! The handoff core (multi-path switching), driven by arbitrary sequences
 //! of submissions, completions in any order and with any outcome, switches,
-//! direct-path arrivals and losses. Checks that no request is in flight on
+//! direct-path arrivals, orderly releases and losses. Checks that no request is in flight on
 //! two paths, nothing is dispatched on one path while the other is busy,
 //! and that once everything is answered every request completed exactly
 //! once.
@@ -37,7 +37,11 @@ fuzz_target!(|data: &[u8]| {
                     assert!(inflight
                         .iter()
                         .all(|p| p.iter().all(|(i, _)| *i != Some(id))));
-                    assert!(inflight[1 - path as usize].is_empty());
+                    // The drain barrier: no application request on the
+                    // other path (a barrier flush, which carries no data,
+                    // may still run there).
+                    assert!(inflight[1 - path as usize].iter().all(|(i, _)| i.is_none()));
+                    assert!(path == Path::Synthetic || h.direct_present());
                     inflight[path as usize].push((Some(id), issue));
                 }
                 Action::Barrier { path, issue } => inflight[path as usize].push((None, issue)),
@@ -72,6 +76,14 @@ fuzz_target!(|data: &[u8]| {
                         None => h.barrier_done(issue, outcome, now, &mut a),
                     }
                 }
+            }
+            4 if b & 0x40 != 0 => {
+                // An orderly release is refused while the path is in use.
+                let busy = h.active() == Path::Direct
+                    || h.switching_to() == Some(Path::Direct)
+                    || h.in_flight(Path::Direct) > 0
+                    || h.barrier_on() == Some(Path::Direct);
+                assert_eq!(h.direct_released().is_err(), busy);
             }
             4 => h.direct_added(),
             5 => {
