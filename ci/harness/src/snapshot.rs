@@ -204,7 +204,7 @@ pub async fn e2e() -> Result<()> {
     ])
     .await?;
     ensure!(
-        code != 0 && err.contains("assigned functions (nvme-vf1)"),
+        code != 0 && err.contains("not the direct path of a guest volume (nvme-vf1)"),
         "a save with an assigned VF: exit {code}: {err}"
     );
     ensure!(
