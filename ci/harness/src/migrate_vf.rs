@@ -102,18 +102,26 @@ async fn migrate(vm: &mut Booted, d: &Dest) -> Result<(u64, String)> {
     Ok((downtime, line))
 }
 
-pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
+/// A device server per simulated host (one VF each), both on one shared
+/// file; returns them and the `--disk` argument of that file.
+async fn two_servers(
+    w: &Path,
+) -> Result<(crate::nvme::NvmeServer, crate::nvme::NvmeServer, String)> {
     let disk = w.join("vf-shared.raw");
     let (wa, wb) = (w.join("host-a"), w.join("host-b"));
     std::fs::create_dir_all(&wa)?;
     std::fs::create_dir_all(&wb)?;
-    // A device server per host, both on the shared file.
     let srv_a = start_server(&wa, std::slice::from_ref(&disk)).await?;
     let srv_b = start_server(&wb, std::slice::from_ref(&disk)).await?;
     for s in [&srv_a, &srv_b] {
         crate::tandem_ok(&["nvme", "vfs", "1", "--dir", &s.dir.display().to_string()]).await?;
     }
     let disk_arg = format!("path={},if=virtio-blk,format=raw", disk.display());
+    Ok((srv_a, srv_b, disk_arg))
+}
+
+pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
+    let (srv_a, srv_b, disk_arg) = two_servers(w).await?;
     let machine = [
         "--disk",
         disk_arg.as_str(),
@@ -404,16 +412,7 @@ pub async fn bench(runs: usize) -> Result<()> {
     let work = crate::boot::tempdir()?;
     let w = work.path();
     let host = Host::create().await?;
-    let disk = w.join("vf-shared.raw");
-    let (wa, wb) = (w.join("host-a"), w.join("host-b"));
-    std::fs::create_dir_all(&wa)?;
-    std::fs::create_dir_all(&wb)?;
-    let srv_a = start_server(&wa, std::slice::from_ref(&disk)).await?;
-    let srv_b = start_server(&wb, std::slice::from_ref(&disk)).await?;
-    for s in [&srv_a, &srv_b] {
-        crate::tandem_ok(&["nvme", "vfs", "1", "--dir", &s.dir.display().to_string()]).await?;
-    }
-    let disk_arg = format!("path={},if=virtio-blk,format=raw", disk.display());
+    let (srv_a, srv_b, disk_arg) = two_servers(w).await?;
     let machine = [
         "--disk",
         disk_arg.as_str(),
