@@ -1,7 +1,9 @@
 //! Part of `e2e migrate`: F1 with an assigned function. The guest's
-//! `/dev/tandem0` has a virtio-blk synthetic path (QEMU's, on the shared
-//! file, so it migrates) and an NVMe VF as its direct path, served from
-//! the same file by a device server on each simulated host. fio with
+//! `/dev/tandem0` has a virtio-blk synthetic path (served by a Tandem
+//! vhost-user-blk backend on each host, from the shared raw file; the
+//! backend logs the pages it writes, so QEMU migrates it) and an NVMe VF
+//! as its direct path, served from the same file by a device server on
+//! each simulated host. fio with
 //! verify runs on `/dev/tandem0` while the VM is live-migrated to the other
 //! host and back, then saved and restored; each time `tandem` hands the VF
 //! off (the guest moves I/O to the synthetic path, the VF is removed) and
@@ -116,7 +118,7 @@ async fn two_servers(
     for s in [&srv_a, &srv_b] {
         crate::tandem_ok(&["nvme", "vfs", "1", "--dir", &s.dir.display().to_string()]).await?;
     }
-    let disk_arg = format!("path={},if=virtio-blk,format=raw", disk.display());
+    let disk_arg = format!("path={},if=vhost-blk,format=raw", disk.display());
     Ok((srv_a, srv_b, disk_arg))
 }
 
@@ -137,7 +139,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     path_op(&mut vm, "disk0", "synthetic").await?;
     let (ctrl, _) = crate::nvme::attach(&mut vm, &srv_a.dir, 1).await?;
     path_op(&mut vm, "nvme-vf1", "direct").await?;
-    println!("[vf] /dev/tandem0 over virtio-blk vda and {ctrl}n1 (VF1 of host A's device server), I/O on the VF");
+    println!("[vf] /dev/tandem0 over virtio-blk vda (vhost-user-blk backend) and {ctrl}n1 (VF1 of host A's device server), I/O on the VF");
     start_fio(&mut vm.console, 200, 8).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
 

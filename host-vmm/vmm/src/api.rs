@@ -320,7 +320,7 @@ fn leave_error(e: crate::snapshot::SnapshotError) -> Error {
     let status = match &e {
         S::State(_)
         | S::Assigned(_)
-        | S::VhostBlk(_)
+        | S::VhostBlk(..)
         | S::Shared
         | S::Exists(_)
         | S::Handoff(_) => StatusCode::CONFLICT,

@@ -45,8 +45,8 @@ pub enum SnapshotError {
     Handoff(String),
     #[error("the VM has shared disks (vhost-user-scsi), whose backends cannot follow a save or migration yet")]
     Shared,
-    #[error("disk {0} is served by a vhost-user-blk backend, which cannot follow a save yet; use if=virtio-blk for VMs you save")]
-    VhostBlk(String),
+    #[error("disk {0} is a {1} image served by a vhost-user-blk backend: the backend here and the one that takes over (destination, restore) would both hold its metadata. Only format=raw vhost-blk disks can leave; use if=virtio-blk for other formats")]
+    VhostBlk(String, String),
     #[error("{0} exists; a snapshot never overwrites a file")]
     Exists(PathBuf),
     #[error("{0}: the snapshot file needs an absolute path")]
@@ -170,7 +170,10 @@ async fn follow(vm: &Vm, what: &str, outgoing: bool) -> Result<Value, String> {
 }
 
 /// Checks that the VM may leave (saved or migrated): its state, no
-/// assigned function that is not a direct path, no vhost-user disks.
+/// assigned function that is not a direct path, no vhost-user-blk disk
+/// but raw ones (whose backend logs the guest pages it writes, so QEMU
+/// can migrate it, and keeps no metadata a second backend on the same
+/// file could contradict), no shared disks.
 /// Returns the state and the direct paths to hand off.
 fn may_leave(vm: &Vm) -> Result<(VmState, Vec<(tandem_api::AttachedDevice, u32)>), SnapshotError> {
     let state = vm.state();
@@ -178,14 +181,22 @@ fn may_leave(vm: &Vm) -> Result<(VmState, Vec<(tandem_api::AttachedDevice, u32)>
         return Err(SnapshotError::State(state));
     }
     let paths = crate::handoff::direct_paths(vm)?;
-    if let Some((i, _)) = vm
-        .resolved()
-        .disks
-        .iter()
-        .enumerate()
-        .find(|(_, d)| d.interface == DiskInterface::VhostBlk)
-    {
-        return Err(SnapshotError::VhostBlk(format!("disk{i}")));
+    for (i, d) in vm.resolved().disks.iter().enumerate() {
+        if d.interface != DiskInterface::VhostBlk {
+            continue;
+        }
+        // The backend reads the format itself (VHDX included), so ask the
+        // disk layer rather than the --disk format.
+        match tandem_disk::probe(&d.path) {
+            Ok(tandem_disk::Format::Raw) => {}
+            Ok(f) => return Err(SnapshotError::VhostBlk(format!("disk{i}"), f.to_string())),
+            Err(e) => {
+                return Err(SnapshotError::VhostBlk(
+                    format!("disk{i}"),
+                    format!("unreadable ({e})"),
+                ))
+            }
+        }
     }
     if !vm.resolved().shared_disks.is_empty() {
         return Err(SnapshotError::Shared);

@@ -15,6 +15,10 @@ use crate::request::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SEG_MAX}
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: the backend speaks protocol features.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+/// `VHOST_F_LOG_ALL`: the backend logs the guest pages it writes in the
+/// log QEMU shares during live migration (see `device::GuestMemoryMmap`).
+/// Without it QEMU blocks migration of the VM.
+pub const VHOST_F_LOG_ALL: u32 = 26;
 /// Bytes of configuration space we answer for (up to and including the
 /// write-zeroes fields; later fields read as zero).
 pub const CONFIG_LEN: usize = 60;
@@ -37,6 +41,7 @@ pub fn features(g: &Geometry) -> u64 {
         | 1 << VIRTIO_RING_F_EVENT_IDX
         | 1 << VIRTIO_RING_F_INDIRECT_DESC
         | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+        | 1 << VHOST_F_LOG_ALL
         | 1 << VIRTIO_BLK_F_SEG_MAX
         | 1 << VIRTIO_BLK_F_BLK_SIZE
         | 1 << VIRTIO_BLK_F_FLUSH;

@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use tandem_disk::{BlockDevice, Chain, ChainOptions};
 use tracing::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT};
-use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -29,6 +30,16 @@ use vmm_sys_util::event::{
 
 use crate::config::{self, Geometry};
 use crate::request::{self, DiskParams, Kind};
+
+/// Guest memory as the backend maps it. Every write into it (read data,
+/// status bytes, used-ring entries) goes through vm-memory, which marks
+/// the page in QEMU's dirty log once QEMU has shared one
+/// (`VHOST_USER_SET_LOG_BASE` during live migration): what makes the
+/// device migratable.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<BitmapMmapRegion>;
+
+/// The request queue, over that memory.
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
 
 /// Queue size we accept (the guest may pick a smaller one).
 pub const MAX_QUEUE_SIZE: usize = 256;
@@ -254,26 +265,26 @@ impl BlkDevice {
             .fetch_add(out.bytes_written, Ordering::Relaxed);
     }
 
-    /// Serves every available request on `vring`; returns whether any was served.
-    fn process_queue(&self, vring: &VringRwLock) -> Result<bool, DeviceError> {
-        let Some(atomic) = lock(&self.mem).clone() else {
-            return Ok(false);
-        };
-        let mem = atomic.memory();
+    /// Serves every available request on the locked queue; returns
+    /// whether any was served. A queue QEMU has stopped serves nothing.
+    fn process_queue(
+        &self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+        mem: &GuestMemoryLoadGuard<GuestMemoryMmap>,
+    ) -> Result<bool, DeviceError> {
         let mut served = false;
         loop {
             let hold = self.read_gate();
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .iter(mem.clone())
-                .map_err(DeviceError::Queue)?
-                .next();
+            let chain = match state.get_queue_mut().iter(mem.clone()) {
+                Ok(mut requests) => requests.next(),
+                Err(virtio_queue::Error::QueueNotReady) => None,
+                Err(e) => return Err(DeviceError::Queue(e)),
+            };
             let Some(chain) = chain else { break };
             served = true;
             let head = chain.head_index();
             let used_len = self.run_chain(chain, hold.as_deref());
-            vring.add_used(head, used_len).map_err(DeviceError::Queue)?;
+            state.add_used(head, used_len).map_err(DeviceError::Queue)?;
         }
         Ok(served)
     }
@@ -318,22 +329,33 @@ impl BlkDevice {
         }
     }
 
-    fn serve(&self, vring: &VringRwLock) -> Result<(), DeviceError> {
-        if self.event_idx.load(Ordering::Relaxed) {
-            // Keep going until the guest has added nothing while
-            // notifications were off.
-            loop {
-                vring.disable_notification().map_err(DeviceError::Queue)?;
-                let served = self.process_queue(vring)?;
-                if served && vring.needs_notification().map_err(DeviceError::Queue)? {
-                    vring.signal_used_queue().map_err(DeviceError::Notify)?;
-                }
-                if !vring.enable_notification().map_err(DeviceError::Queue)? {
-                    break;
-                }
+    fn serve(&self, vring: &Vring) -> Result<(), DeviceError> {
+        let Some(atomic) = lock(&self.mem).clone() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        // The queue stays locked while requests are taken, run, published
+        // and signalled. QEMU stopping the device (GET_VRING_BASE: before a
+        // live migration's last pass, a save, a reset) waits for that, so
+        // the index it gets back counts exactly the requests answered, and
+        // no answer's interrupt is lost with the call fd it then drops.
+        let mut state = vring.get_mut();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                state.disable_notification().map_err(DeviceError::Queue)?;
             }
-        } else if self.process_queue(vring)? {
-            vring.signal_used_queue().map_err(DeviceError::Notify)?;
+            let served = self.process_queue(&mut state, &mem)?;
+            let notify =
+                served && (!event_idx || state.needs_notification().map_err(DeviceError::Queue)?);
+            if notify {
+                state.signal_used_queue().map_err(DeviceError::Notify)?;
+            }
+            // With EVENT_IDX, keep going until the guest has added nothing
+            // while notifications were off.
+            if !event_idx || !state.enable_notification().map_err(DeviceError::Queue)? {
+                break;
+            }
         }
         Ok(())
     }
@@ -372,8 +394,8 @@ fn source_text(e: &dyn std::error::Error) -> String {
 }
 
 impl VhostUserBackend for BlkDevice {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         1
@@ -388,7 +410,11 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        // LOG_SHMFD: QEMU shares its dirty log with us during live
+        // migration (with VHOST_F_LOG_ALL in `features`).
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -420,7 +446,7 @@ impl VhostUserBackend for BlkDevice {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
         // An error returned here ends the worker thread for good, so only

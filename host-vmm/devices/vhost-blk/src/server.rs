@@ -12,7 +12,9 @@ use tandem_disk::{Chain, ChainOptions};
 use tracing::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
+
+use crate::device::GuestMemoryMmap;
 
 use crate::api::{Info, LayerInfo, Request, Response};
 use crate::device::BlkDevice;
