@@ -75,9 +75,18 @@ impl Console {
         lock(&self.buf).clone()
     }
 
+    /// Types `text` at the console. Bounded: a guest that stopped
+    /// reading its serial port (hung, or QEMU stopped) fails the step
+    /// instead of blocking the run forever.
     pub async fn send(&mut self, text: &str) -> Result<()> {
-        self.writer.write_all(text.as_bytes()).await?;
-        Ok(())
+        const LIMIT: Duration = Duration::from_secs(60);
+        match tokio::time::timeout(LIMIT, self.writer.write_all(text.as_bytes())).await {
+            Ok(written) => Ok(written?),
+            Err(_) => bail!(
+                "the guest's console took no input for {LIMIT:?} (hung?); console tail:\n{}",
+                tail(&self.transcript(), 25)
+            ),
+        }
     }
 
     /// Waits for `pattern` after the cursor; moves the cursor past it.
