@@ -12,6 +12,12 @@
 //! set) and, per initiator, the last PERSISTENT RESERVE OUT's sequence
 //! number and result, so a client replaying it after a server restart gets
 //! that result instead of a second execution.
+//!
+//! Every command with side effects is also written to the disk's
+//! executed-command record (`journal_file`): its intent before it runs,
+//! its result before the result goes out. A restarted server answers a
+//! replay from it and never runs a command that may have run already
+//! (see `journal` for which case gets which answer).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -31,8 +37,10 @@ use tandem_scsi::{ItNexus, LogicalUnit, LuConfig, PrState, Target, BLOCK_SIZE};
 use tracing::{debug, error, info, warn};
 
 use crate::api::{self, DiskInfo, InitiatorInfo, RegistrationInfo, ReservationInfo};
+use crate::journal::Restored;
+use crate::journal_file::{JournalFile, JournalFileError};
 use crate::proto::{self, Command, Message, Outcome, RefuseCode, NO_LUN};
-use crate::session::{has_side_effects, Admit, Session};
+use crate::session::{has_side_effects, Admit, Earlier, Session};
 use crate::stream::{read_message, write_message, StreamError};
 
 /// Connections served at once; more are refused.
@@ -84,6 +92,8 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Journal(#[from] JournalFileError),
     #[error("accept failed")]
     Accept(#[source] io::Error),
 }
@@ -132,6 +142,7 @@ struct Disk {
     lu: Arc<LogicalUnit>,
     target: Target,
     state_file: PathBuf,
+    journal: JournalFile,
     read_only: bool,
     slots: Mutex<BTreeMap<String, Slot>>,
     records: Mutex<BTreeMap<String, PrRecord>>,
@@ -140,6 +151,17 @@ struct Disk {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The executed-command record beside a disk's state file
+/// (`<disk>.pr.json` -> `<disk>.cmds.jsonl`).
+pub fn journal_path(state_file: &Path) -> PathBuf {
+    let name = state_file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let base = name.strip_suffix(".pr.json").unwrap_or(&name);
+    state_file.with_file_name(format!("{base}.cmds.jsonl"))
 }
 
 /// temp file, fsync, rename over `path`, fsync the directory.
@@ -225,20 +247,43 @@ impl Disk {
         ));
         let mut target = Target::new();
         target.add_lun(0, lu.clone());
-        let slots = records
-            .iter()
-            .map(|r| {
-                let out = Outcome {
-                    seq: r.seq,
-                    status: r.status,
-                    replayed: false,
-                    sense: r.sense.clone(),
-                    data: Vec::new(),
-                };
+        let (journal, restored) = JournalFile::open(&journal_path(&state_file))?;
+        let mut known: BTreeMap<String, Restored> = restored
+            .into_iter()
+            .map(|r| (r.initiator.clone(), r))
+            .collect();
+        // A saved PERSISTENT RESERVE OUT result was fsynced with the
+        // reservation state: it answers its replay even where the command
+        // record only knows the intent, or is not trusted.
+        for r in &records {
+            let k = known
+                .entry(r.initiator.clone())
+                .or_insert_with(|| Restored {
+                    initiator: r.initiator.clone(),
+                    incarnation: r.incarnation,
+                    acked: 0,
+                    earlier: BTreeMap::new(),
+                });
+            if k.incarnation == r.incarnation && r.seq > k.acked {
+                k.earlier.insert(
+                    r.seq,
+                    Earlier::Finished(Outcome {
+                        seq: r.seq,
+                        status: r.status,
+                        replayed: true,
+                        sense: r.sense.clone(),
+                        data: Vec::new(),
+                    }),
+                );
+            }
+        }
+        let slots = known
+            .into_iter()
+            .map(|(name, r)| {
                 (
-                    r.initiator.clone(),
+                    name,
                     Slot {
-                        session: Session::restored(r.incarnation, r.seq, out),
+                        session: r.session(),
                         writer: None,
                         commands: 0,
                         replayed: 0,
@@ -251,6 +296,7 @@ impl Disk {
             lu,
             target,
             state_file,
+            journal,
             read_only,
             slots: Mutex::new(slots),
             records: Mutex::new(
@@ -280,8 +326,31 @@ impl Disk {
         )
     }
 
-    /// Runs one command for `initiator`.
+    /// Runs one command for `initiator`: its intent reaches the command
+    /// record first, its result after.
     fn execute(&self, initiator: &str, incarnation: u64, cmd: &Command) -> Outcome {
+        let failed = |out: &mut Outcome| {
+            out.status = Status::CheckCondition as u8;
+            out.sense = INTERNAL_TARGET_FAILURE.to_fixed().to_vec();
+            out.data.clear();
+        };
+        if let Err(e) = self
+            .journal
+            .intent(initiator, incarnation, cmd.seq, &cmd.cdb)
+        {
+            // Not run: unrecorded, a replay after a restart could run it
+            // a second time.
+            error!(disk = %self.name, error = %e, "cannot write the command record; the command does not run");
+            let mut out = Outcome {
+                seq: cmd.seq,
+                status: 0,
+                replayed: false,
+                sense: Vec::new(),
+                data: Vec::new(),
+            };
+            failed(&mut out);
+            return out;
+        }
         let nexus = ItNexus::new(initiator, 1);
         let lun = (cmd.lun != NO_LUN).then_some(cmd.lun);
         let resp = self.target.execute(&nexus, lun, &cmd.cdb, &cmd.data_out);
@@ -310,9 +379,22 @@ impl Disk {
             if let Err(e) = self.save() {
                 // The status must not claim a persistence that failed.
                 error!(disk = %self.name, error = %e, "cannot save the reservation state");
-                out.status = Status::CheckCondition as u8;
-                out.sense = INTERNAL_TARGET_FAILURE.to_fixed().to_vec();
+                failed(&mut out);
             }
+        }
+        // SYNCHRONIZE CACHE makes the record durable with the data: a
+        // command recorded before it is never run again, even after a host
+        // crash (it is then answered as unknown).
+        if matches!(cmd.cdb.first(), Some(0x35 | 0x91)) && out.status == 0 {
+            if let Err(e) = self.journal.sync() {
+                error!(disk = %self.name, error = %e, "cannot make the command record durable");
+                failed(&mut out);
+            }
+        }
+        if let Err(e) = self.journal.done(initiator, incarnation, &out) {
+            // A replay after a restart then fails as unknown: still never
+            // twice.
+            warn!(disk = %self.name, error = %e, "cannot record a command's result");
         }
         out
     }
@@ -727,6 +809,18 @@ fn serve_conn(shared: &Shared, mut stream: TcpStream) -> Result<(), StreamError>
             replayed: 0,
         });
         let resumed = known && slot.session.incarnation() == incarnation;
+        if !resumed {
+            // Recorded before any command of it runs; without the record
+            // its commands could run twice across a restart.
+            if let Err(e) = d.journal.begin(&initiator, incarnation) {
+                drop(slots);
+                return refuse(
+                    &mut stream,
+                    RefuseCode::NoDisk,
+                    format!("cannot write the command record: {e}"),
+                );
+            }
+        }
         if slot.session.incarnation() != incarnation {
             slot.session = Session::new(incarnation);
         }
@@ -791,6 +885,7 @@ fn commands(
                 return Ok(());
             }
             slot.commands += 1;
+            d.journal.ack(initiator, incarnation, cmd.acked);
             let a = slot.session.admit(cmd.seq, cmd.acked);
             if matches!(a, Ok(Admit::Replay(_))) {
                 slot.replayed += 1;

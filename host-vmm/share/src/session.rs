@@ -1,9 +1,14 @@
 //! The server's memory of one initiator's commands, which is what makes a
 //! replayed command run at most once: per incarnation of the client, the
 //! sequence numbers seen, the ones still running and the results not yet
-//! acknowledged. Pure; the server feeds it commands and results.
+//! acknowledged. Pure; the server feeds it commands and results. After a
+//! server restart it is rebuilt from the executed-command record
+//! ([`crate::journal`]), which may also say "this one may or may not have
+//! run": such a command is answered with [`unknown_outcome`], never run.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use tandem_scsi::sense;
 
 use crate::proto::{Outcome, WINDOW};
 
@@ -36,6 +41,35 @@ enum Done {
     Kept(Outcome),
     /// A command without side effects whose data was too big to keep.
     RunAgain,
+    /// A command an earlier server run may or may not have run: it is
+    /// answered with [`unknown_outcome`] and never runs.
+    Unknown,
+}
+
+/// The answer to a command whose fate a server restart hid (the record
+/// says it was about to run, not that it finished): CHECK CONDITION, UNIT
+/// ATTENTION, POWER ON, RESET, OR BUS DEVICE RESET OCCURRED, as a real
+/// device answers after losing power with commands in flight. The command
+/// did not run now; the initiator decides (Linux retries it as a new
+/// command).
+pub fn unknown_outcome(seq: u64) -> Outcome {
+    Outcome {
+        seq,
+        status: 0x02,
+        replayed: true,
+        sense: sense::POWER_ON_RESET.to_fixed().to_vec(),
+        data: Vec::new(),
+    }
+}
+
+/// What an earlier server run left known about one command, for
+/// [`Session::resumed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Earlier {
+    /// It finished with this result (data-in included).
+    Finished(Outcome),
+    /// It may or may not have run.
+    Unknown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,9 +111,34 @@ impl Session {
     /// A session restored after a server restart from the last PERSISTENT
     /// RESERVE OUT result saved for this initiator.
     pub fn restored(incarnation: u64, seq: u64, outcome: Outcome) -> Session {
+        Session::resumed(incarnation, 0, [(seq, Earlier::Finished(outcome))])
+    }
+
+    /// A session rebuilt after a server restart: the client had the
+    /// results up to `acked`; `earlier` is what the record knows of the
+    /// commands above. A command it does not name never ran (or has no
+    /// side effects) and runs when it arrives.
+    pub fn resumed(
+        incarnation: u64,
+        acked: u64,
+        earlier: impl IntoIterator<Item = (u64, Earlier)>,
+    ) -> Session {
         let mut s = Session::new(incarnation);
-        s.last_seq = seq;
-        s.done.insert(seq, Done::Kept(outcome));
+        s.acked = acked;
+        s.last_seq = acked;
+        for (seq, e) in earlier {
+            if seq <= acked {
+                continue;
+            }
+            s.last_seq = s.last_seq.max(seq);
+            s.done.insert(
+                seq,
+                match e {
+                    Earlier::Finished(o) => Done::Kept(Outcome { seq, ..o }),
+                    Earlier::Unknown => Done::Unknown,
+                },
+            );
+        }
         s
     }
 
@@ -128,6 +187,7 @@ impl Session {
                     ..o.clone()
                 }))
             }
+            Some(Done::Unknown) => return Ok(Admit::Replay(unknown_outcome(seq))),
             Some(Done::RunAgain) => {}
             None => {}
         }
@@ -219,5 +279,39 @@ mod tests {
         assert_eq!(s.admit(38, 37), Ok(Admit::Run));
         assert!(matches!(s.admit(40, 37), Ok(Admit::Replay(_))));
         assert_eq!(s.admit(41, 37), Ok(Admit::Run));
+    }
+
+    #[test]
+    fn a_resumed_session_never_runs_what_may_have_run() {
+        let mut s = Session::resumed(
+            3,
+            10,
+            [
+                (9, Earlier::Unknown),
+                (11, Earlier::Finished(out(11, 0))),
+                (12, Earlier::Unknown),
+            ],
+        );
+        assert_eq!(s.last_seq(), 12);
+        assert_eq!(s.admit(9, 10), Ok(Admit::Stale));
+        match s.admit(11, 10) {
+            Ok(Admit::Replay(o)) => assert!(o.replayed && o.seq == 11 && o.status == 0),
+            other => panic!("{other:?}"),
+        }
+        // Again and again: the same clean failure, never a run.
+        for _ in 0..2 {
+            match s.admit(12, 10) {
+                Ok(Admit::Replay(o)) => {
+                    assert_eq!(o, unknown_outcome(12));
+                    assert_eq!((o.status, o.sense[2], o.sense[12]), (2, 6, 0x29));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Not named: never ran.
+        assert_eq!(s.admit(13, 10), Ok(Admit::Run));
+        // Acknowledged: forgotten.
+        assert_eq!(s.admit(14, 12), Ok(Admit::Run));
+        assert_eq!(s.kept(), 0);
     }
 }
