@@ -507,26 +507,82 @@ enum SessionError {
 
 /// The temporary file of a layer being received. Chunks are written by a
 /// thread of its own (the session's thread goes on reading and hashing the
-/// next one). The file is synced once, at the commit: syncing it in the
-/// background while it is written (to shorten that last sync) made the
-/// transfer of a 512 MiB base twice as slow here (the writes wait on it).
+/// next one), with O_DIRECT where the file system takes it: the data goes
+/// from the frame buffer to the device while the transfer runs, instead of
+/// being copied into the page cache (a third of the site's CPU time, most
+/// of it faulting in fresh pages) and written out by the fsync at the
+/// commit (a quarter of a 512 MiB initial sync, with nothing else to do).
+/// The file is still synced once, at the commit (metadata, the unaligned
+/// tail, and the device's write cache). Syncing it in the background while
+/// it is written through the page cache made the transfer of a 512 MiB
+/// base twice as slow here (the writes wait on it).
 struct IncomingFile {
     path: PathBuf,
-    /// Chunk payloads to write: (file offset, payload, where the data starts).
-    tx: Option<std::sync::mpsc::SyncSender<(u64, Vec<u8>, usize)>>,
+    /// Chunk payloads to write: (file offset, payload).
+    tx: Option<std::sync::mpsc::SyncSender<(u64, wire::ChunkBuf)>>,
     /// Payload buffers the writer is done with.
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
     writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
+/// Opens `path` again for writing with O_DIRECT, if the file system allows.
+fn open_direct(path: &Path) -> Option<fs::File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+            .open(path)
+            .ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Writes `data` at `at`: its page-aligned part through `direct` (if any),
+/// the rest through the page cache. A file system that refuses the direct
+/// write (EINVAL: alignment it does not take) gets every later write
+/// through the page cache.
+fn write_chunk(
+    file: &fs::File,
+    direct: &mut Option<fs::File>,
+    data: &[u8],
+    at: u64,
+) -> std::io::Result<()> {
+    let align = wire::DATA_ALIGN;
+    let aligned = data.len() / align * align;
+    let mut done = 0;
+    if let Some(d) = direct.as_ref() {
+        if aligned > 0
+            && at.is_multiple_of(align as u64)
+            && data.as_ptr().addr().is_multiple_of(align)
+        {
+            match d.write_all_at(&data[..aligned], at) {
+                Ok(()) => done = aligned,
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                    tracing::info!(error = %e, "O_DIRECT refused: writing through the page cache");
+                    *direct = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    file.write_all_at(&data[done..], at + done as u64)
+}
+
 impl IncomingFile {
     fn new(path: PathBuf, file: fs::File) -> Result<IncomingFile, StoreError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>, usize)>(2);
+        let mut direct = open_direct(&path);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, wire::ChunkBuf)>(2);
         let (spare_tx, spare) = std::sync::mpsc::channel();
         let writer = std::thread::spawn(move || -> std::io::Result<()> {
-            while let Ok((at, payload, start)) = rx.recv() {
-                file.write_all_at(payload.get(start..).unwrap_or_default(), at)?;
-                let _ = spare_tx.send(payload);
+            while let Ok((at, chunk)) = rx.recv() {
+                write_chunk(&file, &mut direct, chunk.data(), at)?;
+                let _ = spare_tx.send(chunk.into_buffer());
             }
             Ok(())
         });
@@ -543,12 +599,12 @@ impl IncomingFile {
         self.spare.try_recv().unwrap_or_default()
     }
 
-    /// Queues `payload[start..]` to be written at `at`.
-    fn write(&mut self, payload: Vec<u8>, start: usize, at: u64) -> Result<(), StoreError> {
+    /// Queues the chunk's data to be written at `at`.
+    fn write(&mut self, chunk: wire::ChunkBuf, at: u64) -> Result<(), StoreError> {
         let sent = self
             .tx
             .as_ref()
-            .is_some_and(|tx| tx.send((at, payload, start)).is_ok());
+            .is_some_and(|tx| tx.send((at, chunk)).is_ok());
         if sent {
             return Ok(());
         }
@@ -791,8 +847,8 @@ fn session_loop(
                 })?;
                 // The payload goes to the writer thread; the next frame is
                 // read into a buffer it is done with.
-                let payload = frames.swap_buffer(file.spare_buffer());
-                file.write(payload, wire::CHUNK_DATA_START, at)?;
+                let chunk = frames.take_chunk(file.spare_buffer());
+                file.write(chunk, at)?;
                 continue;
             }
             Some(wire::Frame::Other(m)) => m,
@@ -914,6 +970,56 @@ pub fn manifest_path(dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use crate::proto::WireFormat;
+
+    /// Chunks reach the file whole whether their page-aligned part goes
+    /// through O_DIRECT (where the file system takes it) or not: aligned
+    /// chunks, a short tail, and a buffer that is not aligned.
+    #[test]
+    fn chunks_are_written_whole_with_or_without_o_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layer");
+        let len = 2 * crate::proto::CHUNK + 1000;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(len).unwrap();
+        let content: Vec<u8> = (0..len).map(|i| (i % 253) as u8 ^ 0x5a).collect();
+        let chunk = |at: u64| {
+            let end = (at + crate::proto::CHUNK).min(len);
+            &content[at as usize..end as usize]
+        };
+        let mut direct = open_direct(&path);
+        // Aligned (as the frame reader places it): direct if possible.
+        let mut frames = wire::FrameReader::default();
+        let mut stream = Vec::new();
+        for at in [0, 2 * crate::proto::CHUNK] {
+            wire::send(
+                &mut stream,
+                &Message::Chunk {
+                    seq: 1,
+                    offset: at,
+                    data: chunk(at).to_vec(),
+                },
+            )
+            .unwrap();
+        }
+        let mut r = &stream[..];
+        for at in [0, 2 * crate::proto::CHUNK] {
+            assert!(frames.next(&mut r).unwrap().is_some());
+            let c = frames.take_chunk(Vec::new());
+            write_chunk(&file, &mut direct, c.data(), at).unwrap();
+        }
+        // Unaligned in memory: through the page cache.
+        let mut shifted = vec![0u8; crate::proto::CHUNK as usize + 1];
+        shifted[1..].copy_from_slice(chunk(crate::proto::CHUNK));
+        write_chunk(&file, &mut direct, &shifted[1..], crate::proto::CHUNK).unwrap();
+        drop(file);
+        assert_eq!(fs::read(&path).unwrap(), content);
+    }
 
     /// A commit from a generation lower than the manifest's is refused
     /// before anything is written.
