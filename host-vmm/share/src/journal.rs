@@ -469,7 +469,11 @@ impl Track {
     fn ack(&mut self, acked: u64) {
         if acked > self.acked {
             self.acked = acked;
-            self.entries = self.entries.split_off(&(acked + 1));
+            // (The record is read from a file: no overflow at u64::MAX.)
+            self.entries = match acked.checked_add(1) {
+                Some(above) => self.entries.split_off(&above),
+                None => BTreeMap::new(),
+            };
         }
     }
 }
@@ -739,6 +743,24 @@ mod tests {
             boot_id: None,
         });
         assert_eq!(parse(&v2, BOOT), Err(JournalError::Version(2)));
+        // Hostile numbers: no overflow.
+        let mut h = file(&mut Journal::default());
+        append(
+            &mut h,
+            [
+                Record::Intent {
+                    initiator: "a".into(),
+                    incarnation: 1,
+                    seq: u64::MAX,
+                },
+                Record::Begin {
+                    initiator: "a".into(),
+                    incarnation: 1,
+                    acked: u64::MAX,
+                },
+            ],
+        );
+        assert_eq!(parse(&h, BOOT).unwrap().journal.live(), 1);
         assert!(parse(b"", BOOT).unwrap().trusted);
     }
 
