@@ -631,7 +631,7 @@ impl LayerDigest {
                 data.len()
             )));
         }
-        if data.iter().all(|&b| b == 0) {
+        if is_zero(data) {
             return Err(ProtoError::Invalid(format!(
                 "chunk at {offset:#x} is all zeros (zero chunks are not sent)"
             )));
@@ -651,6 +651,15 @@ impl LayerDigest {
     pub fn finish(self) -> [u8; 32] {
         *self.hash.finalize().as_bytes()
     }
+}
+
+/// Whether `data` is all zeros. By 4 KiB blocks, each OR-reduced: the
+/// compiler vectorises that, where a byte loop that stops at the first
+/// non-zero byte runs a byte a cycle (0.45 s for 512 MiB of zeros here,
+/// against 14 ms), and both ends check every chunk.
+pub fn is_zero(data: &[u8]) -> bool {
+    data.chunks(4096)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 /// Lower-case hex, for manifests and messages.
@@ -874,6 +883,17 @@ mod tests {
         assert!(d.add(0, &a).is_err(), "backwards");
         assert!(d.add(CHUNK, &a).is_err(), "repeated");
         assert!(d.add(3 * CHUNK, &a).is_err(), "past the end");
+    }
+
+    #[test]
+    fn zero_detection_sees_every_byte() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&vec![0u8; 3 * 4096 + 17]));
+        for at in [0, 1, 4095, 4096, 8191, 3 * 4096 + 16] {
+            let mut d = vec![0u8; 3 * 4096 + 17];
+            d[at] = 0x80;
+            assert!(!is_zero(&d), "byte {at}");
+        }
     }
 
     #[test]

@@ -360,7 +360,7 @@ impl ChunkReader {
                 .read_exact_at(buf, at)
                 .map_err(io(&self.path, "read"))?;
             self.offset += len as u64;
-            if buf.iter().any(|&x| x != 0) {
+            if !crate::proto::is_zero(buf) {
                 return Ok(Some(at));
             }
         }
