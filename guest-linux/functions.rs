@@ -521,7 +521,7 @@ pub(crate) fn execute(req: &FunctionRequest) -> (Status, Option<FunctionReport>)
             let a = match op {
                 f::op::PATH_SYNTHETIC => crate::multipath::make_synthetic(vol, devt, p.0),
                 f::op::PATH_DIRECT => crate::multipath::make_direct(vol, devt, p.0, wait),
-                _ => crate::multipath::release_direct(vol, devt, wait),
+                _ => crate::multipath::release(vol, devt, wait),
             };
             (a.status, Some(report(&p, a.us)))
         }

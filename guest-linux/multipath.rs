@@ -4,7 +4,8 @@
 //! paths to the same storage: the **synthetic** path (a virtio-blk disk,
 //! always there, migratable) and at times a **direct** one (the namespace
 //! of an assigned NVMe function). The host names the paths with ABI 1.2
-//! `FUNCTION` requests (`PATH_SYNTHETIC`, `PATH_DIRECT`, `PATH_RELEASE`).
+//! `FUNCTION` requests (`PATH_SYNTHETIC`, `PATH_DIRECT`, `PATH_RELEASE`;
+//! the release of a synthetic path deletes its unused volume).
 //!
 //! Where each request goes is decided by the handoff core
 //! (`shared-abi/src/handoff.rs`), the same pure state machine the host
@@ -1017,12 +1018,62 @@ pub(crate) fn make_direct(index: u32, devt: u32, pdev: *mut bindings::pci_dev, w
     PathAnswer { status: if ok { Status::Ok } else { Status::TimedOut }, us }
 }
 
-/// `PATH_RELEASE`: the I/O of `index` moves off the direct path `devt`,
-/// which is then closed.
-pub(crate) fn release_direct(index: u32, devt: u32, wait_ms: u32) -> PathAnswer {
+/// `PATH_RELEASE` of `devt` for volume `index`: of its direct path, the
+/// I/O moves off it and it is closed; of its synthetic path, the volume
+/// itself goes away.
+pub(crate) fn release(index: u32, devt: u32, wait_ms: u32) -> PathAnswer {
     let Some(v) = find(index) else {
         return PathAnswer { status: Status::NoDevice, us: 0 };
     };
+    let synthetic = {
+        let g = v.inner.lock();
+        let d = &g.paths[0];
+        // SAFETY: an open block device.
+        !d.bdev.is_null() && unsafe { (*d.bdev).bd_dev } == devt
+    };
+    if synthetic {
+        delete(v)
+    } else {
+        release_direct(index, v, devt, wait_ms)
+    }
+}
+
+/// Deletes `/dev/tandem<N>`: only when nothing has it open and it has no
+/// direct path (release that first), else BUSY and nothing changes. What
+/// the application wrote is on the synthetic path's disk; a new
+/// `PATH_SYNTHETIC` brings the volume back.
+fn delete(v: Arc<Volume>) -> PathAnswer {
+    let busy = PathAnswer { status: Status::Busy, us: 0 };
+    {
+        let g = v.inner.lock();
+        let direct = &g.paths[1];
+        if !direct.bdev.is_null() && !direct.gone {
+            return busy;
+        }
+        // SAFETY: a disk we added (or none); `part0` lives as long as it.
+        if !g.disk.is_null() && unsafe { bindings::atomic_read(&(*(*g.disk).part0).bd_openers) } > 0 {
+            return busy;
+        }
+    }
+    {
+        let mut list = VOLUMES.lock();
+        let Some(at) = list.iter().position(|x| Arc::ptr_eq(x, &v)) else {
+            // Deleted meanwhile by another request.
+            return PathAnswer { status: Status::NoDevice, us: 0 };
+        };
+        let _ = list.remove(at);
+    }
+    let index = v.index;
+    // An open racing this point finds the disk going away (its I/O fails),
+    // as with any deleted disk.
+    destroy(v);
+    pr_info!("tandem{}: deleted\n", index);
+    PathAnswer { status: Status::Ok, us: 0 }
+}
+
+/// `PATH_RELEASE` of a direct path: the I/O of `index` moves off `devt`,
+/// which is then closed.
+fn release_direct(index: u32, v: Arc<Volume>, devt: u32, wait_ms: u32) -> PathAnswer {
     {
         let g = v.inner.lock();
         let d = &g.paths[1];

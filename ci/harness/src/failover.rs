@@ -311,6 +311,7 @@ pub async fn e2e() -> Result<()> {
     let gap_us = num(&line, "max_switch_gap_us")?;
     let clat = clat_max_ms(&out).unwrap_or(f64::NAN);
     guest_clean(&mut r.vm.console).await?;
+    volume_lifecycle(&mut r.vm).await?;
     println!(
         "fio randwrite QD8 with verify for {FIO_SECS} s on /dev/tandem0: no error; largest I/O latency {clat:.0} ms (includes the surprise removals: the killed server's I/O waits for the VF's removal); {} re-issued",
         num(&line, "reissued")?
@@ -321,6 +322,48 @@ pub async fn e2e() -> Result<()> {
         gap_us as f64 / 1000.0,
         surprises.len()
     );
+    Ok(())
+}
+
+/// The guest's answer to `tandem device path ID ROLE` ("ok", "busy", ...).
+async fn path_status(vm: &Booted, id: &str, role: &str) -> Result<String> {
+    let api = vm.api.display().to_string();
+    let args = ["device", "path", id, role, "--json", "--api-socket", &api];
+    let (code, out, err) = tandem(&args).await?;
+    let v: Value = serde_json::from_str(&out)
+        .with_context(|| format!("tandem device path {id} {role} ({code}): {out}{err}"))?;
+    Ok(v["guest"]["status"].as_str().unwrap_or("").to_owned())
+}
+
+/// A volume is deleted by releasing its synthetic path, only when unused,
+/// and comes back with its data by naming the path again.
+async fn volume_lifecycle(vm: &mut Booted) -> Result<()> {
+    let c = &mut vm.console;
+    c.check("test -b /dev/tandem0").await?;
+    let sum = "dd if=/dev/tandem0 bs=1M count=8 iflag=direct 2>/dev/null | md5sum";
+    let before = c.check(sum).await?;
+    path_op(vm, "nvme-vf1", "direct").await?;
+    let st = path_status(vm, "disk0", "release").await?;
+    ensure!(st == "busy", "deleting a volume with a direct path: {st}");
+    path_op(vm, "nvme-vf1", "release").await?;
+    let c = &mut vm.console;
+    c.check("exec 9</dev/tandem0").await?;
+    let st = path_status(vm, "disk0", "release").await?;
+    ensure!(st == "busy", "deleting an open volume: {st}");
+    let c = &mut vm.console;
+    c.check("exec 9<&-").await?;
+    path_op(vm, "disk0", "release").await?;
+    let c = &mut vm.console;
+    c.check("test ! -e /dev/tandem0").await?;
+    path_op(vm, "disk0", "synthetic").await?;
+    let c = &mut vm.console;
+    c.check("udevadm settle 2>/dev/null; for i in $(seq 50); do test -b /dev/tandem0 && break; sleep 0.1; done; test -b /dev/tandem0").await?;
+    let after = c.check(sum).await?;
+    ensure!(
+        before == after,
+        "the volume came back with other data: {before} vs {after}"
+    );
+    println!("volume deleted by releasing its synthetic path (refused while it had a direct path, and while open), then back over disk0 with the same data");
     Ok(())
 }
 

@@ -48,8 +48,9 @@ pub enum DeviceCmd {
     },
     /// Multi-path volumes in the guest (F4, needs tandem.ko with ABI 1.2):
     /// make a disk (a virtio-blk disk's id, or an attached function's) the
-    /// synthetic or the direct path of `/dev/tandem<volume>`, or move the
-    /// volume's I/O off a direct path and let go of it.
+    /// synthetic or the direct path of `/dev/tandem<volume>`, move the
+    /// volume's I/O off a direct path and let go of it, or (release of the
+    /// synthetic path) delete the volume once unused.
     Path {
         id: String,
         role: PathRole,
@@ -189,7 +190,9 @@ pub enum PathRole {
     Synthetic,
     /// The assigned function's path; the volume's I/O moves to it.
     Direct,
-    /// Move I/O off this direct path and let go of it.
+    /// Move I/O off this direct path and let go of it; of a synthetic
+    /// path: delete `/dev/tandem<volume>` (refused as busy while it is
+    /// open or has a direct path).
     Release,
 }
 
