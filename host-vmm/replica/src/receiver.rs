@@ -505,13 +505,14 @@ enum SessionError {
     Store(#[from] StoreError),
 }
 
-/// The temporary file of a layer being received. Chunks are written by a
-/// thread of its own (the session's thread goes on reading and hashing the
-/// next one), with O_DIRECT where the file system takes it: the data goes
-/// from the frame buffer to the device while the transfer runs, instead of
-/// being copied into the page cache (a third of the site's CPU time, most
-/// of it faulting in fresh pages) and written out by the fsync at the
-/// commit (a quarter of a 512 MiB initial sync, with nothing else to do).
+/// The temporary file of a layer being received. Chunks are written by
+/// [`WRITERS`] threads of their own (the session's thread goes on reading
+/// and hashing the next one), with O_DIRECT where the file system takes
+/// it: the data goes from the frame buffer to the device while the
+/// transfer runs, instead of being copied into the page cache (a third of
+/// the site's CPU time, most of it faulting in fresh pages) and written
+/// out by the fsync at the commit (a quarter of a 512 MiB initial sync,
+/// with nothing else to do).
 /// The file is still synced once, at the commit (metadata, the unaligned
 /// tail, and the device's write cache). Syncing it in the background while
 /// it is written through the page cache made the transfer of a 512 MiB
@@ -520,10 +521,15 @@ struct IncomingFile {
     path: PathBuf,
     /// Chunk payloads to write: (file offset, payload).
     tx: Option<std::sync::mpsc::SyncSender<(u64, wire::ChunkBuf)>>,
-    /// Payload buffers the writer is done with.
+    /// Payload buffers the writers are done with.
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
-    writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    writers: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
 }
+
+/// Chunks written at once: one direct write of 1 MiB at a time leaves the
+/// device idle between writes (fio here: 1.1 GB/s with one in flight,
+/// 1.4 GB/s with two, no more with four).
+const WRITERS: usize = 2;
 
 /// Opens `path` again for writing with O_DIRECT, if the file system allows.
 fn open_direct(path: &Path) -> Option<fs::File> {
@@ -549,7 +555,7 @@ fn open_direct(path: &Path) -> Option<fs::File> {
 /// through the page cache.
 fn write_chunk(
     file: &fs::File,
-    direct: &mut Option<fs::File>,
+    direct: &mut Option<Arc<fs::File>>,
     data: &[u8],
     at: u64,
 ) -> std::io::Result<()> {
@@ -576,21 +582,32 @@ fn write_chunk(
 
 impl IncomingFile {
     fn new(path: PathBuf, file: fs::File) -> Result<IncomingFile, StoreError> {
-        let mut direct = open_direct(&path);
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, wire::ChunkBuf)>(2);
+        let file = Arc::new(file);
+        let direct = open_direct(&path).map(Arc::new);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, wire::ChunkBuf)>(WRITERS);
+        let rx = Arc::new(Mutex::new(rx));
         let (spare_tx, spare) = std::sync::mpsc::channel();
-        let writer = std::thread::spawn(move || -> std::io::Result<()> {
-            while let Ok((at, chunk)) = rx.recv() {
-                write_chunk(&file, &mut direct, chunk.data(), at)?;
-                let _ = spare_tx.send(chunk.into_buffer());
-            }
-            Ok(())
-        });
+        let writers = (0..WRITERS)
+            .map(|_| {
+                let (file, mut direct) = (file.clone(), direct.clone());
+                let (rx, spare_tx) = (rx.clone(), spare_tx.clone());
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    loop {
+                        let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((at, chunk)) = next else {
+                            return Ok(());
+                        };
+                        write_chunk(&file, &mut direct, chunk.data(), at)?;
+                        let _ = spare_tx.send(chunk.into_buffer());
+                    }
+                })
+            })
+            .collect();
         Ok(IncomingFile {
             path,
             tx: Some(tx),
             spare,
-            writer: Some(writer),
+            writers,
         })
     }
 
@@ -608,22 +625,28 @@ impl IncomingFile {
         if sent {
             return Ok(());
         }
-        // The writer stopped: its error says why.
+        // The writers stopped: their error says why.
         Err(match self.stop() {
             Err(e) => e,
-            Ok(()) => io(&self.path, "write")(std::io::Error::other("the writer stopped")),
+            Ok(()) => io(&self.path, "write")(std::io::Error::other("the writers stopped")),
         })
     }
 
+    /// Waits for the writers; the first error any of them met.
     fn stop(&mut self) -> Result<(), StoreError> {
         self.tx = None;
-        match self.writer.take().map(|h| h.join()) {
-            Some(Ok(Err(e))) => Err(io(&self.path, "write")(e)),
-            Some(Err(_)) => Err(io(&self.path, "write")(std::io::Error::other(
-                "the writer panicked",
-            ))),
-            _ => Ok(()),
+        let mut result = Ok(());
+        for w in self.writers.drain(..) {
+            let e = match w.join() {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(_) => std::io::Error::other("the writer panicked"),
+            };
+            if result.is_ok() {
+                result = Err(io(&self.path, "write")(e));
+            }
         }
+        result
     }
 
     /// Waits for every queued write; returns the path.
@@ -992,7 +1015,7 @@ mod tests {
             let end = (at + crate::proto::CHUNK).min(len);
             &content[at as usize..end as usize]
         };
-        let mut direct = open_direct(&path);
+        let mut direct = open_direct(&path).map(Arc::new);
         // Aligned (as the frame reader places it): direct if possible.
         let mut frames = wire::FrameReader::default();
         let mut stream = Vec::new();
