@@ -2,13 +2,59 @@
 //! frame that decodes re-encodes to the same bytes; the decoded messages
 //! drive a receiver session (hello, layers, chunks, ends) against an empty
 //! site and then one that already holds layers: nothing panics, and a layer
-//! completes only with the digest of the chunks it was given.
+//! completes only with the digest of the chunks it was given. The site's
+//! stream reader (`wire::FrameReader`, which places chunk data aligned for
+//! O_DIRECT) reads the same frames as the codec, and fails where it fails.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tandem_replica::manifest::{LayerRecord, Manifest};
 use tandem_replica::proto::{decode_from, hex, LayerDigest, Message};
 use tandem_replica::session::Session;
+use tandem_replica::wire::{Frame, FrameReader, DATA_ALIGN};
+
+/// Reads the stream with the site's frame reader, frame by frame beside
+/// the codec, until either stops.
+fn frame_reader_agrees(data: &[u8]) {
+    let mut r = data;
+    let mut fr = FrameReader::default();
+    let mut pos = 0;
+    let mut spare = Vec::new();
+    loop {
+        let expected = decode_from(&data[pos..]);
+        let got = fr.next(&mut r);
+        let m = match (expected, got) {
+            (Ok(Some((m, used))), Ok(Some(frame))) => {
+                pos += used;
+                match frame {
+                    Frame::Chunk { seq, offset, data } => {
+                        let ours = Message::Chunk {
+                            seq,
+                            offset,
+                            data: data.to_vec(),
+                        };
+                        assert_eq!(ours, m);
+                    }
+                    Frame::Other(o) => {
+                        assert_eq!(o, m);
+                        continue;
+                    }
+                }
+                m
+            }
+            // Clean end, a cut frame, or a bad one: both stop.
+            (Ok(None), Ok(None) | Err(_)) | (Err(_), Err(_)) => return,
+            (e, g) => panic!("codec {e:?}, frame reader {:?}", g.map(|f| f.is_some())),
+        };
+        let Message::Chunk { data: want, .. } = m else {
+            unreachable!()
+        };
+        let c = fr.take_chunk(spare);
+        assert_eq!(c.data(), &want[..]);
+        assert_eq!(c.data().as_ptr() as usize % DATA_ALIGN, 0);
+        spare = c.into_buffer();
+    }
+}
 
 fn drive(msgs: &[Message], manifest: &Manifest) {
     let mut s = Session::new();
@@ -43,6 +89,7 @@ fn drive(msgs: &[Message], manifest: &Manifest) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    frame_reader_agrees(data);
     let mut msgs = Vec::new();
     let mut pos = 0;
     while pos < data.len() && msgs.len() < 64 {
