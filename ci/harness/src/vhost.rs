@@ -137,6 +137,30 @@ async fn run(w: &Path, format: &str) -> Result<usize> {
     ensure!(st != 0, "a write to the read-only disk succeeded: {out}");
     println!("[{format}] read-only vdb: ro flag set, reads the file's bytes, writes refused");
 
+    // Only raw vhost-blk disks may leave (save, migrate): two backends
+    // would hold this chain's metadata.
+    let state = w.join(format!("{name}.state"));
+    let (code, out, err) = crate::tandem(&[
+        "snapshot",
+        &state.display().to_string(),
+        "--api-socket",
+        &vm_api.display().to_string(),
+    ])
+    .await?;
+    let why = format!("{out}{err}");
+    ensure!(
+        code != 0
+            && why.contains(&format!(
+                "is a {format} image served by a vhost-user-blk backend"
+            )),
+        "a save of a VM with a {format} vhost-blk disk ({code}): {why}"
+    );
+    ensure!(!state.exists(), "the refused save left {}", state.display());
+    println!(
+        "[{format}] a save is refused: {}",
+        why.trim().lines().last().unwrap_or("")
+    );
+
     // fio with verify while the chain is checkpointed underneath it.
     let fio = format!(
         "fio --name=v --filename=/dev/vda --rw=randwrite --bs=4k --size=64M --ioengine=libaio \

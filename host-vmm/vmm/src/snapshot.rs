@@ -45,7 +45,7 @@ pub enum SnapshotError {
     Handoff(String),
     #[error("the VM has shared disks (vhost-user-scsi), whose backends cannot follow a save or migration yet")]
     Shared,
-    #[error("disk {0} is a {1} image served by a vhost-user-blk backend: the backend here and the one that takes over (destination, restore) would both hold its metadata. Only format=raw vhost-blk disks can leave; use if=virtio-blk for other formats")]
+    #[error("disk {0} is a {1} image served by a vhost-user-blk backend: the backend here and the one that takes over (destination, restore) would both hold its metadata. Only raw files served by vhost-blk can leave: give a VM that must move a raw vhost-blk disk, or QEMU's if=virtio-blk")]
     VhostBlk(String, String),
     #[error("{0} exists; a snapshot never overwrites a file")]
     Exists(PathBuf),
