@@ -1,5 +1,7 @@
 //! A qcow2 image from the fuzzer (imago underneath, our header parsing and
-//! chain glue on top): opened without following its backing file, mapped and read.
+//! chain glue on top): its refcounts checked and repaired (`qcow2_refs`,
+//! what a writable open does first), opened without following its backing
+//! file, mapped and read.
 #![no_main]
 
 use std::os::unix::fs::FileExt;
@@ -11,12 +13,20 @@ use tandem_disk::{Layer, Status};
 fuzz_target!(|data: &[u8]| {
     let path = std::env::temp_dir().join(format!("tandem-fuzz-{}-disk.qcow2", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    let Ok(f) = std::fs::File::create(&path) else {
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+    else {
         return;
     };
     if f.write_all_at(data, 0).is_err() {
         return;
     }
+    let _ = tandem_disk::qcow2_refs::unreferenced(&f);
+    let _ = tandem_disk::qcow2_refs::repair(&f);
     drop(f);
     if let Ok(layer) = Qcow2Layer::open(&path, false) {
         let _ = layer.parent();

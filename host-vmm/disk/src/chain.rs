@@ -161,6 +161,17 @@ pub struct Chain {
 impl Chain {
     pub fn open(path: &Path, opts: ChainOptions) -> Result<Chain> {
         let layers = Self::open_layers(path, &opts)?;
+        if opts.writable {
+            // The writer (re)opening the chain clears what a checkpoint
+            // killed before its rename left: the chain at `path` never
+            // depends on it (see `checkpoint`), so it is garbage.
+            let stray = crate::checkpoint::temp_name(path);
+            if stray.exists() {
+                fs::remove_file(&stray).ctx(&stray, "remove")?;
+                crate::checkpoint::fsync_dir(&crate::checkpoint::dir_of(path))?;
+                tracing::info!(path = %stray.display(), "removed what an interrupted checkpoint left");
+            }
+        }
         Ok(Chain {
             layers: RwLock::new(layers),
             cow: Mutex::new(()),

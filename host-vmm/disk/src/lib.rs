@@ -44,6 +44,7 @@ pub mod fault;
 pub mod layer;
 pub mod ops;
 pub mod qcow2;
+pub mod qcow2_refs;
 pub mod raw;
 mod util;
 pub mod vhdx;

@@ -84,6 +84,20 @@ impl Qcow2Layer {
     pub fn open(path: &Path, writable: bool) -> Result<Qcow2Layer> {
         let stat = OpenOptions::new().read(true).open(path).ctx(path, "open")?;
         let cluster_size = cluster_size(path, &stat)?;
+        if writable {
+            // Before imago may allocate: what a killed writer left
+            // referenced with refcount 0 must not be handed out again
+            // (see `qcow2_refs`).
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .ctx(path, "open")?;
+            let fixed = crate::qcow2_refs::repair(&f).ctx(path, "repair refcounts")?;
+            for u in &fixed {
+                tracing::warn!(path = %path.display(), what = u.what, offset = u.offset, "a metadata cluster a killed writer left with refcount 0 is counted again");
+            }
+        }
         let storage = ImagoFile::open(StorageOpenOptions::new().filename(path).write(writable))
             .map_err(|e| qerr(path, Qcow2Error::Open(e)))?;
         let qcow2 = Qcow2::<ImagoFile>::builder(storage)
@@ -375,8 +389,14 @@ impl Layer for Qcow2Layer {
         self.parent.clone()
     }
     fn check(&self) -> Result<Vec<String>> {
+        // Metadata a killed writer left with refcount 0 (the next writable
+        // open repairs it).
+        let mut issues: Vec<String> = crate::qcow2_refs::unreferenced(&self.stat)
+            .ctx(&self.path, "read refcounts")?
+            .into_iter()
+            .map(|u| format!("{} at {:#x} is used but has refcount 0", u.what, u.offset))
+            .collect();
         // Walk every mapping: broken L1/L2 entries surface as errors here.
-        let mut issues = Vec::new();
         let size = self.access.size();
         let mut off = 0;
         while off < size {

@@ -164,3 +164,78 @@ fn qcow2_over_a_raw_base_and_a_raw_checkpoint() {
     assert_qemu_check_clean("qcow2", &base);
     assert_qemu_compare(("qcow2", &base), ("raw", &mirror));
 }
+
+/// What a writer killed inside imago's allocation of an L2 table leaves
+/// (the L1 entry written, the table's refcount not): `tandem disk check`
+/// and qemu-img both report it, the next writable open repairs it, and
+/// the data stays.
+#[test]
+fn an_l2_table_left_with_refcount_0_is_found_and_repaired() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.qcow2");
+    ops::create(&img, Format::Qcow2, Some(SIZE), None).unwrap();
+    {
+        let c = Chain::open(
+            &img,
+            ChainOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        c.write_at(&[0x5a; 4096], 8192).unwrap();
+        c.flush().unwrap();
+    }
+    // The L2 table's refcount, as the killed writer left it: 0.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut h = [0u8; 64];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let be64 = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().unwrap());
+    let (l1, rt) = (be64(&h[40..]), be64(&h[48..]));
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, l1).unwrap();
+    let l2 = be64(&e) & 0x00ff_ffff_ffff_fe00;
+    f.read_exact_at(&mut e, rt).unwrap();
+    let block = be64(&e) & 0x00ff_ffff_ffff_fe00;
+    let at = block + (l2 >> 16) * 2;
+    let mut r = [0u8; 2];
+    f.read_exact_at(&mut r, at).unwrap();
+    assert_eq!(u16::from_be_bytes(r), 1, "the L2 table's refcount");
+    f.write_all_at(&[0, 0], at).unwrap();
+    drop(f);
+
+    let report = ops::check(&img).unwrap();
+    assert!(
+        format!("{report:?}").contains("L2 table at") && !report.is_clean(),
+        "check did not see it: {report:?}"
+    );
+    let (ok, out) = try_run("qemu-img", &["check", "-q", s(&img)]);
+    assert!(!ok, "qemu-img check found nothing: {out}");
+
+    // The next writer repairs it before anything is allocated.
+    {
+        let c = Chain::open(
+            &img,
+            ChainOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        c.write_at(&[0x77; 4096], 50 << 20).unwrap();
+        c.flush().unwrap();
+    }
+    assert!(ops::check(&img).unwrap().is_clean());
+    qemu_img(&["check", "-q", s(&img)]);
+    let c = Chain::open(&img, ChainOptions::default()).unwrap();
+    let mut b = vec![0u8; 4096];
+    c.read_at(&mut b, 8192).unwrap();
+    assert_eq!(b, vec![0x5a; 4096]);
+    c.read_at(&mut b, 50 << 20).unwrap();
+    assert_eq!(b, vec![0x77; 4096]);
+}
