@@ -63,6 +63,8 @@ const NACT: usize = NSLOT + 3;
 const NJOB: usize = 2 * NSLOT + 8;
 /// The most volumes a guest has.
 const MAX_VOLUMES: u32 = 16;
+/// Switches whose largest completion gap debugfs keeps.
+const GAPS: usize = 16;
 /// The longest a path request waits for a switch.
 const MAX_WAIT_MS: u32 = 10_000;
 
@@ -186,6 +188,11 @@ struct Inner {
     /// switch was in progress, and outside switches (for comparison).
     max_switch_gap_us: u64,
     max_gap_us: u64,
+    /// The largest gap of the switch in progress, and that of the last
+    /// `GAPS` switches (a ring; `switch_gap_n` counts every switch).
+    cur_switch_gap_us: u64,
+    switch_gaps_us: [u32; GAPS],
+    switch_gap_n: usize,
     /// `/dev/tandem<N>` (null until added).
     disk: *mut bindings::gendisk,
     /// The volume is going away: new bios fail.
@@ -300,6 +307,9 @@ impl Inner {
             switch_over,
             max_switch_gap_us,
             max_gap_us,
+            cur_switch_gap_us,
+            switch_gaps_us,
+            switch_gap_n,
             ..
         } = self;
         for a in acts.iter() {
@@ -325,8 +335,12 @@ impl Inner {
                     if *last_done_us != 0 {
                         if *in_switch {
                             *max_switch_gap_us = (*max_switch_gap_us).max(gap);
+                            *cur_switch_gap_us = (*cur_switch_gap_us).max(gap);
                             if *switch_over {
                                 *in_switch = false;
+                                switch_gaps_us[*switch_gap_n % GAPS] =
+                                    u32::try_from(*cur_switch_gap_us).unwrap_or(u32::MAX);
+                                *switch_gap_n += 1;
                             }
                         } else {
                             *max_gap_us = (*max_gap_us).max(gap);
@@ -813,6 +827,9 @@ fn create(index: u32, devt: u32, pdev: *mut bindings::pci_dev) -> Result<Arc<Vol
         switch_over: false,
         max_switch_gap_us: 0,
         max_gap_us: 0,
+        cur_switch_gap_us: 0,
+        switch_gaps_us: [0; GAPS],
+        switch_gap_n: 0,
         disk: null_mut(),
         dead: false,
     };
@@ -1008,6 +1025,7 @@ pub(crate) fn make_direct(index: u32, devt: u32, pdev: *mut bindings::pci_dev, w
         let g = &mut *g;
         g.in_switch = true;
         g.switch_over = false;
+        g.cur_switch_gap_us = 0;
         let _ = g.h.switch_to(Path::Direct, now_us(), &mut g.acts);
         g.route(index, &mut fin);
     }
@@ -1089,6 +1107,7 @@ fn release_direct(index: u32, v: Arc<Volume>, devt: u32, wait_ms: u32) -> PathAn
         let g = &mut *g;
         g.in_switch = true;
         g.switch_over = false;
+        g.cur_switch_gap_us = 0;
         let _ = g.h.switch_to(Path::Synthetic, now_us(), &mut g.acts);
         g.route(index, &mut fin);
     }
@@ -1169,11 +1188,11 @@ pub(crate) fn show(_: &(), out: &mut fmt::Formatter<'_>) -> fmt::Result {
     for v in g.iter() {
         let i = v.inner.lock();
         let s = i.h.stats;
-        writeln!(
+        write!(
             out,
             "tandem{} active={} switching={} direct={} switches={} losses={} reissued={} barriers={} \
              stale={} errors_to_app={} max_blackout_us={} last_blackout_us={} in_flight_synthetic={} \
-             in_flight_direct={} parked={} waiting={} max_switch_gap_us={} max_gap_us={}",
+             in_flight_direct={} parked={} waiting={} max_switch_gap_us={} max_gap_us={} switch_gaps_us=",
             v.index,
             i.h.active().name(),
             i.h.switching_to().map_or("no", |p| p.name()),
@@ -1193,6 +1212,12 @@ pub(crate) fn show(_: &(), out: &mut fmt::Formatter<'_>) -> fmt::Result {
             i.max_switch_gap_us,
             i.max_gap_us
         )?;
+        // The last switches' largest gaps, oldest first.
+        let (first, n) = (i.switch_gap_n.saturating_sub(GAPS), i.switch_gap_n);
+        for k in first..n {
+            write!(out, "{}{}", if k == first { "" } else { "," }, i.switch_gaps_us[k % GAPS])?;
+        }
+        writeln!(out)?;
     }
     Ok(())
 }

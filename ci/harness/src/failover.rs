@@ -436,6 +436,26 @@ pub async fn bench(runs: usize) -> Result<()> {
     println!(
         "largest gap between application completions during a switch: {gap_ms:.1} ms (goal < 10 ms); outside switches, in the same runs: {steady_ms:.1} ms"
     );
+    let mut per_switch: Vec<u64> = line
+        .split("switch_gaps_us=")
+        .nth(1)
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    if !per_switch.is_empty() {
+        let all = per_switch
+            .iter()
+            .map(|us| format!("{:.1}", *us as f64 / 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let under = per_switch.iter().filter(|&&us| us < 10_000).count();
+        println!(
+            "each switch's largest gap (ms, in order): [{all}]; median {:.1} ms; {under} of {} below 10 ms",
+            med(&mut per_switch) as f64 / 1000.0,
+            per_switch.len()
+        );
+    }
     println!("guest volume: {line}");
     println!(
         "RESULT failover switch_gap_ms_max={gap_ms:.1} steady_gap_ms_max={steady_ms:.1} blackout_ms_max={:.2} clat_max_ms={c1:.1} baseline_clat_max_ms={c0:.1} switches={}",
