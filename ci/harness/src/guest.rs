@@ -150,22 +150,31 @@ impl Console {
             self.seq, self.seq
         );
         self.send(&line).await?;
-        self.wait_for(&format!("{b}\n"), limit).await?;
+        // A kernel message may land on the console right after the marker,
+        // before the echo's newline: the output starts after that line.
+        self.wait_for(&b, limit).await?;
+        self.wait_for("\n", limit).await?;
         let start = self.cursor;
         self.wait_for(&e, limit)
             .await
             .with_context(|| format!("running {cmd:?}"))?;
         let end = self.cursor - e.len();
         let text = lock(&self.buf)[start..end].to_owned();
-        // The status follows the end marker on the same line.
-        self.wait_for("\n", limit).await?;
-        let status_line = lock(&self.buf)[end + e.len()..self.cursor]
-            .trim()
-            .to_owned();
-        let status = status_line
-            .parse::<i32>()
-            .with_context(|| format!("bad status line {status_line:?} after {cmd:?}"))?;
-        Ok((text, status))
+        // The status follows the end marker on the same line, unless a
+        // kernel message landed between them: then on a line of its own.
+        let mut from = end + e.len();
+        for _ in 0..4 {
+            self.wait_for("\n", limit).await?;
+            let status_line = lock(&self.buf)[from..self.cursor].trim().to_owned();
+            if let Ok(status) = status_line.parse::<i32>() {
+                return Ok((text, status));
+            }
+            if !status_line.starts_with('[') {
+                bail!("bad status line {status_line:?} after {cmd:?}");
+            }
+            from = self.cursor;
+        }
+        bail!("no status line after {cmd:?}")
     }
 
     /// Runs a command that must succeed; returns its output, trimmed.
