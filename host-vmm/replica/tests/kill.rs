@@ -195,14 +195,15 @@ fn oracle(p: &Primary, site: &Path) {
         ops::convert(&theirs, &b, Format::Raw, &|_, _| {}).unwrap();
         assert_qemu_identical(&a, &b);
     } else {
+        // Written by processes this test kills: leaks allowed, no corruption.
         for l in &m.layers {
             if l.format == "qcow2" {
-                assert_qemu_check_clean(&site.join(&l.file));
+                assert_qemu_check_no_corruption(&site.join(&l.file));
             }
         }
         for l in p.sealed() {
             if l.extension().is_some_and(|e| e == "qcow2") {
-                assert_qemu_check_clean(&l);
+                assert_qemu_check_no_corruption(&l);
             }
         }
         assert_qemu_identical(&theirs, &ours);
