@@ -163,33 +163,30 @@ impl Geometry {
 
 /// The referenced metadata clusters whose refcount on disk is 0.
 pub fn unreferenced(f: &File) -> std::io::Result<Vec<Unreferenced>> {
-    let Some(g) = geometry(f)? else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    for (what, offset) in g.metadata_clusters(f)? {
-        if let Some((_, 0)) = g.refcount(f, offset)? {
-            out.push(Unreferenced { what, offset });
-        }
-    }
-    Ok(out)
+    scan(f, false)
 }
 
 /// Sets each referenced metadata cluster's refcount of 0 to 1 and makes
 /// that durable; returns what it repaired.
 pub fn repair(f: &File) -> std::io::Result<Vec<Unreferenced>> {
+    scan(f, true)
+}
+
+fn scan(f: &File, fix: bool) -> std::io::Result<Vec<Unreferenced>> {
     let Some(g) = geometry(f)? else {
         return Ok(Vec::new());
     };
-    let mut fixed = Vec::new();
+    let mut found = Vec::new();
     for (what, offset) in g.metadata_clusters(f)? {
         if let Some((at, 0)) = g.refcount(f, offset)? {
-            f.write_all_at(&1u16.to_be_bytes(), at)?;
-            fixed.push(Unreferenced { what, offset });
+            if fix {
+                f.write_all_at(&1u16.to_be_bytes(), at)?;
+            }
+            found.push(Unreferenced { what, offset });
         }
     }
-    if !fixed.is_empty() {
+    if fix && !found.is_empty() {
         f.sync_all()?;
     }
-    Ok(fixed)
+    Ok(found)
 }
