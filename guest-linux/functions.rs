@@ -116,15 +116,40 @@ impl PciRef {
     }
 }
 
-/// `device_for_each_child` callback: collects the "disk" devices below
-/// `dev`, recursively, into the `KVec<DiskRef>` behind `data`.
+/// Whether the disk whose device is `dev` (of type "disk") is fully added.
+/// The block layer makes the disk's device a child of its parent before
+/// it can be opened (`bdev_add`) and before its partitions are scanned; a
+/// disk counts only once it is `GD_ADDED`, so that a path request made as
+/// soon as a disk is reported finds it openable.
+///
+/// # Safety
+/// `dev` is a live device of type "disk" (the `bd_device` of a disk's
+/// `part0`).
+unsafe fn disk_added(dev: *mut bindings::device) -> bool {
+    // SAFETY: per the contract; a disk's `bd_disk` lives as long as its
+    // device. `state` is a bit set the block layer changes with atomic
+    // bit operations: a volatile read of the word sees each bit whole.
+    unsafe {
+        let bdev = kernel::container_of!(dev, bindings::block_device, bd_device);
+        let disk = (*bdev).bd_disk;
+        !disk.is_null() && core::ptr::read_volatile(&(*disk).state) & (1 << bindings::GD_ADDED) != 0
+    }
+}
+
+/// `device_for_each_child` callback: collects the fully added "disk"
+/// devices below `dev`, recursively, into the `KVec<DiskRef>` behind
+/// `data`.
 unsafe extern "C" fn collect_disks(dev: *mut bindings::device, data: *mut c_void) -> c_int {
     // SAFETY: the driver core passes a live child device; `data` is the
     // `&mut KVec<DiskRef>` `disks_of` passed, used by one walk at a time.
     unsafe {
         let out = &mut *data.cast::<KVec<DiskRef>>();
         let ty = (*dev).type_;
-        if !ty.is_null() && !(*ty).name.is_null() && CStr::from_ptr((*ty).name.cast()) == c"disk" {
+        if !ty.is_null()
+            && !(*ty).name.is_null()
+            && CStr::from_ptr((*ty).name.cast()) == c"disk"
+            && disk_added(dev)
+        {
             let d = bindings::get_device(dev);
             if !d.is_null() {
                 // On allocation failure the reference is dropped again.
@@ -512,11 +537,24 @@ pub(crate) fn execute(req: &FunctionRequest) -> (Status, Option<FunctionReport>)
             (Status::Ok, Some(report(&p, 0)))
         }
         op @ (f::op::PATH_SYNTHETIC | f::op::PATH_DIRECT | f::op::PATH_RELEASE) => {
-            let disks = disks_of(&p);
+            let mut disks = disks_of(&p);
+            // A function just plugged may have its disk's node before the
+            // disk is fully added (openable, partitions scanned): a
+            // PATH_DIRECT waits for it within its drain time.
+            let t0 = Instant::<Monotonic>::now();
+            let limit = i64::from(req.drain_ms.get().min(MAX_DRAIN_MS));
+            while op == f::op::PATH_DIRECT && disks.is_empty() && t0.elapsed().as_millis() < limit {
+                // SAFETY: process context (threaded IRQ or work item).
+                unsafe { bindings::msleep(5) };
+                disks = disks_of(&p);
+            }
             let Some(d) = disks.first() else {
                 return (Status::NoDevice, Some(report(&p, 0)));
             };
-            let (devt, vol, wait) = (d.devt(), req.volume.get(), req.drain_ms.get());
+            // What is left of the drain time after waiting for the disk.
+            let spent = u32::try_from(t0.elapsed().as_millis()).unwrap_or(u32::MAX);
+            let wait = req.drain_ms.get().saturating_sub(spent);
+            let (devt, vol) = (d.devt(), req.volume.get());
             drop(disks);
             let a = match op {
                 f::op::PATH_SYNTHETIC => crate::multipath::make_synthetic(vol, devt, p.0),

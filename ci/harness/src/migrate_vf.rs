@@ -31,10 +31,12 @@ pub(crate) struct VfFigures {
     pub handoffs: u32,
 }
 
-/// Waits until the guest's volume runs on the VF again at `api`.
-async fn direct_again(api: &Path, limit: Duration) -> Result<f64> {
+/// Waits until the guest's volume runs on the VF again in `vm`. On
+/// failure the error carries what explains it: the VMM's log and the
+/// guest kernel's last messages.
+async fn direct_again(vm: &mut Booted, limit: Duration) -> Result<f64> {
     let begun = Instant::now();
-    let api = api.display().to_string();
+    let api = vm.api.display().to_string();
     loop {
         let (code, out, _) = tandem(&[
             "device",
@@ -51,10 +53,18 @@ async fn direct_again(api: &Path, limit: Duration) -> Result<f64> {
                 return Ok(begun.elapsed().as_secs_f64());
             }
         }
-        ensure!(
-            begun.elapsed() < limit,
-            "the VF is not the direct path again {limit:?} after the transfer: {out}"
-        );
+        if begun.elapsed() >= limit {
+            let log = std::fs::read_to_string(&vm.log).unwrap_or_default();
+            let dmesg = vm
+                .console
+                .check("dmesg | tail -n 40")
+                .await
+                .unwrap_or_default();
+            anyhow::bail!(
+                "the VF is not the direct path again {limit:?} after the transfer: {out}\n--- VMM log (tail)\n{}\n--- guest dmesg (tail)\n{dmesg}",
+                crate::guest::tail(&log, 40)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -149,7 +159,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     let d = host.incoming(w, "dst-vf", 4450, &there_args).await?;
     let (downtime_ms, line) = migrate(&mut vm, &d).await?;
     let mut vm = arrived(d).await?;
-    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    let back_s = direct_again(&mut vm, Duration::from_secs(120)).await?;
     println!("[vf] migrated to host B under fio: {line}; downtime {downtime_ms} ms; host B's VF1 is the direct path {back_s:.1} s after");
 
     // And back, to this host.
@@ -158,7 +168,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     let d = start_incoming(None, SRC_IP, w, "back-vf", 4451, &back_args).await?;
     let (downtime2, line) = migrate(&mut vm, &d).await?;
     let mut vm = arrived(d).await?;
-    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    let back_s = direct_again(&mut vm, Duration::from_secs(120)).await?;
     println!("[vf] migrated back to host A: {line}; downtime {downtime2} ms; VF1 direct again {back_s:.1} s after");
 
     // A guest driver that does not answer (its function requests dropped
@@ -184,7 +194,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
             && err.contains("nothing was moved"),
         "migration with an unanswering guest ({code}): {out}{err}"
     );
-    let still = direct_again(&vm.api, Duration::from_secs(60)).await?;
+    let still = direct_again(&mut vm, Duration::from_secs(60)).await?;
     println!(
         "[vf] guest driver stalled: the migration aborted ({}); the VM ran on with the VF, direct again once the guest answered ({still:.1} s)",
         err.lines().last().unwrap_or("").trim()
@@ -219,7 +229,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         code != 0 && err.contains("keeps running here"),
         "migration to a destination killed mid-way ({code}): {out}{err}"
     );
-    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    let back_s = direct_again(&mut vm, Duration::from_secs(120)).await?;
     ensure!(
         vm.console.check("echo alive").await? == "alive",
         "the VM does not answer after the failed migration"
@@ -255,7 +265,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         code != 0 && err.contains("keeps running here"),
         "migration over a cut network ({code}): {out}{err}"
     );
-    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    let back_s = direct_again(&mut vm, Duration::from_secs(120)).await?;
     ensure!(
         vm.console.check("echo alive").await? == "alive",
         "the VM does not answer after the failed migration"
@@ -288,7 +298,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     );
     let _ = tokio::time::timeout(Duration::from_secs(60), vm.child.wait()).await;
     let mut vm = arrived(d).await?;
-    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    let back_s = direct_again(&mut vm, Duration::from_secs(120)).await?;
     let line = volume_line(&mut vm.console).await?;
     ensure!(
         line.contains("losses=1"),
@@ -362,7 +372,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     );
     let (_, _) = crate::nvme::attach(&mut vm, &srv_b.dir, 1).await?;
     path_op(&mut vm, "nvme-vf1", "direct").await?;
-    let back_s = direct_again(&vm.api, Duration::from_secs(120)).await?;
+    let back_s = direct_again(&mut vm, Duration::from_secs(120)).await?;
     println!(
         "[vf] saved ({}) and restored; VF1 attached by hand and direct again {back_s:.1} s after",
         out.lines()
@@ -483,7 +493,7 @@ pub async fn bench(runs: usize) -> Result<()> {
                     .collect();
                 handoff.push(ms.iter().sum::<u64>());
             }
-            again.push(direct_again(&vm.api, Duration::from_secs(120)).await?);
+            again.push(direct_again(&mut vm, Duration::from_secs(120)).await?);
         } else {
             without.push(downtime);
             // Give it its VF back for the next migration with one.

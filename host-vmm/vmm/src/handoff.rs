@@ -29,6 +29,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shared_abi::msg::Status;
 use tandem_api::channel::FunctionOp;
 use tandem_api::{AttachedDevice, DeviceAttachRequest, DeviceGuestRequest};
 use tracing::{info, warn};
@@ -147,9 +148,7 @@ pub(crate) async fn hand_off(
             if !opts.force {
                 warn!(id = %h.dev.id, %why, "the guest did not hand the function's I/O off; abort");
                 released.push(h);
-                for h in &released {
-                    let _ = path_op(vm, &h.dev.id, FunctionOp::PathDirect, h.volume, 5000).await;
-                }
+                redirect(vm, &released).await;
                 return Err(SnapshotError::Handoff(format!(
                     "the guest did not move {}'s I/O to the synthetic path within {} ms ({why}); nothing was moved and the VM runs on here (force the removal with --force-handoff)",
                     released.last().map_or("", |h| h.dev.id.as_str()),
@@ -173,9 +172,7 @@ pub(crate) async fn hand_off(
             // Put everything back: the ones removed, and this one's path.
             let (gone, still) = released.split_at(i);
             hand_back(vm, gone.to_vec()).await;
-            for h in still {
-                let _ = path_op(vm, &h.dev.id, FunctionOp::PathDirect, h.volume, 5000).await;
-            }
+            redirect(vm, still).await;
             return Err(SnapshotError::Handoff(format!(
                 "{} could not be removed ({e}); the VM runs on here with its functions",
                 h.dev.id
@@ -189,6 +186,17 @@ pub(crate) async fn hand_off(
         "functions handed off"
     );
     Ok((released, report))
+}
+
+/// An abort before the functions left: each released function, still
+/// attached, is made its volume's direct path again (one request each; a
+/// guest that does not answer kept its path, as it never released it).
+async fn redirect(vm: &Arc<Vm>, released: &[Handed]) {
+    for h in released {
+        if let Err(e) = path_op(vm, &h.dev.id, FunctionOp::PathDirect, h.volume, 5000).await {
+            warn!(id = %h.dev.id, error = %e, "the function could not be made the direct path again");
+        }
+    }
 }
 
 /// Step 4 after a failed transfer: each function plugged again and made
@@ -239,12 +247,32 @@ pub async fn plug_direct(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let g = path_op(vm, &id, FunctionOp::PathDirect, volume, 5000).await?;
-    if g.guest.status != "ok" {
-        return Err(format!(
-            "the guest answered \"{}\" to PATH_DIRECT",
-            g.guest.status
-        ));
+    // Answers that pass, each asked again within the same limit: "no such
+    // function" (the disk is not openable yet), "busy" (a previous direct
+    // path is still closing), "timed out" (the switch is still under way:
+    // the path is the volume's, and asking again waits for the switch;
+    // PATH_DIRECT is idempotent), and no answer from the channel.
+    let passing = [Status::NoDevice, Status::Busy, Status::TimedOut];
+    loop {
+        let last = match path_op(vm, &id, FunctionOp::PathDirect, volume, 5000).await {
+            Ok(g) if g.guest.status == "ok" => return Ok(ms(t0.elapsed())),
+            Ok(g) if passing.iter().any(|p| p.name() == g.guest.status) => {
+                format!("the guest answered \"{}\"", g.guest.status)
+            }
+            Ok(g) => {
+                return Err(format!(
+                    "the guest answered \"{}\" to PATH_DIRECT",
+                    g.guest.status
+                ))
+            }
+            Err(e) => e,
+        };
+        if t0.elapsed() > limit {
+            return Err(format!(
+                "{id} is not the direct path of volume {volume} after {limit:?} ({last})"
+            ));
+        }
+        info!(%id, volume, %last, "PATH_DIRECT not taken yet; asking again");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    Ok(ms(t0.elapsed()))
 }
