@@ -10,17 +10,7 @@ mod common;
 use common::*;
 use tandem_cfgpolicy::mock::{MockFunction, PCIE_AT, PCIE_DEVCTL};
 use tandem_cfgpolicy::{layout, AuditLog, Context, Function, Policy, Verdict};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use tandem_testkit::Rng;
 
 /// Identity, capability chain and MSI-X table location: what a guest must
 /// never change.
@@ -40,14 +30,14 @@ fn raw_writes(
     mut check: impl FnMut(&Guarded, &tandem_cfgpolicy::Decision),
 ) -> AuditLog {
     let mut log = AuditLog::new(100_000);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut writes: Vec<(usize, Vec<u8>)> = Vec::new();
     writes.extend((0..4096).map(|o| (o, vec![0xff])));
     writes.extend((0..4096).step_by(4).map(|o| (o, vec![0xff; 4])));
     for _ in 0..20_000 {
-        let width = [1usize, 2, 4][(rng.next() % 3) as usize];
-        let off = (rng.next() % (4096 / width as u64)) as usize * width;
-        let v = rng.next().to_le_bytes();
+        let width = [1usize, 2, 4][(rng.next_u64() % 3) as usize];
+        let off = (rng.next_u64() % (4096 / width as u64)) as usize * width;
+        let v = rng.next_u64().to_le_bytes();
         writes.push((off, v[..width].to_vec()));
     }
     for (i, (off, bytes)) in writes.into_iter().enumerate() {
@@ -172,14 +162,14 @@ fn msi_address_spoofing_sweep() {
     )
     .unwrap();
     let ctx = Context::default();
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let mut denied = 0u32;
     for i in 0..5000u32 {
         let entry = (i % 17) * 16;
         let addr = if i % 3 == 0 {
-            0xfee0_0000 | (rng.next() as u32 & 0x000f_fff0)
+            0xfee0_0000 | (rng.next_u64() as u32 & 0x000f_fff0)
         } else {
-            rng.next() as u32
+            rng.next_u64() as u32
         };
         let cur = m.msix_entry(entry as usize / 16);
         let d = p

@@ -18,9 +18,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +26,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use tandem_disk::{ops, Format};
 use tandem_replica::{sender, Manifest, ServeConfig, Server, Source, Status, Store};
+use tandem_testkit::{reexec, Proc, Rng};
 
 const TRIALS_PER_ROUND: usize = 13;
 /// The sender merges once this many sealed layers are shipped.
@@ -76,57 +75,20 @@ fn child_entry() {
     std::process::exit(0);
 }
 
-/// A child process, killed with SIGKILL (and reaped) at the latest when
-/// dropped, so a failing test leaves no process behind.
-struct Proc(Child);
-
-impl Proc {
-    fn sigkill(&mut self) {
-        // std's kill is SIGKILL on Unix.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
-
 fn child(role: &str, envs: &[(&str, &Path)], to: Option<&str>) -> Proc {
-    let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env("TANDEM_REPLICA_CHILD", role)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    let mut c = reexec("child_entry");
+    c.env("TANDEM_REPLICA_CHILD", role);
     for (k, v) in envs {
         c.env(k, v);
     }
     if let Some(to) = to {
         c.env("TO", to);
     }
-    Proc(c.spawn().unwrap())
-}
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
+    Proc::spawn(c)
 }
 
 fn seed() -> Rng {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    eprintln!("kill test seed {s:#x}");
-    Rng(s)
+    Rng::from_clock("kill test")
 }
 
 /// The invariants after a kill; returns the newest point's id.
@@ -285,17 +247,8 @@ fn sigkill_the_sender_at_random_points() {
 
 fn start_receiver(site: &Path) -> (Proc, String) {
     let mut c = child("serve", &[("DIR", site)], None);
-    // The test harness prints its own lines first.
-    let mut out = BufReader::new(c.0.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "the receiver exited");
-        // ("test child_entry ... " may precede it on the same line.)
-        if let Some(at) = line.find("ready ") {
-            return (c, line[at + 6..].trim().to_string());
-        }
-    }
+    let addr = c.ready();
+    (c, addr)
 }
 
 #[test]

@@ -11,10 +11,9 @@
 //! with `TANDEM_SHARE_CHILD_DIR` set runs only `child_entry`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -23,6 +22,7 @@ use tandem_share::journal_file::ABORT_AFTER_INTENT_ENV;
 use tandem_share::proto::{self, Message, Outcome};
 use tandem_share::stream::{read_message, write_message};
 use tandem_share::{ServeConfig, Server};
+use tandem_testkit::{reexec, Proc};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -45,52 +45,17 @@ fn child_entry() {
     std::process::exit(0);
 }
 
-/// The server as a child process, SIGKILLed (and reaped) at the latest
-/// when dropped.
-struct Proc(Child);
-
-impl Proc {
-    fn sigkill(&mut self) {
-        // std's kill is SIGKILL on Unix.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
-
 fn serve(dir: &Path, listen: &str, abort_after_intent: Option<&str>) -> (Proc, SocketAddr) {
-    let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env("TANDEM_SHARE_CHILD_DIR", dir)
+    let mut c = reexec("child_entry");
+    c.env("TANDEM_SHARE_CHILD_DIR", dir)
         .env("TANDEM_SHARE_CHILD_LISTEN", listen)
-        .env_remove(ABORT_AFTER_INTENT_ENV)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .env_remove(ABORT_AFTER_INTENT_ENV);
     if let Some(v) = abort_after_intent {
         c.env(ABORT_AFTER_INTENT_ENV, v);
     }
-    let mut child = Proc(c.spawn().unwrap());
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "the server did not start"
-        );
-        // ("test child_entry ... " may precede it on the same line.)
-        if let Some(at) = line.find("ready ") {
-            let addr = line[at + 6..].trim().parse().unwrap();
-            // Keep the pipe drained so the child never blocks on it.
-            std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-            return (child, addr);
-        }
-    }
+    let mut child = Proc::spawn(c);
+    let addr = child.ready().parse().unwrap();
+    (child, addr)
 }
 
 fn disk(dir: &Path) {

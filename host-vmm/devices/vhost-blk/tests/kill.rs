@@ -21,11 +21,12 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Driver, T_FLUSH, T_OUT};
 use tandem_disk::{ops, BlockDevice, Chain, ChainOptions, Format};
+use tandem_testkit::{reexec, Proc, Rng};
 use tandem_vhost_blk::{run, ServerConfig};
 
 const DISK_BYTES: u64 = 8 << 30;
@@ -58,34 +59,15 @@ fn child_entry() {
     std::process::exit(0);
 }
 
-/// xorshift64*: reproducible random points without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn spawn(disk: &Path) -> (Child, PathBuf, PathBuf) {
+fn spawn(disk: &Path) -> (Proc, PathBuf, PathBuf) {
     let dir = disk.parent().unwrap();
     let (socket, api) = (dir.join("kill.sock"), dir.join("kill.api"));
     // A killed backend leaves its sockets behind.
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&api);
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env("TANDEM_VHOST_KILL_DISK", disk)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut c = reexec("child_entry");
+    c.env("TANDEM_VHOST_KILL_DISK", disk).stdout(Stdio::null());
+    let child = Proc::spawn(c);
     let begun = Instant::now();
     while !(socket.exists() && api.exists()) {
         assert!(
@@ -135,7 +117,7 @@ fn trials(format: Format, count: usize, seed: u64, t: &mut Tally) {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join(format!("d.{}", format.name()));
     ops::create(&disk, format, Some(DISK_BYTES), None).unwrap();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut n = 0u64;
     // What each block may hold: what it held when last known (0: zeros)
     // or, once a FLUSH covered a write, that write; and any written after.
@@ -199,7 +181,8 @@ fn trials(format: Format, count: usize, seed: u64, t: &mut Tally) {
             t.kills_in_flight += 1;
         }
         killer.join().unwrap();
-        let _ = child.wait();
+        // Reaps it (the killer thread's SIGKILL came first).
+        child.sigkill();
         t.checkpoints += ckpt.join().unwrap();
         drop(drv);
 
