@@ -165,8 +165,53 @@ impl Rig {
             &self.srv.dir.display().to_string(),
         ])
         .await?;
-        attach(&mut self.vm, &self.srv.dir, 1).await?;
-        path_op(&mut self.vm, "nvme-vf1", "direct").await?;
+        // Back as an operator would put it: attached, and made the direct
+        // path as soon as the guest's PCI core has the function, its nvme
+        // driver perhaps still probing (PATH_DIRECT waits for the disk).
+        let dir = self.srv.dir.display().to_string();
+        let api = self.vm.api.display().to_string();
+        crate::tandem_ok(&[
+            "device",
+            "attach",
+            "nvme-vf1",
+            "--nvme-dir",
+            &dir,
+            "--vf",
+            "1",
+            "--api-socket",
+            &api,
+        ])
+        .await?;
+        let begun = Instant::now();
+        let seen = loop {
+            let (code, out, _) = crate::tandem(&[
+                "device",
+                "report",
+                "nvme-vf1",
+                "--json",
+                "--api-socket",
+                &api,
+            ])
+            .await?;
+            let v: Value = serde_json::from_str(&out).unwrap_or_default();
+            if code == 0 && v["guest"]["present"] == true {
+                break v;
+            }
+            ensure!(
+                begun.elapsed() < Duration::from_secs(60),
+                "the guest does not see VF1 60 s after its attach: {out}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let v = path_op(&mut self.vm, "nvme-vf1", "direct").await?;
+        ensure!(
+            v["guest"]["active_path"] == true,
+            "VF1 not the active path after PATH_DIRECT: {v}"
+        );
+        println!(
+            "VF1 re-attached; PATH_DIRECT sent when the guest first saw it (driver {}, {} disks then): direct again",
+            seen["guest"]["driver"], seen["guest"]["disks"]
+        );
         Ok(lost)
     }
 }
