@@ -184,17 +184,8 @@ impl Rig {
         .await?;
         let begun = Instant::now();
         let seen = loop {
-            let (code, out, _) = crate::tandem(&[
-                "device",
-                "report",
-                "nvme-vf1",
-                "--json",
-                "--api-socket",
-                &api,
-            ])
-            .await?;
-            let v: Value = serde_json::from_str(&out).unwrap_or_default();
-            if code == 0 && v["guest"]["present"] == true {
+            let (v, out) = crate::nvme::vf1_report(&self.vm).await?;
+            if v["guest"]["present"] == true {
                 break v;
             }
             ensure!(

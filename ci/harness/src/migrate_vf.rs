@@ -14,7 +14,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use serde_json::Value;
 
 use crate::boot::{boot_tandem, Booted};
 use crate::failover::{finish_fio, path_op, start_fio, volume as volume_line};
@@ -36,22 +35,10 @@ pub(crate) struct VfFigures {
 /// guest kernel's last messages.
 async fn direct_again(vm: &mut Booted, limit: Duration) -> Result<f64> {
     let begun = Instant::now();
-    let api = vm.api.display().to_string();
     loop {
-        let (code, out, _) = tandem(&[
-            "device",
-            "report",
-            "nvme-vf1",
-            "--json",
-            "--api-socket",
-            &api,
-        ])
-        .await?;
-        if code == 0 {
-            let v: Value = serde_json::from_str(&out).unwrap_or_default();
-            if v["guest"]["active_path"] == true {
-                return Ok(begun.elapsed().as_secs_f64());
-            }
+        let (v, out) = crate::nvme::vf1_report(vm).await?;
+        if v["guest"]["active_path"] == true {
+            return Ok(begun.elapsed().as_secs_f64());
         }
         if begun.elapsed() >= limit {
             let log = std::fs::read_to_string(&vm.log).unwrap_or_default();

@@ -201,6 +201,28 @@ async fn guest_op(vm: &Booted, op: &str, extra: &[&str]) -> Result<Value> {
     Ok(v)
 }
 
+/// `tandem device report nvme-vf1 --json`, for polling: the guest's
+/// answer, or `Null` while it refuses (the function not there yet); and
+/// the command's output, for an error message.
+pub(crate) async fn vf1_report(vm: &Booted) -> Result<(Value, String)> {
+    let api = vm.api.display().to_string();
+    let (code, out, err) = tandem(&[
+        "device",
+        "report",
+        "nvme-vf1",
+        "--json",
+        "--api-socket",
+        &api,
+    ])
+    .await?;
+    let v = if code == 0 {
+        serde_json::from_str(&out).unwrap_or_default()
+    } else {
+        Value::Null
+    };
+    Ok((v, format!("{out}{err}")))
+}
+
 fn vf1_io(info: &Value) -> Result<u64> {
     let s = &vf_state(info, 1)?["controller"]["stats"];
     Ok(s["reads"].as_u64().unwrap_or(0) + s["writes"].as_u64().unwrap_or(0))
