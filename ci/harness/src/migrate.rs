@@ -240,7 +240,21 @@ pub async fn e2e() -> Result<()> {
     // 3. A live migration that completes.
     let dst = host.incoming(w, "dst", 4443, &machine).await?;
     let up_before = uptime(&mut vm.console).await?;
-    let (code, out, err) = tandem(&["migrate", "--to", &dst.uri, "--api-socket", &api]).await?;
+    let (code, _, err) = tandem(&["migrate", "--to", &dst.uri, "--max-downtime", "0"]).await?;
+    ensure!(
+        code == 2 && err.contains("--max-downtime"),
+        "a zero downtime limit was not refused: exit {code}: {err}"
+    );
+    let (code, out, err) = tandem(&[
+        "migrate",
+        "--to",
+        &dst.uri,
+        "--max-downtime",
+        "100",
+        "--api-socket",
+        &api,
+    ])
+    .await?;
     ensure!(code == 0, "migration failed ({code}): {out}{err}");
     println!("{}", out.trim());
     let downtime_ms: u64 = out

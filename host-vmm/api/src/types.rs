@@ -233,6 +233,11 @@ pub struct MigrateRequest {
     /// Cap on the migration's bandwidth, MiB/s (default: QEMU's).
     #[serde(default)]
     pub max_bandwidth_mib: Option<u64>,
+    /// The longest the guest may be stopped for the switch-over, ms
+    /// (1 to 60000; default: QEMU's, 300). QEMU copies dirty memory until
+    /// the rest fits in this time.
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
     /// As in [`SnapshotRequest`].
     #[serde(default)]
     pub handoff_timeout_ms: Option<u32>,

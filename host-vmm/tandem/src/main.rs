@@ -88,6 +88,12 @@ enum Cmd {
         /// Cap the transfer at this many MiB/s.
         #[arg(long)]
         bandwidth: Option<u64>,
+        /// The downtime to aim for at the switch-over, in ms (QEMU copies
+        /// dirty memory until the rest fits in it; default 300; device
+        /// state comes on top). A guest that dirties memory faster than the link
+        /// can carry then never converges, and the migration is cancelled.
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        max_downtime: Option<u64>,
         #[command(flatten)]
         handoff: HandoffArgs,
         #[command(flatten)]
@@ -317,12 +323,14 @@ async fn control(cmd: Cmd) -> Result<i32> {
         Cmd::Migrate {
             to,
             bandwidth,
+            max_downtime,
             handoff,
             target,
         } => {
             let req = tandem_api::MigrateRequest {
                 to,
                 max_bandwidth_mib: bandwidth,
+                max_downtime_ms: max_downtime,
                 handoff_timeout_ms: Some(handoff.handoff_ms),
                 force_handoff: handoff.force_handoff,
             };

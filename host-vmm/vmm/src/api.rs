@@ -324,7 +324,7 @@ fn leave_error(e: crate::snapshot::SnapshotError) -> Error {
         | S::Shared
         | S::Exists(_)
         | S::Handoff(_) => StatusCode::CONFLICT,
-        S::Relative(_) | S::Uri(_) => StatusCode::BAD_REQUEST,
+        S::Relative(_) | S::Uri(_) | S::Downtime(_) => StatusCode::BAD_REQUEST,
         S::Write { .. } | S::Control(_) | S::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     Error::from_error(status, &e)
@@ -336,7 +336,11 @@ async fn migrate(
 ) -> Result<Json<tandem_api::MigrateResponse>, Error> {
     let req: tandem_api::MigrateRequest = body(&b)?;
     let opts = handoff_options(req.handoff_timeout_ms, req.force_handoff);
-    let r = crate::snapshot::migrate(&vm, &req.to, req.max_bandwidth_mib, opts)
+    let limits = crate::snapshot::Limits {
+        max_bandwidth_mib: req.max_bandwidth_mib,
+        max_downtime_ms: req.max_downtime_ms,
+    };
+    let r = crate::snapshot::migrate(&vm, &req.to, limits, opts)
         .await
         .map_err(leave_error)?;
     Ok(Json(tandem_api::MigrateResponse {

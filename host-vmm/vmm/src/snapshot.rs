@@ -63,6 +63,27 @@ pub enum SnapshotError {
     Failed(String),
     #[error("{0}: migrate to tcp:HOST:PORT (a `tandem run --incoming` there)")]
     Uri(String),
+    #[error("a maximum downtime of {0} ms: give 1 to {MAX_DOWNTIME_MS} ms")]
+    Downtime(u64),
+}
+
+/// The largest `--max-downtime` accepted (a minute: beyond it a "live"
+/// migration is a save and restore).
+pub const MAX_DOWNTIME_MS: u64 = 60_000;
+
+/// QEMU's own default `downtime-limit`, set again for each transfer so
+/// that one migration's limit does not stay for the next.
+const QEMU_DOWNTIME_LIMIT_MS: u64 = 300;
+
+/// Limits of one live migration's transfer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Cap on the bandwidth, MiB/s; `None`: unlimited.
+    pub max_bandwidth_mib: Option<u64>,
+    /// The longest the guest may be stopped for the switch-over, in ms
+    /// (QEMU's `downtime-limit`: it keeps copying dirty memory until what
+    /// is left fits in this time); `None`: QEMU's default, 300 ms.
+    pub max_downtime_ms: Option<u64>,
 }
 
 /// What a save did.
@@ -150,6 +171,8 @@ async fn follow(vm: &Vm, what: &str, outgoing: bool) -> Result<Value, String> {
                     status,
                     transferred = bytes,
                     remaining = %ram["remaining"],
+                    dirty_pages_rate = %ram["dirty-pages-rate"],
+                    expected_downtime_ms = %st["expected-downtime"],
                     "transfer in progress"
                 );
             }
@@ -211,7 +234,7 @@ async fn leave_with_handoff(
     state: VmState,
     paths: Vec<(tandem_api::AttachedDevice, u32)>,
     opts: HandoffOptions,
-    max_bandwidth_mib: Option<u64>,
+    limits: Limits,
 ) -> Result<(Value, u64, Option<tandem_api::HandoffReport>), SnapshotError> {
     let (handed, report) = if paths.is_empty() {
         (Vec::new(), None)
@@ -219,7 +242,7 @@ async fn leave_with_handoff(
         let (h, r) = crate::handoff::hand_off(vm, paths, opts).await?;
         (h, Some(r))
     };
-    match leave(vm, uri, state, max_bandwidth_mib).await {
+    match leave(vm, uri, state, limits).await {
         Ok((st, ms)) => Ok((st, ms, report)),
         Err(e) => {
             if !handed.is_empty() {
@@ -255,7 +278,7 @@ pub async fn save(
         source,
     })?;
     let uri = format!("file:{}", file.display());
-    match leave_with_handoff(vm, &uri, state, paths, opts, None).await {
+    match leave_with_handoff(vm, &uri, state, paths, opts, Limits::default()).await {
         Ok((st, total_ms, handoff)) => Ok(SaveReport {
             file: file.to_owned(),
             config,
@@ -288,16 +311,20 @@ pub struct MigrateReport {
 pub async fn migrate(
     vm: &Arc<Vm>,
     uri: &str,
-    max_bandwidth_mib: Option<u64>,
+    limits: Limits,
     opts: HandoffOptions,
 ) -> Result<MigrateReport, SnapshotError> {
     let _one = vm.busy.lock().await;
     if !uri.starts_with("tcp:") {
         return Err(SnapshotError::Uri(uri.to_owned()));
     }
+    if let Some(ms) = limits.max_downtime_ms {
+        if !(1..=MAX_DOWNTIME_MS).contains(&ms) {
+            return Err(SnapshotError::Downtime(ms));
+        }
+    }
     let (state, paths) = may_leave(vm)?;
-    let (st, total_ms, handoff) =
-        leave_with_handoff(vm, uri, state, paths, opts, max_bandwidth_mib).await?;
+    let (st, total_ms, handoff) = leave_with_handoff(vm, uri, state, paths, opts, limits).await?;
     Ok(MigrateReport {
         to: uri.to_owned(),
         bytes: st["ram"]["transferred"].as_u64().unwrap_or(0),
@@ -314,8 +341,27 @@ async fn leave(
     vm: &Arc<Vm>,
     uri: &str,
     state: VmState,
-    max_bandwidth_mib: Option<u64>,
+    limits: Limits,
 ) -> Result<(Value, u64), SnapshotError> {
+    // 0 is unlimited for QEMU; a save to a file takes the defaults.
+    let bw = limits
+        .max_bandwidth_mib
+        .map_or(0, |m| m.saturating_mul(1 << 20));
+    let mut params = json!({"max-bandwidth": bw, "downtime-limit": QEMU_DOWNTIME_LIMIT_MS});
+    if let Some(ms) = limits.max_downtime_ms {
+        params["downtime-limit"] = json!(ms);
+    }
+    if let Err(e) = vm
+        .qmp()
+        .execute("migrate-set-parameters", Some(params.clone()))
+        .await
+    {
+        // Without its limits the transfer would not be what was asked.
+        return Err(SnapshotError::Failed(format!(
+            "migrate-set-parameters {params}: {e}"
+        )));
+    }
+    info!(%params, "transfer limits");
     let begun = Instant::now();
     if let Some(c) = vm.control() {
         if let Err(e) = crate::control::unplug(c, vm).await {
@@ -325,11 +371,6 @@ async fn leave(
         }
         info!("control device removed for the transfer");
     }
-    let bw = max_bandwidth_mib.map_or(0, |m| m.saturating_mul(1 << 20));
-    let _ = vm
-        .qmp()
-        .execute("migrate-set-parameters", Some(json!({"max-bandwidth": bw})))
-        .await;
     let result = match vm.qmp().execute("migrate", Some(json!({"uri": uri}))).await {
         Ok(_) => follow(vm, "outgoing", true).await,
         Err(e) => Err(e.to_string()),
