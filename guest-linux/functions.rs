@@ -19,9 +19,14 @@
 //! - **policy** (frozen): the guest's filter refuses function resets of the
 //!   device while the host holds it frozen (the PCI core's reset methods
 //!   are cleared, so `echo 1 > /sys/bus/pci/devices/.../reset` and resets
-//!   the kernel would start fail with ENOTTY) and restores them when the
-//!   host thaws it. The device server enforces the same policy regardless:
-//!   a root user in the guest can bypass a filter in its own kernel.
+//!   the kernel would start fail with ENOTTY), and hides the NVMe
+//!   controller's `reset_controller` file, so that an operator's
+//!   controller reset is refused in the guest (the device would not come
+//!   back ready while frozen, and the driver would give the controller up);
+//!   both come back when the host thaws it. Controller resets and formats
+//!   sent through the controller's ioctls do not pass anything tandem.ko
+//!   can hold. The device server enforces the same policy regardless: a
+//!   root user in the guest can bypass a filter in its own kernel.
 //!
 //! A driver unbinding from a function (hot-removal, surprise removal, an
 //! operator's unbind) releases whatever tandem.ko holds on it first, from a
@@ -242,14 +247,130 @@ impl Quiesced {
 struct Frozen {
     pdev: PciRef,
     saved: [u8; 8],
+    reset_file: Option<HiddenFile>,
 }
 
 impl Frozen {
-    fn release(self) {
+    /// Gives back what the freeze took. `locked`: the caller holds the
+    /// function's device lock (the driver core does, around the bus
+    /// notifier's unbind event); otherwise it is taken here.
+    fn release(self, locked: bool) {
         // SAFETY: the device is live (we hold a reference); the array is
         // only ever read by the PCI core, byte by byte.
         unsafe { (*self.pdev.0).reset_methods = self.saved };
+        if let Some(h) = self.reset_file {
+            if locked {
+                h.restore();
+            } else {
+                let _l = DeviceLock::new(&self.pdev);
+                h.restore();
+            }
+        }
     }
+}
+
+/// The device lock of a PCI function (`device_lock`), held until drop.
+/// Held around the removal and restoring of a controller's files, so that
+/// the controller's device cannot be deleted meanwhile: its driver
+/// unbinds only under this lock. Never taken while holding `FUNCS` (the
+/// bus notifier takes `FUNCS` under it).
+struct DeviceLock<'a>(&'a PciRef);
+
+impl<'a> DeviceLock<'a> {
+    fn new(p: &'a PciRef) -> Self {
+        // SAFETY: a live device's own mutex; released in `drop`.
+        unsafe { bindings::mutex_lock(core::ptr::addr_of_mut!((*p.dev()).mutex)) };
+        DeviceLock(p)
+    }
+}
+
+impl Drop for DeviceLock<'_> {
+    fn drop(&mut self) {
+        // SAFETY: taken in `new`.
+        unsafe { bindings::mutex_unlock(core::ptr::addr_of_mut!((*self.0.dev()).mutex)) };
+    }
+}
+
+/// A sysfs file of a device, removed while the host holds its function
+/// frozen (the NVMe controller's `reset_controller`).
+struct HiddenFile {
+    /// The controller's device (a counted reference).
+    dev: *mut bindings::device,
+    /// The file's attribute: the driver's static data (nvme is built in).
+    attr: *const bindings::attribute,
+}
+
+// SAFETY: a counted device reference and a pointer to static data.
+unsafe impl Send for HiddenFile {}
+
+impl HiddenFile {
+    /// Removes the file `name` of the child device of class `class` of
+    /// `p`; `None` if there is no such device or file.
+    fn hide(p: &PciRef, class: &CStr, name: &CStr) -> Option<HiddenFile> {
+        let mut find: (&CStr, *mut bindings::device) = (class, core::ptr::null_mut());
+        // SAFETY: `p` is live; the callback only reads the children and
+        // takes a reference on the one it returns.
+        unsafe {
+            bindings::device_for_each_child(
+                p.dev(),
+                core::ptr::from_mut(&mut find).cast::<c_void>(),
+                Some(find_class_child),
+            )
+        };
+        let dev = find.1;
+        if dev.is_null() {
+            return None;
+        }
+        // SAFETY: `dev` is live (our reference). A sysfs file's kernfs
+        // node has its `struct attribute` as private data; the lookup
+        // returns a counted node, put right after reading that pointer.
+        // Removing the file by its attribute waits for writers already in
+        // it to leave.
+        unsafe {
+            let kobj = core::ptr::addr_of_mut!((*dev).kobj);
+            let kn = bindings::kernfs_find_and_get_ns((*kobj).sd, name.as_ptr().cast(), core::ptr::null());
+            if kn.is_null() {
+                bindings::put_device(dev);
+                return None;
+            }
+            let attr = (*kn).priv_.cast::<bindings::attribute>().cast_const();
+            bindings::kernfs_put(kn);
+            bindings::sysfs_remove_file_ns(kobj, attr, core::ptr::null());
+            Some(HiddenFile { dev, attr })
+        }
+    }
+
+    fn restore(self) {
+        // SAFETY: `dev` is live (our reference, put here); `attr` is the
+        // driver's static attribute. A device already deleted has no
+        // sysfs directory (`sd` null) and gets nothing back.
+        unsafe {
+            let kobj = core::ptr::addr_of_mut!((*self.dev).kobj);
+            if !(*kobj).sd.is_null() {
+                let r = bindings::sysfs_create_file_ns(kobj, self.attr, core::ptr::null());
+                if r != 0 {
+                    pr_warn!("tandem: could not restore a controller file after a thaw ({r})\n");
+                }
+            }
+            bindings::put_device(self.dev);
+        }
+    }
+}
+
+/// `device_for_each_child` callback: the first child whose class is named
+/// `data.0`, with a reference taken, into `data.1`.
+unsafe extern "C" fn find_class_child(dev: *mut bindings::device, data: *mut c_void) -> c_int {
+    // SAFETY: the driver core passes a live child device; `data` is the
+    // pair `HiddenFile::hide` passed. A class's name is a static string.
+    unsafe {
+        let want = &mut *data.cast::<(&CStr, *mut bindings::device)>();
+        let cls = (*dev).class;
+        if !cls.is_null() && !(*cls).name.is_null() && CStr::from_ptr((*cls).name.cast()) == want.0 {
+            want.1 = bindings::get_device(dev);
+            return 1;
+        }
+    }
+    0
 }
 
 struct Funcs {
@@ -284,8 +405,8 @@ unsafe extern "C" fn on_bus_event(
     data: *mut c_void,
 ) -> c_int {
     // CAST: bus notifier events are small enum values.
-    let unbinding = action == bindings::bus_notifier_event_BUS_NOTIFY_UNBIND_DRIVER as c_ulong
-        || action == bindings::bus_notifier_event_BUS_NOTIFY_DEL_DEVICE as c_ulong;
+    let unbind = action == bindings::bus_notifier_event_BUS_NOTIFY_UNBIND_DRIVER as c_ulong;
+    let unbinding = unbind || action == bindings::bus_notifier_event_BUS_NOTIFY_DEL_DEVICE as c_ulong;
     if !unbinding {
         return 0;
     }
@@ -303,7 +424,9 @@ unsafe extern "C" fn on_bus_event(
         q.release();
     }
     if let Some(fr) = fr {
-        fr.release();
+        // The driver core holds the device lock around an unbind, not
+        // around a deletion.
+        fr.release(unbind);
     }
     0
 }
@@ -360,7 +483,7 @@ fn exit() {
         q.release();
     }
     for fr in frs {
-        fr.release();
+        fr.release(false);
     }
 }
 
@@ -510,30 +633,44 @@ pub(crate) fn execute(req: &FunctionRequest) -> (Status, Option<FunctionReport>)
         f::op::REPORT => (Status::Ok, Some(report(&p, 0))),
         f::op::POLICY => {
             let frozen = req.policy.get() & f::policy::FROZEN != 0;
-            let mut g = FUNCS.lock();
-            let was = g.frozen.iter().position(|x| x.pdev.0 == p.0);
+            let was = FUNCS.lock().frozen.iter().position(|x| x.pdev.0 == p.0);
+            // Requests are serialized (`EXEC`), so nothing changes `frozen`
+            // between here and the record. Sysfs files are removed and
+            // restored outside `FUNCS`: removal waits for a writer in the
+            // file, whose reset may take a while.
             match (frozen, was) {
                 (true, None) => {
                     // SAFETY: a live device; see `Frozen::release`.
                     let saved = unsafe { (*p.0).reset_methods };
                     // SAFETY: as above; a second reference for the record.
                     let held = PciRef(unsafe { bindings::pci_dev_get(p.0) });
-                    if g.frozen.push(Frozen { pdev: held, saved }, GFP_KERNEL).is_err() {
+                    let mut g = FUNCS.lock();
+                    if g.frozen.reserve(1, GFP_KERNEL).is_err() {
                         drop(g);
                         return (Status::Internal, Some(report(&p, 0)));
                     }
                     // SAFETY: as above. No reset method: the PCI core
                     // refuses every function reset with ENOTTY.
                     unsafe { (*p.0).reset_methods = [0; 8] };
+                    drop(g);
+                    let reset_file = {
+                        let _l = DeviceLock::new(&p);
+                        HiddenFile::hide(&p, c"nvme", c"reset_controller")
+                    };
+                    if reset_file.is_some() {
+                        pr_info!("tandem: controller resets refused while the host holds the function frozen\n");
+                    }
+                    // Cannot fail: the room was reserved above.
+                    let _ = FUNCS.lock().frozen.push_within_capacity(Frozen { pdev: held, saved, reset_file });
                 }
-                (false, Some(i)) => {
-                    if let Ok(fr) = g.frozen.remove(i) {
-                        fr.release();
+                (false, Some(_)) => {
+                    let fr = take(&mut FUNCS.lock().frozen, |x| x.pdev.0 == p.0);
+                    if let Some(fr) = fr {
+                        fr.release(false);
                     }
                 }
                 _ => {}
             }
-            drop(g);
             (Status::Ok, Some(report(&p, 0)))
         }
         op @ (f::op::PATH_SYNTHETIC | f::op::PATH_DIRECT | f::op::PATH_RELEASE) => {

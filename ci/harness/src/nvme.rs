@@ -350,14 +350,48 @@ async fn f6(vm: &mut Booted, dir: &Path, dev: &str, bdf: &str) -> Result<()> {
     ensure!(st == 0, "I/O after the lease ended failed");
     println!("F6 lease: a quiesce the host never resumed ended by itself after 1.5 s");
 
-    // The frozen policy in the guest's filter: its own function reset is refused.
+    // The frozen policy in the guest's filter: its own function reset and
+    // a controller reset through sysfs are refused.
     let reset = format!("echo 1 > /sys/bus/pci/devices/{bdf}/reset");
+    let ctrl = dev
+        .trim_start_matches("/dev/")
+        .trim_end_matches("n1")
+        .to_owned();
+    let ctrl_reset = format!("echo 1 > /sys/class/nvme/{ctrl}/reset_controller");
     let r = guest_op(vm, "guest-policy", &["--frozen"]).await?;
     ensure!(r["guest"]["frozen"] == true, "policy: {r}");
     let (out, st) = vm.console.run(&reset, Duration::from_secs(30)).await?;
     ensure!(st != 0, "a function reset went through while frozen: {out}");
+    let resets = |v: &Value| {
+        vf_state(v, 1).map(|f| {
+            f["controller"]["stats"]["controller_resets"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+    };
+    let before = show(dir).await?;
+    let (out, st) = vm.console.run(&ctrl_reset, Duration::from_secs(30)).await?;
+    ensure!(
+        st != 0 && resets(&show(dir).await?)? == resets(&before)?,
+        "a controller reset went through while frozen: {out}"
+    );
     let r = guest_op(vm, "guest-policy", &[]).await?;
     ensure!(r["guest"]["frozen"] == false, "policy: {r}");
+    let (out, st) = vm.console.run(&ctrl_reset, Duration::from_secs(60)).await?;
+    ensure!(st == 0, "the controller reset failed after the thaw: {out}");
+    let after = show(dir).await?;
+    ensure!(
+        resets(&after)? > resets(&before)?,
+        "the controller reset after the thaw did not reach the device"
+    );
+    let (_, st) = vm
+        .console
+        .run(
+            &format!("dd if={dev} of=/dev/null bs=4k count=16 iflag=direct"),
+            Duration::from_secs(60),
+        )
+        .await?;
+    ensure!(st == 0, "VF1 I/O after its controller reset failed");
     let before = show(dir).await?;
     let (out, st) = vm.console.run(&reset, Duration::from_secs(60)).await?;
     ensure!(st == 0, "the function reset failed after the thaw: {out}");
@@ -375,7 +409,7 @@ async fn f6(vm: &mut Booted, dir: &Path, dev: &str, bdf: &str) -> Result<()> {
         )
         .await?;
     ensure!(st == 0, "VF1 I/O after its function reset failed");
-    println!("F6 policy: the guest refused its own reset of VF1 while frozen; after the thaw the reset reached the device (FLR) and I/O works");
+    println!("F6 policy: the guest refused its own function reset and controller reset of VF1 while frozen; after the thaw both reached the device (CC.EN toggled, FLR) and I/O works");
     Ok(())
 }
 
