@@ -12,6 +12,17 @@
  * the guest's nvme driver: it only gets doorbell writes to queues that do
  * not exist, which must leave the driver's own I/O alone.
  *
+ *   tandem-nvme-hostile pf-vfs <pf-bdf> <count> <sriov-offset>
+ *
+ * is what a guest that owns the PF does to enable <count> VFs (0:
+ * disable) through the SR-IOV capability, written raw: VF Enable off,
+ * NumVFs, then VF Enable and VF MSE on. It prints what the capability
+ * reads back; the host's policy decides what that is. QEMU's vfio drops
+ * the SR-IOV capability from the extended capability chain it shows the
+ * guest (so the kernel's sriov_numvfs does not exist for the PF), but
+ * the registers are still there and reach the device: the tool writes
+ * at <sriov-offset> when the chain does not list the capability.
+ *
  * Each test prints one line "TEST <name> <outcome> <detail>"; outcome is
  * what the guest observed ("ok" when it matched what hardware does). The
  * host side checks the device server's audit log and counters; this tool
@@ -98,6 +109,21 @@ static int find_cap(int fd, uint8_t id)
 		if (cfg_read(fd, at, 1) == id)
 			return at;
 		at = cfg_read(fd, at + 1, 1);
+	}
+	return -1;
+}
+
+/* An extended capability's offset, or -1. */
+static int find_ext_cap(int fd, uint16_t id)
+{
+	int at = 0x100;
+	for (int hops = 0; at >= 0x100 && at < 0x1000 && hops < 480; hops++) {
+		uint32_t h = cfg_read(fd, at, 4);
+		if (h == 0 || h == 0xffffffff)
+			return -1;
+		if ((h & 0xffff) == id)
+			return at;
+		at = (h >> 20) & 0xffc;
 	}
 	return -1;
 }
@@ -297,10 +323,38 @@ static void test_doorbells(const char *bound)
 	       csts, r[0x1c / 4]);
 }
 
+static int pf_vfs(const char *bdf, unsigned count, int offset)
+{
+	int fd = cfg_open(bdf);
+	int at = find_ext_cap(fd, 0x0010);
+	const char *where = "listed";
+	if (at < 0) {
+		at = offset;
+		where = "not listed";
+	}
+	if (at < 0x100 || at > 0x1000 - 0x40) {
+		printf("PF-VFS bad SR-IOV offset %#x\n", at);
+		return 1;
+	}
+	uint16_t ctl = cfg_read(fd, at + 0x08, 2) & ~0x0009;
+	cfg_write(fd, at + 0x08, ctl, 2);
+	cfg_write(fd, at + 0x10, count, 2);
+	if (count)
+		cfg_write(fd, at + 0x08, ctl | 0x0009, 2);
+	/* SR-IOV gives a PF 100 ms before its VFs must answer. */
+	sleep_ms(100);
+	printf("PF-VFS control=%#x numvfs=%u total=%u at=%#x (%s in the chain)\n", cfg_read(fd, at + 0x08, 2),
+	       cfg_read(fd, at + 0x10, 2), cfg_read(fd, at + 0x0e, 2), at, where);
+	close(fd);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc == 5 && strcmp(argv[1], "pf-vfs") == 0)
+		return pf_vfs(argv[2], (unsigned)strtoul(argv[3], NULL, 0), (int)strtol(argv[4], NULL, 0));
 	if (argc != 3) {
-		fprintf(stderr, "usage: %s <victim-bdf> <bound-bdf>\n", argv[0]);
+		fprintf(stderr, "usage: %s <victim-bdf> <bound-bdf> | pf-vfs <pf-bdf> <count> <sriov-offset>\n", argv[0]);
 		return 2;
 	}
 	test_config_space(argv[1]);

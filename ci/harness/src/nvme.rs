@@ -36,6 +36,15 @@ impl NvmeServer {
 }
 
 pub(crate) async fn start_server(work: &Path, disks: &[PathBuf]) -> Result<NvmeServer> {
+    start_server_with_pf(work, None, disks).await
+}
+
+/// As [`start_server`], with a namespace on the PF too.
+async fn start_server_with_pf(
+    work: &Path,
+    pf_disk: Option<&Path>,
+    disks: &[PathBuf],
+) -> Result<NvmeServer> {
     let dir = work.join("nvme");
     let log = work.join("nvme-server.log");
     let mut args = vec![
@@ -44,6 +53,13 @@ pub(crate) async fn start_server(work: &Path, disks: &[PathBuf]) -> Result<NvmeS
         "--dir".into(),
         dir.display().to_string(),
     ];
+    if let Some(d) = pf_disk {
+        if !d.exists() {
+            std::fs::File::create(d)?.set_len(DISK_BYTES)?;
+        }
+        args.push("--pf-disk".into());
+        args.push(d.display().to_string());
+    }
     for d in disks {
         if !d.exists() {
             std::fs::File::create(d)?.set_len(DISK_BYTES)?;
@@ -92,6 +108,11 @@ fn vf_state(info: &Value, vf: u64) -> Result<&Value> {
 /// Attaches VF `vf` and waits until the guest's nvme driver has a
 /// namespace on it; returns (controller name, PCI address).
 pub(crate) async fn attach(vm: &mut Booted, dir: &Path, vf: u16) -> Result<(String, String)> {
+    attach_as(vm, &format!("nvme-vf{vf}"), dir, vf).await
+}
+
+/// As [`attach`], under the VM's device id `id` (`vf` 0 is the PF).
+async fn attach_as(vm: &mut Booted, id: &str, dir: &Path, vf: u16) -> Result<(String, String)> {
     let api = vm.api.display().to_string();
     let before = vm
         .console
@@ -100,7 +121,7 @@ pub(crate) async fn attach(vm: &mut Booted, dir: &Path, vf: u16) -> Result<(Stri
     tandem_ok(&[
         "device",
         "attach",
-        &format!("nvme-vf{vf}"),
+        id,
         "--nvme-dir",
         &dir.display().to_string(),
         "--vf",
@@ -144,10 +165,14 @@ pub(crate) async fn attach(vm: &mut Booted, dir: &Path, vf: u16) -> Result<(Stri
 }
 
 async fn detach(vm: &Booted, vf: u16) -> Result<()> {
+    detach_id(vm, &format!("nvme-vf{vf}")).await
+}
+
+async fn detach_id(vm: &Booted, id: &str) -> Result<()> {
     tandem_ok(&[
         "device",
         "detach",
-        &format!("nvme-vf{vf}"),
+        id,
         "--api-socket",
         &vm.api.display().to_string(),
     ])
@@ -611,7 +636,12 @@ pub async fn e2e() -> Result<()> {
             tail(&dmesg, 40)
         );
     }
-    // 5. The device server killed mid-I/O: the guest sees the function go
+    // 5. A guest that owns a PF enables VFs only as the host allows (on
+    // VF2's root port: the VM has four).
+    detach(&vm, 2).await?;
+    guest_pf(&mut vm, w).await?;
+
+    // 6. The device server killed mid-I/O: the guest sees the function go
     // (an error, not a hang), and every acknowledged write is on disk.
     let pid = srv.child.id().context("device server pid")?;
     vm.console
@@ -684,6 +714,139 @@ pub async fn e2e() -> Result<()> {
     println!("server restarted, VF1 re-attached: all {acked} acknowledged blocks read back intact");
 
     println!("PASS nvme iops_qd32={qd32:.0} denied={denied} faults={faults}");
+    drop(srv);
+    Ok(())
+}
+
+/// Where the adapter's PF has its SR-IOV capability (`tandem-pci` places
+/// the first extended capability at 0x100). QEMU's vfio leaves it out of
+/// the chain the guest sees, so the guest tool is told.
+const PF_SRIOV_AT: u16 = 0x100;
+
+/// Runs `tandem-nvme-hostile pf-vfs` in the guest: (control, NumVFs) as
+/// the PF's SR-IOV capability reads back afterwards.
+async fn guest_enables_vfs(vm: &mut Booted, bdf: &str, count: u16) -> Result<(u64, u64)> {
+    let out = vm
+        .console
+        .check(&format!(
+            "tandem-nvme-hostile pf-vfs {bdf} {count} {PF_SRIOV_AT:#x}"
+        ))
+        .await?;
+    let field = |k: &str| {
+        out.split_whitespace()
+            .find_map(|t| t.strip_prefix(k))
+            .and_then(|v| {
+                v.strip_prefix("0x")
+                    .map_or_else(|| v.parse().ok(), |h| u64::from_str_radix(h, 16).ok())
+            })
+    };
+    match (field("control="), field("numvfs=")) {
+        (Some(c), Some(n)) => Ok((c, n)),
+        _ => bail!("pf-vfs printed: {out}"),
+    }
+}
+
+/// A guest that owns a PF: its writes to the SR-IOV capability are denied
+/// (and audited) until the host lets it manage VFs, then clamped to the
+/// host's ceiling; a VF it enabled is a real function the host can hand
+/// to a VM, and it goes when the guest disables it.
+async fn guest_pf(vm: &mut Booted, w: &Path) -> Result<()> {
+    let pw = w.join("pf-owner");
+    std::fs::create_dir_all(&pw)?;
+    let srv = start_server_with_pf(&pw, Some(&pw.join("pf.raw")), &[pw.join("vf1.raw")]).await?;
+    let dir = srv.dir.display().to_string();
+    let (pctrl, pbdf) = attach_as(vm, "nvme-pf", &srv.dir, 0).await?;
+    println!("a second adapter's PF at {pbdf}: the guest's nvme driver bound it as {pctrl}");
+
+    // The host's default: the guest may not touch the SR-IOV control.
+    let (ctl, num) = guest_enables_vfs(vm, &pbdf, 2).await?;
+    let info = show(&srv.dir).await?;
+    ensure!(
+        ctl & 1 == 0 && num == 0 && info["vfs"].as_array().is_some_and(Vec::is_empty),
+        "a PF owner enabled VFs without the host's leave: control {ctl:#x}, NumVFs {num}, {info}"
+    );
+    let audit_out = tandem_ok(&["nvme", "audit", "--json", "--dir", &dir]).await?;
+    let audit: Value = serde_json::from_str(&audit_out).context("tandem nvme audit --json")?;
+    let denied: Vec<&Value> = audit["records"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| {
+                    r["register"]
+                        .as_str()
+                        .is_some_and(|g| g == "sriov.num-vfs" || g == "sriov.control")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ensure!(
+        denied.len() >= 2,
+        "the denied SR-IOV writes were not audited\n{audit_out}"
+    );
+    println!(
+        "guest wrote NumVFs 2 and VF Enable on the PF it owns: denied (control {ctl:#x}, NumVFs {num}), {} audit records, no VF on the host",
+        denied.len()
+    );
+
+    // Let it manage one VF: NumVFs 2 is clamped to 1, and the VF is real.
+    tandem_ok(&[
+        "nvme",
+        "policy",
+        "--dir",
+        &dir,
+        "--vf",
+        "0",
+        "--guest-vfs",
+        "1",
+    ])
+    .await?;
+    let (ctl, num) = guest_enables_vfs(vm, &pbdf, 2).await?;
+    ensure!(
+        ctl & 1 == 1 && num == 1,
+        "with leave for 1 VF: control {ctl:#x}, NumVFs {num}"
+    );
+    let begun = Instant::now();
+    loop {
+        let info = show(&srv.dir).await?;
+        if info["vfs"].as_array().map(Vec::len) == Some(1)
+            && info["pf"]["sriov"] == serde_json::json!([true, 1])
+        {
+            break;
+        }
+        ensure!(
+            begun.elapsed() < Duration::from_secs(10),
+            "the VF the guest enabled did not appear on the host: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (vctrl, vbdf) = attach_as(vm, "pf-vf1", &srv.dir, 1).await?;
+    let (_, st) = vm
+        .console
+        .run(
+            &format!("dd if=/dev/zero of=/dev/{vctrl}n1 bs=4k count=64 oflag=direct && dd if=/dev/{vctrl}n1 of=/dev/null bs=4k count=64 iflag=direct"),
+            Duration::from_secs(60),
+        )
+        .await?;
+    ensure!(st == 0, "I/O on the VF the guest enabled failed");
+    println!("with leave for 1 VF: NumVFs 2 clamped to 1, VF Enable on (control {ctl:#x}); the host attached that VF at {vbdf} ({vctrl}) and I/O on it works");
+
+    // The guest disables its VFs; the host's VF goes with them.
+    detach_id(vm, "pf-vf1").await?;
+    let (ctl, num) = guest_enables_vfs(vm, &pbdf, 0).await?;
+    let begun = Instant::now();
+    loop {
+        let info = show(&srv.dir).await?;
+        if info["vfs"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        ensure!(
+            begun.elapsed() < Duration::from_secs(10),
+            "VF Enable off left the VF on the host: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    detach_id(vm, "nvme-pf").await?;
+    println!("the guest turned VF Enable off (control {ctl:#x}, NumVFs {num}): the VF is gone from the host; PF detached");
     drop(srv);
     Ok(())
 }

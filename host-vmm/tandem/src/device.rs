@@ -210,8 +210,13 @@ pub enum NvmeCmd {
         /// TotalVFs.
         #[arg(long)]
         vf_disk: Vec<PathBuf>,
-        #[arg(long, default_value = "TANDEM0001")]
-        serial: String,
+        /// The adapter's serial number (its functions add -PF, -VF<N>);
+        /// default: TDM and a hash of the directory, so that two adapters
+        /// in one guest never share an NVMe subsystem name (the guest's
+        /// nvme driver rejects the second) and a restarted server keeps
+        /// its identity.
+        #[arg(long)]
+        serial: Option<String>,
     },
     /// Enable `count` VFs (0 disables them all).
     Vfs {
@@ -321,6 +326,20 @@ fn print_function(f: &Value, indent: &str) {
     }
 }
 
+/// `TDM` and the FNV-1a hash of the server's directory, in hex: stable for
+/// one adapter, different between adapters (a hash, not a crate: eight
+/// hex digits of identity need no more).
+fn default_serial(dir: &std::path::Path) -> String {
+    let h = dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+        });
+    format!("TDM{h:08X}")
+}
+
 pub fn nvme(cmd: NvmeCmd) -> Result<i32> {
     match cmd {
         NvmeCmd::Serve {
@@ -329,6 +348,9 @@ pub fn nvme(cmd: NvmeCmd) -> Result<i32> {
             vf_disk,
             serial,
         } => {
+            let dir = std::path::absolute(&dir)
+                .with_context(|| format!("{}: bad directory", dir.display()))?;
+            let serial = serial.unwrap_or_else(|| default_serial(&dir));
             server::run(server::ServerConfig {
                 dir,
                 pf_disk,
@@ -560,5 +582,22 @@ pub async fn device(cmd: DeviceCmd) -> Result<i32> {
             let r = guest_op(&target, id, FunctionOp::Policy, None, None, frozen, None).await?;
             show_guest(&r, json)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_serial;
+    use std::path::Path;
+
+    #[test]
+    fn two_adapters_get_two_serials_and_one_keeps_its_own() {
+        let a = default_serial(Path::new("/run/tandem/nvme0"));
+        let b = default_serial(Path::new("/run/tandem/nvme1"));
+        assert_ne!(a, b);
+        assert_eq!(a, default_serial(Path::new("/run/tandem/nvme0")));
+        // NVMe's serial field holds 20 bytes; the functions add "-VF64".
+        assert!(a.len() + "-VF64".len() <= 20, "{a}");
+        assert!(a.starts_with("TDM"));
     }
 }
