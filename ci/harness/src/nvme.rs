@@ -35,6 +35,31 @@ impl NvmeServer {
     }
 }
 
+/// A namespace's disk, unless it exists: a qcow2 image (by `qemu-img`) for
+/// a `.qcow2` path, else a sparse raw file.
+fn create_disk(d: &Path) -> Result<()> {
+    if d.exists() {
+        return Ok(());
+    }
+    if d.extension().is_some_and(|e| e == "qcow2") {
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(d)
+            .arg(DISK_BYTES.to_string())
+            .output()
+            .context("qemu-img create")?;
+        ensure!(
+            out.status.success(),
+            "qemu-img create {}: {}",
+            d.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        std::fs::File::create(d)?.set_len(DISK_BYTES)?;
+    }
+    Ok(())
+}
+
 pub(crate) async fn start_server(work: &Path, disks: &[PathBuf]) -> Result<NvmeServer> {
     start_server_with_pf(work, None, disks).await
 }
@@ -54,16 +79,12 @@ async fn start_server_with_pf(
         dir.display().to_string(),
     ];
     if let Some(d) = pf_disk {
-        if !d.exists() {
-            std::fs::File::create(d)?.set_len(DISK_BYTES)?;
-        }
+        create_disk(d)?;
         args.push("--pf-disk".into());
         args.push(d.display().to_string());
     }
     for d in disks {
-        if !d.exists() {
-            std::fs::File::create(d)?.set_len(DISK_BYTES)?;
-        }
+        create_disk(d)?;
         args.push("--vf-disk".into());
         args.push(d.display().to_string());
     }
@@ -441,7 +462,9 @@ async fn f6(vm: &mut Booted, dir: &Path, dev: &str, bdf: &str) -> Result<()> {
 pub async fn e2e() -> Result<()> {
     let work = tempdir()?;
     let w = work.path();
-    let disks = [w.join("vf1.raw"), w.join("vf2.raw")];
+    // VF1's namespace is a qcow2 image (served through the disk layer),
+    // VF2's a raw file.
+    let disks = [w.join("vf1.qcow2"), w.join("vf2.raw")];
     let srv = start_server(w, &disks).await?;
     let dir = srv.dir.display().to_string();
     tandem_ok(&["nvme", "vfs", "2", "--dir", &dir]).await?;
@@ -712,6 +735,34 @@ pub async fn e2e() -> Result<()> {
         "acknowledged writes lost: {checked}"
     );
     println!("server restarted, VF1 re-attached: all {acked} acknowledged blocks read back intact");
+    detach(&vm, 1).await?;
+    let mut srv = srv;
+    if let Some(pid) = srv.pid() {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+    }
+    srv.reap().await;
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&disks[0])
+        .output()
+        .await
+        .context("qemu-img check")?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    // 3: leaked clusters only (the server was SIGKILLed once), no corruption.
+    ensure!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "qemu-img check of VF1's qcow2 after the run: {:?}\n{report}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "VF1's qcow2 image after the run (fio, hot-remove, SIGKILL, restart): qemu-img check exit {:?}: {}",
+        out.status.code(),
+        report.lines().last().unwrap_or("").trim()
+    );
 
     println!("PASS nvme iops_qd32={qd32:.0} denied={denied} faults={faults}");
     drop(srv);
@@ -756,7 +807,17 @@ async fn guest_pf(vm: &mut Booted, w: &Path) -> Result<()> {
     let srv = start_server_with_pf(&pw, Some(&pw.join("pf.raw")), &[pw.join("vf1.raw")]).await?;
     let dir = srv.dir.display().to_string();
     let (pctrl, pbdf) = attach_as(vm, "nvme-pf", &srv.dir, 0).await?;
-    println!("a second adapter's PF at {pbdf}: the guest's nvme driver bound it as {pctrl}");
+    let numvfs = vm
+        .console
+        .check(&format!(
+            "test -e /sys/bus/pci/devices/{pbdf}/sriov_numvfs && echo listed || echo hidden"
+        ))
+        .await?;
+    ensure!(
+        numvfs == "hidden",
+        "the guest's PCI core found the PF's SR-IOV capability; QEMU used to hide it"
+    );
+    println!("a second adapter's PF at {pbdf}: the guest's nvme driver bound it as {pctrl}; QEMU hides its SR-IOV capability (no sriov_numvfs)");
 
     // The host's default: the guest may not touch the SR-IOV control.
     let (ctl, num) = guest_enables_vfs(vm, &pbdf, 2).await?;

@@ -1,7 +1,7 @@
-//! What a namespace stores its blocks in.
-//!
-//! A small trait so that the disk layer (qcow2, VHDX, chains) can stand
-//! behind a namespace later; for now a raw file.
+//! What a namespace stores its blocks in: a raw file, read and written in
+//! place, or any other image the disk layer opens (qcow2, VHDX,
+//! differencing chains). The trait is the controller's narrow view (no
+//! discard, no layers); `open` picks the backend by the file's format.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -36,6 +36,79 @@ pub enum OpenError {
     },
     #[error("disk {path} is {size} bytes, not a whole number of 512-byte blocks (or empty)")]
     Size { path: String, size: u64 },
+    #[error("cannot open disk {path}")]
+    Disk {
+        path: String,
+        #[source]
+        source: tandem_disk::DiskError,
+    },
+}
+
+/// Opens `path` by its format: a raw file as [`RawFile`], anything else
+/// through the disk layer ([`DiskChain`]), writable.
+pub fn open(path: &Path) -> Result<std::sync::Arc<dyn BlockBackend>, OpenError> {
+    let disk_err = |source| OpenError::Disk {
+        path: path.display().to_string(),
+        source,
+    };
+    match tandem_disk::probe(path).map_err(disk_err)? {
+        tandem_disk::Format::Raw => Ok(std::sync::Arc::new(RawFile::open(path)?)),
+        format => {
+            let chain = tandem_disk::Chain::open(
+                path,
+                tandem_disk::ChainOptions {
+                    writable: true,
+                    format: Some(format),
+                    ..Default::default()
+                },
+            )
+            .map_err(disk_err)?;
+            let size = tandem_disk::BlockDevice::size(&chain);
+            if size == 0 || size % 512 != 0 {
+                return Err(OpenError::Size {
+                    path: path.display().to_string(),
+                    size,
+                });
+            }
+            Ok(std::sync::Arc::new(DiskChain {
+                chain,
+                format,
+                path: path.to_path_buf(),
+            }))
+        }
+    }
+}
+
+/// An image of the disk layer (qcow2, VHDX, a differencing chain): the
+/// same code that serves the image to virtio-blk (`tandem-vhost-blk`).
+/// Only this process may have it open for writing: the layer keeps
+/// metadata in memory.
+pub struct DiskChain {
+    chain: tandem_disk::Chain,
+    format: tandem_disk::Format,
+    path: PathBuf,
+}
+
+fn io_err(e: tandem_disk::DiskError) -> io::Error {
+    io::Error::other(e)
+}
+
+impl BlockBackend for DiskChain {
+    fn size(&self) -> u64 {
+        tandem_disk::BlockDevice::size(&self.chain)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        tandem_disk::BlockDevice::read_at(&self.chain, buf, offset).map_err(io_err)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        tandem_disk::BlockDevice::write_at(&self.chain, buf, offset).map_err(io_err)
+    }
+    fn flush(&self) -> io::Result<()> {
+        tandem_disk::BlockDevice::flush(&self.chain).map_err(io_err)
+    }
+    fn describe(&self) -> String {
+        format!("{}:{}", self.format.name(), self.path.display())
+    }
 }
 
 impl RawFile {
@@ -79,5 +152,47 @@ impl BlockBackend for RawFile {
     }
     fn describe(&self) -> String {
         format!("raw:{}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_disk::Format;
+
+    #[test]
+    fn a_namespace_opens_raw_and_layered_images_by_their_format() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, format) in [
+            ("a.raw", Format::Raw),
+            ("a.qcow2", Format::Qcow2),
+            ("a.vhdx", Format::Vhdx),
+        ] {
+            let path = dir.path().join(name);
+            tandem_disk::ops::create(&path, format, Some(4 << 20), None).unwrap();
+            let ns = open(&path).unwrap();
+            assert_eq!(ns.size(), 4 << 20, "{name}");
+            assert!(ns.describe().ends_with(name), "{}", ns.describe());
+            let data = vec![0x5au8; 4096];
+            ns.write_at(&data, 1 << 20).unwrap();
+            ns.flush().unwrap();
+            drop(ns);
+            let ns = open(&path).unwrap();
+            let mut back = vec![0u8; 4096];
+            ns.read_at(&mut back, 1 << 20).unwrap();
+            assert_eq!(back, data, "{name} after reopening");
+        }
+    }
+
+    #[test]
+    fn a_missing_or_empty_disk_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.qcow2");
+        let e = open(&missing).err().unwrap().to_string();
+        assert!(e.contains("nope.qcow2"), "{e}");
+        let empty = dir.path().join("empty.raw");
+        std::fs::File::create(&empty).unwrap();
+        let e = open(&empty).err().unwrap().to_string();
+        assert!(e.contains("empty.raw"), "{e}");
     }
 }

@@ -22,7 +22,7 @@ use tandem_pci::sriov;
 use tandem_vfio_server::{DmaSpace, Listener, PciFunction};
 use tracing::{info, warn};
 
-use crate::backend::{BlockBackend, OpenError, RawFile};
+use crate::backend::{BlockBackend, OpenError};
 use crate::ctrl::{Controller, HostPolicy, Params};
 use crate::function::{
     config_space, description, ConfigPolicy, FunctionInfo, Notice, NvmeFunction, PolicyError, Role,
@@ -321,7 +321,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         source,
     })?;
     let open = |p: &PathBuf| -> Result<Arc<dyn BlockBackend>, ServerError> {
-        Ok(Arc::new(RawFile::open(p)?))
+        Ok(crate::backend::open(p)?)
     };
     let pf_ns = cfg
         .pf_disk
