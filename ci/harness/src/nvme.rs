@@ -274,10 +274,26 @@ fn vf1_io(info: &Value) -> Result<u64> {
     Ok(s["reads"].as_u64().unwrap_or(0) + s["writes"].as_u64().unwrap_or(0))
 }
 
+/// A device counter read from `tandem nvme show --json`.
+type Counter<'a> = &'a dyn Fn(&Value) -> Result<u64>;
+
+/// Reads 16 blocks of `dev` in the guest, bypassing its cache.
+async fn reads(vm: &mut Booted, dev: &str, when: &str) -> Result<()> {
+    let (_, st) = vm
+        .console
+        .run(
+            &format!("dd if={dev} of=/dev/null bs=4k count=16 iflag=direct"),
+            Duration::from_secs(60),
+        )
+        .await?;
+    ensure!(st == 0, "reading {dev} {when} failed");
+    Ok(())
+}
+
 /// F6 through the control channel: quiesce under fio (new I/O held in the
 /// guest, nothing in flight, the device sees no command), resume (fio
 /// finishes with verify and no error), a lease that ends by itself, and the
-/// frozen policy refusing the guest's own function reset.
+/// frozen policy refusing the guest's own function and controller resets.
 async fn f6(vm: &mut Booted, dir: &Path, dev: &str, bdf: &str) -> Result<()> {
     let r = guest_op(vm, "report", &[]).await?;
     let g = &r["guest"];
@@ -386,14 +402,7 @@ async fn f6(vm: &mut Booted, dir: &Path, dev: &str, bdf: &str) -> Result<()> {
         r["guest"]["quiesced"] == false,
         "the lease did not end: {r}"
     );
-    let (_, st) = vm
-        .console
-        .run(
-            &format!("dd if={dev} of=/dev/null bs=4k count=16 iflag=direct"),
-            Duration::from_secs(30),
-        )
-        .await?;
-    ensure!(st == 0, "I/O after the lease ended failed");
+    reads(vm, dev, "after the lease ended").await?;
     println!("F6 lease: a quiesce the host never resumed ended by itself after 1.5 s");
 
     // The frozen policy in the guest's filter: its own function reset and
@@ -423,38 +432,22 @@ async fn f6(vm: &mut Booted, dir: &Path, dev: &str, bdf: &str) -> Result<()> {
     );
     let r = guest_op(vm, "guest-policy", &[]).await?;
     ensure!(r["guest"]["frozen"] == false, "policy: {r}");
-    let (out, st) = vm.console.run(&ctrl_reset, Duration::from_secs(60)).await?;
-    ensure!(st == 0, "the controller reset failed after the thaw: {out}");
-    let after = show(dir).await?;
-    ensure!(
-        resets(&after)? > resets(&before)?,
-        "the controller reset after the thaw did not reach the device"
-    );
-    let (_, st) = vm
-        .console
-        .run(
-            &format!("dd if={dev} of=/dev/null bs=4k count=16 iflag=direct"),
-            Duration::from_secs(60),
-        )
-        .await?;
-    ensure!(st == 0, "VF1 I/O after its controller reset failed");
-    let before = show(dir).await?;
-    let (out, st) = vm.console.run(&reset, Duration::from_secs(60)).await?;
-    ensure!(st == 0, "the function reset failed after the thaw: {out}");
-    let after = show(dir).await?;
+    // Thawed, each reset reaches the device and the driver carries on.
     let flrs = |v: &Value| vf_state(v, 1).map(|f| f["function_resets"].as_u64().unwrap_or(0));
-    ensure!(
-        flrs(&after)? > flrs(&before)?,
-        "the reset after the thaw did not reach the device"
-    );
-    let (_, st) = vm
-        .console
-        .run(
-            &format!("dd if={dev} of=/dev/null bs=4k count=16 iflag=direct"),
-            Duration::from_secs(60),
-        )
-        .await?;
-    ensure!(st == 0, "VF1 I/O after its function reset failed");
+    let kinds: [(&str, &String, Counter); 2] = [
+        ("controller reset", &ctrl_reset, &resets),
+        ("function reset", &reset, &flrs),
+    ];
+    for (what, cmd, count) in kinds {
+        let before = show(dir).await?;
+        let (out, st) = vm.console.run(cmd, Duration::from_secs(60)).await?;
+        ensure!(st == 0, "the {what} failed after the thaw: {out}");
+        ensure!(
+            count(&show(dir).await?)? > count(&before)?,
+            "the {what} after the thaw did not reach the device"
+        );
+        reads(vm, dev, &format!("after its {what}")).await?;
+    }
     println!("F6 policy: the guest refused its own function reset and controller reset of VF1 while frozen; after the thaw both reached the device (CC.EN toggled, FLR) and I/O works");
     Ok(())
 }
