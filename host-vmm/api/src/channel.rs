@@ -201,6 +201,10 @@ pub struct GuestFunction {
     /// The guest's status: "ok", or why the operation did not complete
     /// ("timed out": I/O was still in flight after `drain_ms`).
     pub status: String,
+    /// The same as the ABI's status number (`shared_abi::msg::Status`; 0
+    /// is OK), for programs to match on; absent from an older host.
+    #[serde(default)]
+    pub status_code: Option<u16>,
     pub present: bool,
     /// The guest driver bound to it ("" when none).
     pub driver: String,

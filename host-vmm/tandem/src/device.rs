@@ -180,7 +180,7 @@ fn show_guest(r: &DeviceGuestResponse, json: bool) -> Result<i32> {
     } else {
         print_guest(r, "");
     }
-    Ok(if r.guest.status == "ok" { 0 } else { 1 })
+    Ok(if r.guest.status_code == Some(0) { 0 } else { 1 })
 }
 
 /// What a disk becomes for a multi-path volume.

@@ -339,7 +339,7 @@ pub async fn guest_op(
         }
     };
     info!(id = %req.id, op = ?req.op, status = %guest.status, in_flight = guest.in_flight, quiesced = guest.quiesced, "guest function operation");
-    if assigned && guest.status == "ok" {
+    if assigned && guest.status_code == Some(shared_abi::msg::Status::Ok as u16) {
         let mut paths = lock(&vm.direct_paths);
         match req.op {
             FunctionOp::PathDirect => {

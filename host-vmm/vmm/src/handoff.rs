@@ -35,6 +35,12 @@ use tandem_api::{AttachedDevice, DeviceAttachRequest, DeviceGuestRequest};
 use tracing::{info, warn};
 
 use crate::snapshot::SnapshotError;
+
+/// The guest's answer as the ABI's status; `None` when the number is not
+/// one this host knows (or the answer has none).
+fn guest_status(g: &tandem_api::DeviceGuestResponse) -> Option<Status> {
+    g.guest.status_code.and_then(Status::from_u16)
+}
 use crate::vm::Vm;
 
 /// How the guest is asked to let go.
@@ -139,7 +145,7 @@ pub(crate) async fn hand_off(
         )
         .await;
         let why = match &r {
-            Ok(g) if g.guest.status == "ok" => None,
+            Ok(g) if guest_status(g) == Some(Status::Ok) => None,
             Ok(g) => Some(format!("the guest answered \"{}\"", g.guest.status)),
             Err(e) => Some(e.clone()),
         };
@@ -255,8 +261,8 @@ pub async fn plug_direct(
     let passing = [Status::NoDevice, Status::Busy, Status::TimedOut];
     loop {
         let last = match path_op(vm, &id, FunctionOp::PathDirect, volume, 5000).await {
-            Ok(g) if g.guest.status == "ok" => return Ok(ms(t0.elapsed())),
-            Ok(g) if passing.iter().any(|p| p.name() == g.guest.status) => {
+            Ok(g) if guest_status(&g) == Some(Status::Ok) => return Ok(ms(t0.elapsed())),
+            Ok(g) if guest_status(&g).is_some_and(|s| passing.contains(&s)) => {
                 format!("the guest answered \"{}\"", g.guest.status)
             }
             Ok(g) => {

@@ -208,6 +208,7 @@ pub fn function(
             status.name()
         }
         .into(),
+        status_code: Some(status as u16),
         present: has(f::state::PRESENT),
         driver: shared_abi::msg::version_str(&r.driver).into(),
         enabled: has(f::state::ENABLED),
