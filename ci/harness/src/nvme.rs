@@ -988,11 +988,13 @@ pub async fn bench(runs: usize) -> Result<()> {
         ("randwrite", 32),
     ] {
         let mut fig = Vec::new();
+        let mut all = Vec::new();
         for d in [&tandem_dev, &qemu_dev, &virtio_dev] {
             let mut v = Vec::new();
             for _ in 0..runs {
                 v.push(fio_iops_of(&mut vm.console, d, rw, qd, secs).await?);
             }
+            all.push(format!("{v:.0?}"));
             fig.push(crate::median(&mut v));
         }
         let (t, q, v) = (fig[0], fig[1], fig[2]);
@@ -1005,6 +1007,9 @@ pub async fn bench(runs: usize) -> Result<()> {
             t / q,
             t / v
         );
+        if runs > 1 {
+            println!("  runs: {}", all.join(" "));
+        }
         ratios.push(t / q);
     }
     let geo = ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64;
@@ -1012,5 +1017,20 @@ pub async fn bench(runs: usize) -> Result<()> {
         "tandem VF vs QEMU nvme, geometric mean: {:.2}x (goal >= 1.0x, aim 1.5x)",
         geo.exp()
     );
+    // What to look at when a figure is far off: the VF's error and reset
+    // counters, and what the guest's nvme driver complained about.
+    let info = show(&srv.dir).await?;
+    let stats = &vf_state(&info, 1)?["controller"]["stats"];
+    println!(
+        "tandem VF counters: {} controller resets, {} error completions, {} backend errors, {} DMA faults",
+        stats["controller_resets"], stats["error_completions"], stats["backend_errors"], stats["dma_faults"]
+    );
+    let complaints = vm
+        .console
+        .check("dmesg | grep -iE 'nvme.*(timeout|abort|reset|error)' | tail -5; true")
+        .await?;
+    if !complaints.trim().is_empty() {
+        println!("guest nvme messages:\n{complaints}");
+    }
     Ok(())
 }
