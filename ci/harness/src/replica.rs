@@ -29,6 +29,9 @@ const SITE_IP: &str = "10.213.7.2";
 /// fio's job: a random write pass over 128 MiB in which every block is
 /// written once (fio's random map), so `--verify_only` with the same job
 /// later knows what every block holds.
+/// Recovery points the site keeps (`replica serve --keep`).
+const SITE_KEEP: u32 = 8;
+
 const FIO_JOB: &str = "fio --name=rep --filename=/dev/vda --rw=randwrite --bs=4k --size=128M \
      --ioengine=libaio --direct=1 --iodepth=8 --verify=crc32c --verify_fatal=1 \
      --randrepeat=1 --randseed=4242";
@@ -204,7 +207,7 @@ async fn start_replication(
             &listen,
             // Few points kept: the site merges old ones during the run.
             "--keep",
-            "8",
+            &SITE_KEEP.to_string(),
         ],
         &site_log,
     )?;
@@ -296,6 +299,14 @@ pub async fn e2e() -> Result<()> {
     let st = point_after(&rep.api, done_ms, Duration::from_secs(120)).await?;
     let reconnects = st["reconnects"].as_u64().unwrap_or(0);
     ensure!(reconnects >= 1, "the sender never noticed the cut: {st}");
+    // The merges checked below need more points than the site keeps; how
+    // many a run makes depends on how fast fio went. Let it make them.
+    let more = Instant::now();
+    while status(&rep.api).await?["points"].as_u64().unwrap_or(0) < u64::from(SITE_KEEP) + 2
+        && more.elapsed() < Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let _ = rep.sender.kill().await;
     let st = status(&rep.api).await.unwrap_or(st);
     let log = std::fs::read_to_string(&rep.sender_log)?;
