@@ -118,6 +118,22 @@ pub(crate) async fn show(dir: &Path) -> Result<Value> {
     serde_json::from_str(&out).with_context(|| format!("bad JSON from tandem nvme show: {out}"))
 }
 
+/// Polls `tandem nvme show` for up to 10 s until `done` holds.
+async fn show_until(dir: &Path, failure: &str, done: impl Fn(&Value) -> bool) -> Result<()> {
+    let begun = Instant::now();
+    loop {
+        let info = show(dir).await?;
+        if done(&info) {
+            return Ok(());
+        }
+        ensure!(
+            begun.elapsed() < Duration::from_secs(10),
+            "{failure}: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn vf_state(info: &Value, vf: u64) -> Result<&Value> {
     info["vfs"]
         .as_array()
@@ -859,20 +875,15 @@ async fn guest_pf(vm: &mut Booted, w: &Path) -> Result<()> {
         ctl & 1 == 1 && num == 1,
         "with leave for 1 VF: control {ctl:#x}, NumVFs {num}"
     );
-    let begun = Instant::now();
-    loop {
-        let info = show(&srv.dir).await?;
-        if info["vfs"].as_array().map(Vec::len) == Some(1)
-            && info["pf"]["sriov"] == serde_json::json!([true, 1])
-        {
-            break;
-        }
-        ensure!(
-            begun.elapsed() < Duration::from_secs(10),
-            "the VF the guest enabled did not appear on the host: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    show_until(
+        &srv.dir,
+        "the VF the guest enabled did not appear on the host",
+        |i| {
+            i["vfs"].as_array().map(Vec::len) == Some(1)
+                && i["pf"]["sriov"] == serde_json::json!([true, 1])
+        },
+    )
+    .await?;
     let (vctrl, vbdf) = attach_as(vm, "pf-vf1", &srv.dir, 1).await?;
     let (_, st) = vm
         .console
@@ -887,18 +898,10 @@ async fn guest_pf(vm: &mut Booted, w: &Path) -> Result<()> {
     // The guest disables its VFs; the host's VF goes with them.
     detach_id(vm, "pf-vf1").await?;
     let (ctl, num) = guest_enables_vfs(vm, &pbdf, 0).await?;
-    let begun = Instant::now();
-    loop {
-        let info = show(&srv.dir).await?;
-        if info["vfs"].as_array().is_some_and(Vec::is_empty) {
-            break;
-        }
-        ensure!(
-            begun.elapsed() < Duration::from_secs(10),
-            "VF Enable off left the VF on the host: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    show_until(&srv.dir, "VF Enable off left the VF on the host", |i| {
+        i["vfs"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await?;
     detach_id(vm, "nvme-pf").await?;
     println!("the guest turned VF Enable off (control {ctl:#x}, NumVFs {num}): the VF is gone from the host; PF detached");
     drop(srv);
