@@ -71,26 +71,38 @@ fn num(line: &str, key: &str) -> Result<u64> {
         .with_context(|| format!("no {key} in {line:?}"))
 }
 
-/// The pieces of one scenario: a device server on `disk`, a VM with the
-/// same file as a vhost-blk disk, `/dev/tandem0` over both.
+/// The pieces of one scenario: a VM with `disk` as a vhost-blk disk, a
+/// device server whose VF1's namespace is that disk as the VM's backend
+/// lends it (its volume socket), `/dev/tandem0` over both paths.
 struct Rig {
     vm: Booted,
     srv: NvmeServer,
     disk: std::path::PathBuf,
+    /// The backend's volume socket: the VF's namespace.
+    volume: std::path::PathBuf,
     work: std::path::PathBuf,
 }
 
-async fn rig(w: &Path, name: &str) -> Result<Rig> {
-    let disk = w.join("shared.raw");
-    let srv = start_server(w, std::slice::from_ref(&disk)).await?;
-    crate::tandem_ok(&["nvme", "vfs", "1", "--dir", &srv.dir.display().to_string()]).await?;
-    let spec = format!("path={},if=vhost-blk", disk.display());
+/// `disk_name`: a `.qcow2` name makes a qcow2 volume (multi-path through
+/// the one backend), anything else a raw file.
+async fn rig(w: &Path, name: &str, disk_name: &str) -> Result<Rig> {
+    let disk = w.join(disk_name);
+    crate::nvme::create_disk(&disk)?;
+    let lent_on = w.join("disk0.volume");
+    let spec = format!(
+        "path={},if=vhost-blk,volume={}",
+        disk.display(),
+        lent_on.display()
+    );
     let mut vm = boot_tandem(w, name, &["--disk", &spec, "--cpus", "2", "--memory", "1G"]).await?;
     println!(
-        "booted in {:.2}s with {} as virtio-blk (vhost-user-blk backend)",
+        "booted in {:.2}s with {} as virtio-blk (vhost-user-blk backend, lending it on {})",
         vm.boot_s,
-        disk.display()
+        disk.display(),
+        lent_on.display()
     );
+    let srv = start_server(w, std::slice::from_ref(&lent_on)).await?;
+    crate::tandem_ok(&["nvme", "vfs", "1", "--dir", &srv.dir.display().to_string()]).await?;
     path_op(&mut vm, "disk0", "synthetic").await?;
     let (out, st) = vm
         .console
@@ -98,7 +110,7 @@ async fn rig(w: &Path, name: &str) -> Result<Rig> {
         .await?;
     ensure!(st == 0, "no /dev/tandem0 after path synthetic: {out}");
     let (ctrl, bdf) = attach(&mut vm, &srv.dir, 1).await?;
-    println!("VF1 hot-plugged at {bdf} ({ctrl}), namespace on the same file");
+    println!("VF1 hot-plugged at {bdf} ({ctrl}), its namespace the same disk through the backend's volume socket");
     let v = path_op(&mut vm, "nvme-vf1", "direct").await?;
     ensure!(
         v["guest"]["active_path"] == true,
@@ -111,6 +123,7 @@ async fn rig(w: &Path, name: &str) -> Result<Rig> {
         vm,
         srv,
         disk,
+        volume: lent_on,
         work: w.to_path_buf(),
     })
 }
@@ -156,7 +169,7 @@ impl Rig {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        self.srv = start_server(&self.work, std::slice::from_ref(&self.disk)).await?;
+        self.srv = start_server(&self.work, std::slice::from_ref(&self.volume)).await?;
         crate::tandem_ok(&[
             "nvme",
             "vfs",
@@ -281,7 +294,9 @@ async fn guest_clean(c: &mut Console) -> Result<()> {
 
 pub async fn e2e() -> Result<()> {
     let work = tempdir()?;
-    let mut r = rig(work.path(), "e2e-failover").await?;
+    // qcow2: a layered image can be multi-path, since both paths go
+    // through the VM's one backend.
+    let mut r = rig(work.path(), "e2e-failover", "shared.qcow2").await?;
     start_fio(&mut r.vm.console, FIO_SECS, 8).await?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -348,6 +363,33 @@ pub async fn e2e() -> Result<()> {
     let clat = clat_max_ms(&out).unwrap_or(f64::NAN);
     guest_clean(&mut r.vm.console).await?;
     volume_lifecycle(&mut r.vm).await?;
+    let backend =
+        crate::vhost::backend_info(&r.vm.api.with_extension("devices").join("vhost-disk0.api"))
+            .await?;
+    let c = &backend["counters"];
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    ensure!(
+        n("lent_writes") > 0 && n("writes") > 0 && n("errors") == 0 && n("lent_errors") == 0,
+        "both paths should have written through the one backend, without error: {backend}"
+    );
+    println!(
+        "the VM's one backend served {} virtio-blk writes (synthetic path) and {} of the VF's namespace (direct path, through the volume socket), no error",
+        n("writes"),
+        n("lent_writes")
+    );
+    let api = r.vm.api.display().to_string();
+    let (code, _, err) = tandem(&["shutdown", "--api-socket", &api, "--timeout", "60"]).await?;
+    ensure!(code == 0, "shutdown: {err}");
+    let _ = tokio::time::timeout(Duration::from_secs(60), r.vm.child.wait()).await;
+    let (code, report) = crate::nvme::qemu_img_check(&r.disk).await?;
+    ensure!(
+        code == Some(0),
+        "qemu-img check of the multi-path qcow2 volume after the run: {code:?}\n{report}"
+    );
+    println!(
+        "the qcow2 volume after fio, 20 switches and 2 surprise removals: qemu-img check exit 0 ({})",
+        report.lines().last().unwrap_or("").trim()
+    );
     println!(
         "fio randwrite QD8 with verify for {FIO_SECS} s on /dev/tandem0: no error; largest I/O latency {clat:.0} ms (includes the surprise removals: the killed server's I/O waits for the VF's removal); {} re-issued",
         num(&line, "reissued")?
@@ -414,7 +456,7 @@ fn write_iops(out: &str) -> Option<f64> {
 /// each direction).
 pub async fn bench(runs: usize) -> Result<()> {
     let work = tempdir()?;
-    let mut r = rig(work.path(), "bench-failover").await?;
+    let mut r = rig(work.path(), "bench-failover", "shared.raw").await?;
     let n = runs.max(5);
     let secs = u32::try_from(n * 2 + 10).unwrap_or(60);
     // Baseline: the same fio on the direct path, no switch.

@@ -2,8 +2,10 @@
 //! `/dev/tandem0` has a virtio-blk synthetic path (served by a Tandem
 //! vhost-user-blk backend on each host, from the shared raw file; the
 //! backend logs the pages it writes, so QEMU migrates it) and an NVMe VF
-//! as its direct path, served from the same file by a device server on
-//! each simulated host. fio with
+//! as its direct path, from a device server on each simulated host whose
+//! namespace is that same backend's disk, lent on the backend's volume
+//! socket (one fixed socket per host: each VM that arrives on a host takes
+//! it over, and the server reconnects). fio with
 //! verify runs on `/dev/tandem0` while the VM is live-migrated to the other
 //! host and back, then saved and restored; each time `tandem` hands the VF
 //! off (the guest moves I/O to the synthetic path, the VF is removed) and
@@ -101,56 +103,126 @@ async fn migrate(vm: &mut Booted, d: &Dest) -> Result<(u64, String)> {
     Ok((downtime, line))
 }
 
-/// A device server per simulated host (one VF each), both on one shared
-/// file; returns them and the `--disk` argument of that file.
-async fn two_servers(
-    w: &Path,
-) -> Result<(crate::nvme::NvmeServer, crate::nvme::NvmeServer, String)> {
-    let disk = w.join("vf-shared.raw");
-    let (wa, wb) = (w.join("host-a"), w.join("host-b"));
-    std::fs::create_dir_all(&wa)?;
-    std::fs::create_dir_all(&wb)?;
-    let srv_a = start_server(&wa, std::slice::from_ref(&disk)).await?;
-    let srv_b = start_server(&wb, std::slice::from_ref(&disk)).await?;
-    for s in [&srv_a, &srv_b] {
-        crate::tandem_ok(&["nvme", "vfs", "1", "--dir", &s.dir.display().to_string()]).await?;
+/// The two simulated hosts' device servers: one VF each, whose namespace
+/// is the disk of whichever VM runs on that host, as its vhost-blk backend
+/// lends it on the host's volume socket. A host's server starts once a VM
+/// (and so a backend) is there; a VM that arrives later takes the socket
+/// over and the server reconnects to it.
+struct Servers {
+    disk: std::path::PathBuf,
+    work: [std::path::PathBuf; 2],
+    srv: [Option<crate::nvme::NvmeServer>; 2],
+}
+
+const A: usize = 0;
+const B: usize = 1;
+
+impl Servers {
+    fn new(w: &Path) -> Result<Servers> {
+        let work = [w.join("host-a"), w.join("host-b")];
+        for d in &work {
+            std::fs::create_dir_all(d)?;
+        }
+        let disk = w.join("vf-shared.raw");
+        std::fs::File::create(&disk)?.set_len(crate::nvme::DISK_BYTES)?;
+        Ok(Servers {
+            disk,
+            work,
+            srv: [None, None],
+        })
     }
-    let disk_arg = format!("path={},if=vhost-blk,format=raw", disk.display());
-    Ok((srv_a, srv_b, disk_arg))
+
+    fn volume(&self, host: usize) -> std::path::PathBuf {
+        self.work[host].join("disk0.volume")
+    }
+
+    /// The `--disk` argument of a VM on `host`.
+    fn disk_arg(&self, host: usize) -> String {
+        format!(
+            "path={},if=vhost-blk,format=raw,volume={}",
+            self.disk.display(),
+            self.volume(host).display()
+        )
+    }
+
+    /// The device server's directory on `host` (known before it starts).
+    fn dir(&self, host: usize) -> std::path::PathBuf {
+        self.work[host].join("nvme")
+    }
+
+    /// `--direct` for a VM arriving on `host`.
+    fn direct(&self, host: usize) -> String {
+        format!("nvme-vf1={}:1", self.dir(host).display())
+    }
+
+    /// Starts `host`'s server, with VF1 enabled, unless it runs.
+    async fn ensure(&mut self, host: usize) -> Result<()> {
+        if self.srv[host].is_none() {
+            let vol = self.volume(host);
+            let srv = start_server(&self.work[host], std::slice::from_ref(&vol)).await?;
+            crate::tandem_ok(&["nvme", "vfs", "1", "--dir", &srv.dir.display().to_string()])
+                .await?;
+            self.srv[host] = Some(srv);
+        }
+        Ok(())
+    }
+}
+
+/// The direct path's writes went through the backend now serving the
+/// VM's disk (counted as lent writes).
+async fn lent_writes(vm: &Booted) -> Result<u64> {
+    let api = vm.api.with_extension("devices").join("vhost-disk0.api");
+    let v = crate::vhost::backend_info(&api).await?;
+    v["counters"]["lent_writes"]
+        .as_u64()
+        .with_context(|| format!("no lent_writes in the backend's info: {v}"))
 }
 
 pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
-    let (srv_a, srv_b, disk_arg) = two_servers(w).await?;
-    let machine = [
-        "--disk",
-        disk_arg.as_str(),
-        "--memory",
-        "512M",
-        "--cpus",
-        "2",
-    ];
-    let direct_a = format!("nvme-vf1={}:1", srv_a.dir.display());
-    let direct_b = format!("nvme-vf1={}:1", srv_b.dir.display());
+    let mut servers = Servers::new(w)?;
+    let (disk_a, disk_b) = (servers.disk_arg(A), servers.disk_arg(B));
+    let rest = ["--memory", "512M", "--cpus", "2"];
+    let machine_a: Vec<&str> = ["--disk", disk_a.as_str()]
+        .into_iter()
+        .chain(rest)
+        .collect();
+    let machine_b: Vec<&str> = ["--disk", disk_b.as_str()]
+        .into_iter()
+        .chain(rest)
+        .collect();
+    let (direct_a, direct_b) = (servers.direct(A), servers.direct(B));
 
-    let mut vm = boot_tandem(w, "e2e-mig-vf", &machine).await?;
+    let mut vm = boot_tandem(w, "e2e-mig-vf", &machine_a).await?;
+    servers.ensure(A).await?;
     path_op(&mut vm, "disk0", "synthetic").await?;
-    let (ctrl, _) = crate::nvme::attach(&mut vm, &srv_a.dir, 1).await?;
+    let (ctrl, _) = crate::nvme::attach(&mut vm, &servers.dir(A), 1).await?;
     path_op(&mut vm, "nvme-vf1", "direct").await?;
-    println!("[vf] /dev/tandem0 over virtio-blk vda (vhost-user-blk backend) and {ctrl}n1 (VF1 of host A's device server), I/O on the VF");
+    println!("[vf] /dev/tandem0 over virtio-blk vda (vhost-user-blk backend) and {ctrl}n1 (VF1 of host A's device server, its namespace the same backend's disk through the volume socket), I/O on the VF");
     start_fio(&mut vm.console, 200, 8).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let lent = lent_writes(&vm).await?;
+    ensure!(
+        lent > 0,
+        "the VF is the direct path under fio, yet the backend lent no writes"
+    );
+    println!("[vf] the VM's backend has served {lent} writes of the VF's namespace (one backend, two paths)");
 
     // There: to the other host, which plugs its own VF.
-    let mut there_args: Vec<&str> = machine.to_vec();
+    let mut there_args: Vec<&str> = machine_b.clone();
     there_args.extend(["--direct", direct_b.as_str()]);
     let d = host.incoming(w, "dst-vf", 4450, &there_args).await?;
+    servers.ensure(B).await?;
     let (downtime_ms, line) = migrate(&mut vm, &d).await?;
     let mut vm = arrived(d).await?;
     let back_s = direct_again(&mut vm, Duration::from_secs(120)).await?;
     println!("[vf] migrated to host B under fio: {line}; downtime {downtime_ms} ms; host B's VF1 is the direct path {back_s:.1} s after");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lent = lent_writes(&vm).await?;
+    ensure!(lent > 0, "host B's backend lent no writes to its VF");
 
-    // And back, to this host.
-    let mut back_args: Vec<&str> = machine.to_vec();
+    // And back, to this host, where the device server reconnects to the
+    // new VM's backend.
+    let mut back_args: Vec<&str> = machine_a.clone();
     back_args.extend(["--direct", direct_a.as_str()]);
     let d = start_incoming(None, SRC_IP, w, "back-vf", 4451, &back_args).await?;
     let (downtime2, line) = migrate(&mut vm, &d).await?;
@@ -357,7 +429,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         "[vf] restored with a VF that is not there: {}; the volume runs on its synthetic path",
         refused.trim()
     );
-    let (_, _) = crate::nvme::attach(&mut vm, &srv_b.dir, 1).await?;
+    let (_, _) = crate::nvme::attach(&mut vm, &servers.dir(B), 1).await?;
     path_op(&mut vm, "nvme-vf1", "direct").await?;
     let back_s = direct_again(&mut vm, Duration::from_secs(120)).await?;
     println!(
@@ -395,7 +467,7 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
     .await?;
     ensure!(code == 0, "shutdown: {err}");
     let _ = tokio::time::timeout(Duration::from_secs(30), vm.child.wait()).await;
-    drop((srv_a, srv_b));
+    drop(servers);
     Ok(VfFigures {
         blackout_us: num("max_blackout_us"),
         downtime_ms,
@@ -418,22 +490,23 @@ pub async fn bench(runs: usize) -> Result<()> {
     let work = crate::boot::tempdir()?;
     let w = work.path();
     let host = Host::create().await?;
-    let (srv_a, srv_b, disk_arg) = two_servers(w).await?;
-    let machine = [
-        "--disk",
-        disk_arg.as_str(),
-        "--memory",
-        "512M",
-        "--cpus",
-        "2",
-    ];
-    let direct = [
-        format!("nvme-vf1={}:1", srv_a.dir.display()),
-        format!("nvme-vf1={}:1", srv_b.dir.display()),
-    ];
-    let mut vm = boot_tandem(w, "bench-mig", &machine).await?;
+    let mut servers = Servers::new(w)?;
+    let disks = [servers.disk_arg(A), servers.disk_arg(B)];
+    let machine = |host: usize| -> Vec<&str> {
+        vec![
+            "--disk",
+            disks[host].as_str(),
+            "--memory",
+            "512M",
+            "--cpus",
+            "2",
+        ]
+    };
+    let direct = [servers.direct(A), servers.direct(B)];
+    let mut vm = boot_tandem(w, "bench-mig", &machine(A)).await?;
+    servers.ensure(A).await?;
     path_op(&mut vm, "disk0", "synthetic").await?;
-    crate::nvme::attach(&mut vm, &srv_a.dir, 1).await?;
+    crate::nvme::attach(&mut vm, &servers.dir(A), 1).await?;
     path_op(&mut vm, "nvme-vf1", "direct").await?;
     let n = runs.max(3);
     start_fio(
@@ -451,7 +524,7 @@ pub async fn bench(runs: usize) -> Result<()> {
         // (the direction alternates with every migration).
         let vf = (i + 1).div_euclid(2) % 2 == 0;
         let to_b = !at_b;
-        let mut args: Vec<&str> = machine.to_vec();
+        let mut args: Vec<&str> = machine(usize::from(to_b));
         if vf {
             args.extend(["--direct", direct[usize::from(to_b)].as_str()]);
         } else {
@@ -462,7 +535,9 @@ pub async fn bench(runs: usize) -> Result<()> {
         }
         port += 1;
         let d = if to_b {
-            host.incoming(w, &format!("bm{i}"), port, &args).await?
+            let d = host.incoming(w, &format!("bm{i}"), port, &args).await?;
+            servers.ensure(B).await?;
+            d
         } else {
             start_incoming(None, SRC_IP, w, &format!("bm{i}"), port, &args).await?
         };
@@ -501,8 +576,7 @@ pub async fn bench(runs: usize) -> Result<()> {
         } else {
             without.push(downtime);
             // Give it its VF back for the next migration with one.
-            let srv = if at_b { &srv_b } else { &srv_a };
-            crate::nvme::attach(&mut vm, &srv.dir, 1).await?;
+            crate::nvme::attach(&mut vm, &servers.dir(usize::from(at_b)), 1).await?;
             path_op(&mut vm, "nvme-vf1", "direct").await?;
         }
     }
@@ -534,6 +608,6 @@ pub async fn bench(runs: usize) -> Result<()> {
         mw as f64 / mo.max(1) as f64,
         aw / ao.max(1.0)
     );
-    drop((srv_a, srv_b));
+    drop(servers);
     Ok(())
 }

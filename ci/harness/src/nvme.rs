@@ -14,7 +14,7 @@ use crate::boot::{boot_tandem, Booted};
 use crate::guest::{tail, Console};
 use crate::{spawn_tandem, tandem, tandem_ok};
 
-const DISK_BYTES: u64 = 256 << 20;
+pub(crate) const DISK_BYTES: u64 = 256 << 20;
 
 /// The device server, running for the scenario's lifetime.
 pub(crate) struct NvmeServer {
@@ -37,7 +37,7 @@ impl NvmeServer {
 
 /// A namespace's disk, unless it exists: a qcow2 image (by `qemu-img`) for
 /// a `.qcow2` path, else a sparse raw file.
-fn create_disk(d: &Path) -> Result<()> {
+pub(crate) fn create_disk(d: &Path) -> Result<()> {
     if d.exists() {
         return Ok(());
     }
@@ -58,6 +58,24 @@ fn create_disk(d: &Path) -> Result<()> {
         std::fs::File::create(d)?.set_len(DISK_BYTES)?;
     }
     Ok(())
+}
+
+/// `qemu-img check` of a qcow2 image: its exit code and its report.
+pub(crate) async fn qemu_img_check(image: &Path) -> Result<(Option<i32>, String)> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(image)
+        .output()
+        .await
+        .context("qemu-img check")?;
+    Ok((
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
 }
 
 pub(crate) async fn start_server(work: &Path, disks: &[PathBuf]) -> Result<NvmeServer> {
@@ -753,23 +771,14 @@ pub async fn e2e() -> Result<()> {
         )?;
     }
     srv.reap().await;
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(&disks[0])
-        .output()
-        .await
-        .context("qemu-img check")?;
-    let report = String::from_utf8_lossy(&out.stdout);
+    let (code, report) = qemu_img_check(&disks[0]).await?;
     // 3: leaked clusters only (the server was SIGKILLed once), no corruption.
     ensure!(
-        matches!(out.status.code(), Some(0 | 3)),
-        "qemu-img check of VF1's qcow2 after the run: {:?}\n{report}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
+        matches!(code, Some(0 | 3)),
+        "qemu-img check of VF1's qcow2 after the run: {code:?}\n{report}"
     );
     println!(
-        "VF1's qcow2 image after the run (fio, hot-remove, SIGKILL, restart): qemu-img check exit {:?}: {}",
-        out.status.code(),
+        "VF1's qcow2 image after the run (fio, hot-remove, SIGKILL, restart): qemu-img check exit {code:?}: {}",
         report.lines().last().unwrap_or("").trim()
     );
 

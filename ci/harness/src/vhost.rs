@@ -39,6 +39,13 @@ async fn api(socket: &Path, req: &Value) -> Result<Value> {
     serde_json::from_str(&line).with_context(|| format!("bad answer {line:?}"))
 }
 
+/// The backend's `info` answer (chain, counters).
+pub(crate) async fn backend_info(socket: &Path) -> Result<Value> {
+    let v = api(socket, &json!({"op": "info"})).await?;
+    ensure!(v["result"] == "info", "backend info: {v}");
+    Ok(v)
+}
+
 /// Checkpoints every `every` until `count` are done, the last one with
 /// `tandem disk checkpoint --disk disk0` against the VM at `vm_api`, the
 /// others through the backend's API socket; returns the sealed layers and

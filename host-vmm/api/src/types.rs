@@ -45,6 +45,10 @@ pub struct DiskInfo {
     pub format: String,
     pub interface: String,
     pub readonly: bool,
+    /// Where the disk's vhost-user-blk backend lends it to a second path
+    /// (`tandem nvme serve --vf-disk <this>`): vhost-blk disks only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_socket: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -47,6 +47,11 @@ pub struct DiskSpec {
     pub readonly: bool,
     /// Bypass the host page cache (O_DIRECT).
     pub direct: bool,
+    /// `if=vhost-blk` only: where the backend lends the disk to a second
+    /// path (default: next to its other sockets; see `tandem-vmm`'s
+    /// `vhost` module).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_socket: Option<PathBuf>,
 }
 
 /// Where the guest's first serial port goes.
@@ -382,6 +387,7 @@ mod tests {
                 interface: DiskInterface::VirtioBlk,
                 readonly: false,
                 direct: true,
+                volume_socket: None,
             },
             DiskSpec {
                 path: "/d/b.qcow2".into(),
@@ -389,6 +395,7 @@ mod tests {
                 interface: DiskInterface::Nvme,
                 readonly: true,
                 direct: false,
+                volume_socket: None,
             },
         ];
         let a = args(&s);
@@ -423,6 +430,7 @@ mod tests {
             interface: DiskInterface::VirtioScsi,
             readonly: false,
             direct: false,
+            volume_socket: None,
         }];
         let a = args(&s);
         let dev: Vec<serde_json::Value> = value_after(&a, "-device")
@@ -451,6 +459,7 @@ mod tests {
                 interface: DiskInterface::VhostBlk,
                 readonly: false,
                 direct: true,
+                volume_socket: None,
             },
             DiskSpec {
                 path: "/d/plain.img".into(),
@@ -458,6 +467,7 @@ mod tests {
                 interface: DiskInterface::VirtioBlk,
                 readonly: false,
                 direct: true,
+                volume_socket: None,
             },
         ];
         s.chardevs = vec![SocketChardev {

@@ -505,6 +505,7 @@ fn a_disk_served_by_the_vhost_blk_backend_replicates_through_its_api() {
         readonly: false,
         api_socket: Some(api.clone()),
         serial: None,
+        volume_socket: None,
     };
     // The backend waits for a vhost-user frontend that never comes; its API
     // answers meanwhile. The thread ends with the test process.

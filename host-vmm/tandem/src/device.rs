@@ -203,11 +203,16 @@ pub enum NvmeCmd {
         /// Directory for its sockets (pf.sock, vf<N>.sock, api.sock).
         #[arg(long)]
         dir: PathBuf,
-        /// Raw disk of the PF's namespace.
+        /// The PF's namespace: a disk image (raw, qcow2, VHDX, a chain)
+        /// or a running VM's volume socket (see --vf-disk).
         #[arg(long)]
         pf_disk: Option<PathBuf>,
-        /// Raw disk of each VF's namespace, in VF order; their number is
-        /// TotalVFs.
+        /// Each VF's namespace, in VF order; their number is TotalVFs.
+        /// A disk image (raw: read and written in place; qcow2, VHDX,
+        /// chains: through the disk layer, and then open in no other
+        /// process), or the volume socket of a running VM's vhost-blk disk
+        /// (`tandem info` shows it): the VF is then a second path to that
+        /// disk, through its one backend.
         #[arg(long)]
         vf_disk: Vec<PathBuf>,
         /// The adapter's serial number (its functions add -PF, -VF<N>);

@@ -269,6 +269,9 @@ fn print_info(info: &VmInfo) {
             d.path,
             if d.readonly { " (read-only)" } else { "" }
         );
+        if let Some(v) = &d.volume_socket {
+            println!("             lent to a second path at {v}");
+        }
     }
     println!("serial:      {}", info.serial);
     println!("api socket:  {}", info.api_socket);

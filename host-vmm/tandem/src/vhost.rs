@@ -30,6 +30,10 @@ pub struct VhostBlkArgs {
     /// The serial number the guest reads (default tandem-<file stem>).
     #[arg(long)]
     serial: Option<String>,
+    /// Lend the disk to a second path on this socket: an NVMe VF's
+    /// namespace (`tandem nvme serve --vf-disk <socket>`).
+    #[arg(long)]
+    volume_socket: Option<PathBuf>,
 }
 
 pub fn device_server(args: VhostBlkArgs) -> Result<i32> {
@@ -39,6 +43,7 @@ pub fn device_server(args: VhostBlkArgs) -> Result<i32> {
         readonly: args.readonly,
         api_socket: args.api_socket,
         serial: args.serial,
+        volume_socket: args.volume_socket,
     })
     .context("vhost-user-blk backend")?;
     Ok(0)

@@ -68,6 +68,11 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// Bypass the host page cache; default true.
     pub direct: Option<bool>,
+    /// `if=vhost-blk`: where its backend lends the disk to a second path
+    /// (an NVMe VF's namespace); default `vhost-disk<i>.volume` next to
+    /// the API socket's other device sockets. A fixed path lets a device
+    /// server outlive the VMs it serves (it reconnects).
+    pub volume: Option<PathBuf>,
 }
 
 /// What the default guest image provides when the user names no kernel.
@@ -315,6 +320,7 @@ impl ResolvedVm {
                     interface: Some(d.interface),
                     readonly: d.readonly,
                     direct: Some(d.direct),
+                    volume: d.volume_socket.clone(),
                 })
                 .collect(),
             shared_disks: self.shared_disks.clone(),
@@ -414,9 +420,10 @@ pub fn serial_to_string(s: &Serial) -> String {
     }
 }
 
-/// Parses a `--disk` flag: `path=<file>[,format=raw|qcow2][,if=virtio-blk|nvme|vhost-blk][,readonly=on][,direct=off]`,
+/// Parses a `--disk` flag: `path=<file>[,format=raw|qcow2][,if=virtio-blk|nvme|vhost-blk][,readonly=on][,direct=off][,volume=<socket>]`,
 /// or just a path. `if=vhost-blk` serves the disk (raw, qcow2 or VHDX, with
-/// its backing chain) from Tandem's vhost-user-blk backend instead of QEMU.
+/// its backing chain) from Tandem's vhost-user-blk backend instead of QEMU;
+/// that backend lends it to a second path on its volume socket.
 pub fn parse_disk_flag(value: &str) -> Result<DiskConfig, ConfigError> {
     let err = |reason: &str| ConfigError::DiskSyntax {
         value: value.to_owned(),
@@ -466,11 +473,17 @@ pub fn parse_disk_flag(value: &str) -> Result<DiskConfig, ConfigError> {
             }
             "readonly" => disk.readonly = onoff(v)?,
             "direct" => disk.direct = Some(onoff(v)?),
+            "volume" => disk.volume = Some(v.into()),
             _ => return Err(err(&format!("unknown key {k:?}"))),
         }
     }
     if !have_path {
         return Err(err("path= is required"));
+    }
+    if disk.volume.is_some() && disk.interface != Some(DiskInterface::VhostBlk) {
+        return Err(err(
+            "volume= needs if=vhost-blk (only Tandem's backend lends a disk)",
+        ));
     }
     Ok(disk)
 }
@@ -516,6 +529,7 @@ fn check_disk(d: DiskConfig) -> Result<DiskSpec, ConfigError> {
         interface: d.interface.unwrap_or(DiskInterface::VirtioBlk),
         readonly: d.readonly,
         direct: d.direct.unwrap_or(true),
+        volume_socket: d.volume.clone(),
     })
 }
 
@@ -738,6 +752,16 @@ mod tests {
             parse_disk_flag("/plain.img").unwrap().path,
             Path::new("/plain.img")
         );
+        assert_eq!(
+            parse_disk_flag("path=/c.vhdx,if=vhost-blk,volume=/run/v.sock")
+                .unwrap()
+                .volume,
+            Some(PathBuf::from("/run/v.sock"))
+        );
+        assert!(parse_disk_flag("path=/c.raw,volume=/run/v.sock")
+            .unwrap_err()
+            .to_string()
+            .contains("volume= needs if=vhost-blk"));
         assert_eq!(
             parse_disk_flag("path=/c.vhdx,if=vhost-blk")
                 .unwrap()

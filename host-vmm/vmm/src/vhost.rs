@@ -5,7 +5,10 @@
 //! Sockets live next to the control device's, in `<api socket>.devices/`:
 //! `vhost-disk<i>.sock` (QEMU's connection) and `vhost-disk<i>.api` (the
 //! backend's JSON-lines API: `{"op":"info"}`, `{"op":"checkpoint"}`), where
-//! `i` is the disk's index (its id in `tandem info` is `disk<i>`).
+//! `i` is the disk's index (its id in `tandem info` is `disk<i>`), and
+//! `vhost-disk<i>.volume`, where the backend lends the disk to a second
+//! path: an NVMe VF whose namespace is this disk (`tandem nvme serve
+//! --vf-disk <it>`; `tandem-volume`).
 //!
 //! Not supervised: if a backend dies, the guest's disk stops answering and
 //! the VM keeps running (a vhost-user-blk device cannot be re-pointed at a
@@ -64,6 +67,20 @@ pub fn socket_paths(dir: &Path, index: usize) -> (PathBuf, PathBuf) {
     )
 }
 
+/// Where the backend of disk `index` in `dir` lends it to a second path
+/// (`tandem-volume`): an NVMe VF's namespace, so that the VF and the
+/// vhost-blk disk are two paths to one backend.
+pub fn volume_socket_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("vhost-disk{index}.volume"))
+}
+
+/// Disk `index`'s volume socket: the one its spec names, else the default.
+pub fn volume_socket(dir: &Path, index: usize, disk: &DiskSpec) -> PathBuf {
+    disk.volume_socket
+        .clone()
+        .unwrap_or_else(|| volume_socket_path(dir, index))
+}
+
 impl VhostBackend {
     /// Starts the backend for disk `index` and waits for `ready`.
     pub async fn spawn(
@@ -96,6 +113,8 @@ impl VhostBackend {
             .arg(&disk.path)
             .arg("--serial")
             .arg(format!("tandem-disk{index}"))
+            .arg("--volume-socket")
+            .arg(volume_socket(dir, index, disk))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -410,6 +410,11 @@ impl Vm {
                     }
                     .into(),
                     readonly: d.readonly,
+                    volume_socket: (d.interface == DiskInterface::VhostBlk).then(|| {
+                        crate::vhost::volume_socket(&r.api_socket.with_extension("devices"), i, d)
+                            .display()
+                            .to_string()
+                    }),
                 })
                 .collect(),
             serial: serial_to_string(&r.serial),

@@ -1,7 +1,10 @@
 //! What a namespace stores its blocks in: a raw file, read and written in
-//! place, or any other image the disk layer opens (qcow2, VHDX,
-//! differencing chains). The trait is the controller's narrow view (no
-//! discard, no layers); `open` picks the backend by the file's format.
+//! place, any other image the disk layer opens (qcow2, VHDX, differencing
+//! chains), or a volume another process owns and lends on a volume socket
+//! (`tandem-volume`: the vhost-user-blk backend of a VM's disk, so that the
+//! VF is a second path to that disk). The trait is the controller's narrow
+//! view (no discard, no layers); `open` picks the backend by what `path`
+//! is.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -42,11 +45,26 @@ pub enum OpenError {
         #[source]
         source: tandem_disk::DiskError,
     },
+    #[error(transparent)]
+    Volume(#[from] tandem_volume::ClientError),
 }
 
-/// Opens `path` by its format: a raw file as [`RawFile`], anything else
-/// through the disk layer ([`DiskChain`]), writable.
+/// Opens `path` by what it is: a volume socket as [`Lent`], a raw file as
+/// [`RawFile`], anything else through the disk layer ([`DiskChain`]),
+/// writable.
 pub fn open(path: &Path) -> Result<std::sync::Arc<dyn BlockBackend>, OpenError> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let volume = tandem_volume::RemoteVolume::connect(path)?;
+        let size = volume.geometry().size;
+        if size == 0 {
+            return Err(OpenError::Size {
+                path: path.display().to_string(),
+                size,
+            });
+        }
+        return Ok(std::sync::Arc::new(Lent(volume)));
+    }
     let disk_err = |source| OpenError::Disk {
         path: path.display().to_string(),
         source,
@@ -108,6 +126,29 @@ impl BlockBackend for DiskChain {
     }
     fn describe(&self) -> String {
         format!("{}:{}", self.format.name(), self.path.display())
+    }
+}
+
+/// A volume another process owns (the vhost-user-blk backend of a VM's
+/// disk), reached through its volume socket: every block goes through
+/// that process's chain, so both paths are the same writes.
+pub struct Lent(tandem_volume::RemoteVolume);
+
+impl BlockBackend for Lent {
+    fn size(&self) -> u64 {
+        self.0.geometry().size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush()
+    }
+    fn describe(&self) -> String {
+        format!("volume:{}", self.0.path().display())
     }
 }
 
@@ -182,6 +223,56 @@ mod tests {
             ns.read_at(&mut back, 1 << 20).unwrap();
             assert_eq!(back, data, "{name} after reopening");
         }
+    }
+
+    /// A namespace on a volume socket reads and writes the lender's blocks.
+    #[test]
+    fn a_namespace_on_a_volume_socket_is_the_lenders_disk() {
+        struct Mem(std::sync::Mutex<Vec<u8>>);
+        impl tandem_volume::Volume for Mem {
+            fn geometry(&self) -> tandem_volume::proto::Geometry {
+                tandem_volume::proto::Geometry {
+                    size: 1 << 20,
+                    readonly: false,
+                }
+            }
+            fn read_at(
+                &self,
+                buf: &mut [u8],
+                offset: u64,
+            ) -> Result<(), tandem_volume::server::VolumeError> {
+                let d = self.0.lock().unwrap();
+                buf.copy_from_slice(&d[offset as usize..][..buf.len()]);
+                Ok(())
+            }
+            fn write_at(
+                &self,
+                buf: &[u8],
+                offset: u64,
+            ) -> Result<(), tandem_volume::server::VolumeError> {
+                self.0.lock().unwrap()[offset as usize..][..buf.len()].copy_from_slice(buf);
+                Ok(())
+            }
+            fn flush(&self) -> Result<(), tandem_volume::server::VolumeError> {
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("disk0.volume");
+        let lender = std::sync::Arc::new(Mem(std::sync::Mutex::new(vec![0; 1 << 20])));
+        tandem_volume::listen(&sock, lender.clone()).unwrap();
+        let ns = open(&sock).unwrap();
+        assert_eq!(ns.size(), 1 << 20);
+        assert!(ns.describe().starts_with("volume:"), "{}", ns.describe());
+        ns.write_at(&[0x42; 4096], 8192).unwrap();
+        ns.flush().unwrap();
+        assert_eq!(lender.0.lock().unwrap()[8192], 0x42);
+        // A socket nobody serves is refused by name.
+        drop(ns);
+        let stale = dir.path().join("stale.volume");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let e = open(&stale).err().unwrap();
+        assert!(format!("{e}").contains("stale.volume"), "{e}");
     }
 
     #[test]

@@ -28,6 +28,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use tandem_volume::server::VolumeError;
+
 use crate::config::{self, Geometry};
 use crate::request::{self, DiskParams, Kind};
 
@@ -70,6 +72,16 @@ pub struct Counters {
     /// Requests answered with IOERR or UNSUPP, malformed chains included.
     pub errors: u64,
     pub checkpoints: u64,
+    /// Requests from the second path, through the volume socket
+    /// (`tandem-volume`): an NVMe function's namespace on this disk.
+    #[serde(default)]
+    pub lent_reads: u64,
+    #[serde(default)]
+    pub lent_writes: u64,
+    #[serde(default)]
+    pub lent_flushes: u64,
+    #[serde(default)]
+    pub lent_errors: u64,
 }
 
 #[derive(Default)]
@@ -82,6 +94,10 @@ struct AtomicCounters {
     bytes_written: AtomicU64,
     errors: AtomicU64,
     checkpoints: AtomicU64,
+    lent_reads: AtomicU64,
+    lent_writes: AtomicU64,
+    lent_flushes: AtomicU64,
+    lent_errors: AtomicU64,
 }
 
 impl AtomicCounters {
@@ -96,6 +112,10 @@ impl AtomicCounters {
             bytes_written: l(&self.bytes_written),
             errors: l(&self.errors),
             checkpoints: l(&self.checkpoints),
+            lent_reads: l(&self.lent_reads),
+            lent_writes: l(&self.lent_writes),
+            lent_flushes: l(&self.lent_flushes),
+            lent_errors: l(&self.lent_errors),
         }
     }
 }
@@ -358,6 +378,61 @@ impl BlkDevice {
             }
         }
         Ok(())
+    }
+}
+
+/// The second path (the volume socket): its requests run under the same
+/// gate as the guest's virtio requests, so a checkpoint covers both paths
+/// and a closed device refuses both.
+impl tandem_volume::Volume for BlkDevice {
+    fn geometry(&self) -> tandem_volume::proto::Geometry {
+        tandem_volume::proto::Geometry {
+            size: self.geometry.sectors * request::SECTOR_SIZE,
+            readonly: self.geometry.readonly,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
+        self.lent(&self.counters.lent_reads, "read", |c| {
+            c.read_at(buf, offset)
+        })
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), VolumeError> {
+        self.lent(&self.counters.lent_writes, "write", |c| {
+            c.write_at(buf, offset)
+        })
+    }
+
+    fn flush(&self) -> Result<(), VolumeError> {
+        self.lent(&self.counters.lent_flushes, "flush", |c| c.flush())
+    }
+}
+
+impl BlkDevice {
+    fn lent(
+        &self,
+        counter: &AtomicU64,
+        what: &str,
+        op: impl FnOnce(&Chain) -> tandem_disk::Result<()>,
+    ) -> Result<(), VolumeError> {
+        let hold = self.read_gate();
+        let Some(chain) = hold.as_deref() else {
+            self.counters.lent_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(VolumeError::Closed);
+        };
+        match op(chain) {
+            Ok(()) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.lent_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(what, error = %e, "volume-socket request failed");
+                self.note_error(format!("volume socket {what}: {e}"));
+                Err(VolumeError::Io(e.to_string()))
+            }
+        }
     }
 }
 

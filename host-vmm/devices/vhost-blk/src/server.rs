@@ -32,6 +32,9 @@ pub struct ServerConfig {
     pub api_socket: Option<PathBuf>,
     /// The `GET_ID` answer; default: `tandem-` and the disk's file stem.
     pub serial: Option<String>,
+    /// Lends the disk to a second path (an NVMe function's namespace in
+    /// the device server) on this socket (`tandem-volume`).
+    pub volume_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +107,15 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
             })
             .map_err(|e| ServerError::Daemon(e.to_string()))?;
     }
+    let lending = match &cfg.volume_socket {
+        Some(path) => Some(tandem_volume::listen(path, dev.clone()).map_err(|source| {
+            ServerError::Listen {
+                path: path.clone(),
+                source,
+            }
+        })?),
+        None => None,
+    };
     println!("ready");
     let _ = std::io::stdout().flush();
     info!(socket = %cfg.socket.display(), disk = %cfg.disk.display(), "vhost-user-blk backend ready");
@@ -135,6 +147,9 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         path: cfg.disk.clone(),
         source,
     });
+    if let Some(l) = &lending {
+        l.withdraw();
+    }
     for p in [Some(&cfg.socket), cfg.api_socket.as_ref()]
         .into_iter()
         .flatten()

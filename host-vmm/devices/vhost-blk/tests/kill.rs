@@ -54,6 +54,7 @@ fn child_entry() {
         readonly: false,
         api_socket: Some(dir.join("kill.api")),
         serial: None,
+        volume_socket: None,
     };
     let _ = run(cfg);
     std::process::exit(0);

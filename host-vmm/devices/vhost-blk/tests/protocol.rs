@@ -61,6 +61,7 @@ fn serve(
         readonly,
         api_socket: Some(api.clone()),
         serial: None,
+        volume_socket: None,
     };
     let server = std::thread::spawn(move || run(cfg).unwrap());
     wait_for(&socket);
@@ -200,4 +201,71 @@ fn pages_written_for_the_guest_are_marked_in_the_dirty_log() {
     }
     drop(drv);
     server.join().unwrap();
+}
+
+/// The second path: an NVMe namespace's reads and writes through the
+/// volume socket land in the same chain, are counted, and a checkpoint
+/// seals them with the guest's.
+#[test]
+fn the_volume_socket_lends_the_same_chain_to_a_second_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("v.qcow2");
+    ops::create(&disk, Format::Qcow2, Some(16 << 20), None).unwrap();
+    let socket = dir.path().join("v.sock");
+    let api = dir.path().join("v.api");
+    let volume = dir.path().join("v.volume");
+    let cfg = ServerConfig {
+        socket: socket.clone(),
+        disk: disk.clone(),
+        readonly: false,
+        api_socket: Some(api.clone()),
+        serial: None,
+        volume_socket: Some(volume.clone()),
+    };
+    let server = std::thread::spawn(move || run(cfg).unwrap());
+    wait_for(&socket);
+    wait_for(&volume);
+    let fe = Frontend::connect(&socket, 1).unwrap();
+    fe.set_owner().unwrap();
+
+    let lent = tandem_volume::RemoteVolume::connect(&volume).unwrap();
+    assert_eq!(lent.geometry().size, 16 << 20);
+    lent.write_at(&[0xa1; 4096], 1 << 20).unwrap();
+    match ask(&api, &Request::Checkpoint) {
+        Response::Checkpoint { .. } => {}
+        other => panic!("checkpoint: {other:?}"),
+    }
+    lent.write_at(&[0xb2; 4096], 2 << 20).unwrap();
+    lent.flush().unwrap();
+    let mut back = [0u8; 4096];
+    lent.read_at(&mut back, 1 << 20).unwrap();
+    assert_eq!(
+        back, [0xa1; 4096],
+        "the sealed layer's block, through the chain"
+    );
+    let e = lent.read_at(&mut back, 16 << 20).unwrap_err().to_string();
+    assert!(e.contains("beyond the end"), "{e}");
+    match ask(&api, &Request::Info) {
+        Response::Info(info) => {
+            let c = &info.counters;
+            assert_eq!((c.lent_reads, c.lent_writes, c.lent_flushes), (1, 2, 1));
+            assert_eq!(c.lent_errors, 0, "a refused request is not a backend error");
+            assert_eq!(info.chain.len(), 2);
+        }
+        other => panic!("info: {other:?}"),
+    }
+
+    // The VM leaves: the backend closes the chain and the volume socket;
+    // the second path then fails instead of writing behind its back.
+    drop(fe);
+    server.join().unwrap();
+    assert!(!volume.exists());
+    assert!(lent.write_at(&[0xc3; 512], 0).is_err());
+    let chain = tandem_disk::Chain::open(&disk, Default::default()).unwrap();
+    use tandem_disk::BlockDevice as _;
+    chain.read_at(&mut back, 1 << 20).unwrap();
+    assert_eq!(back, [0xa1; 4096]);
+    chain.read_at(&mut back, 2 << 20).unwrap();
+    assert_eq!(back, [0xb2; 4096]);
+    assert!(ops::check(&disk).unwrap().is_clean());
 }
