@@ -656,8 +656,15 @@ impl Controller {
         }
         // With shadow doorbells the guest may queue more while we work and
         // skip the MMIO write if our event index says we are busy, so after
-        // publishing the event index we look at the shadow again. Bounded.
-        for _ in 0..8 {
+        // publishing the event index we look at the shadow again, until it
+        // has nothing new: commands left there now would never be rung for
+        // (the guest waits for their completions). This used to stop after
+        // 8 passes, and a slow namespace let a guest at QD16 add more than
+        // that one at a time: its I/O sat in the queue until it timed out.
+        // Bounded all the same: every pass takes at least one command, and
+        // the completion queue (whose interrupt comes after we return)
+        // fills within MAX_QUEUE_ENTRIES of them.
+        for _ in 0..MAX_QUEUE_ENTRIES {
             self.sync_sq_shadow(mem, qid);
             if !self.process_sq_once(mem, qid, fx) || qid == 0 || self.dbbuf.is_none() {
                 return;
