@@ -372,6 +372,16 @@ mod tests {
     }
 
     #[test]
+    fn a_file_in_the_way_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("precious.raw");
+        std::fs::write(&path, b"data").unwrap();
+        let e = listen(&path, mem(1 << 20, false)).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"data");
+    }
+
+    #[test]
     fn a_stranger_on_the_socket_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("v.sock");

@@ -2,7 +2,7 @@
 //! connection, requests executed in the order they arrive.
 
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,7 +52,8 @@ impl Lending {
 
 /// Binds `path` (owner-only) and serves `volume` on it from a background
 /// thread for the rest of the process. A socket file nobody answers on is
-/// stale and replaced; one a live lender answers on is refused.
+/// stale and replaced; one a live lender answers on is refused, and so is
+/// anything at `path` that is not a socket.
 pub fn listen(path: &Path, volume: Arc<dyn Volume>) -> io::Result<Lending> {
     use std::os::unix::fs::MetadataExt;
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -64,7 +65,19 @@ pub fn listen(path: &Path, volume: Arc<dyn Volume>) -> io::Result<Lending> {
             ),
         ));
     }
-    let _ = std::fs::remove_file(path);
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                ),
+            ))
+        }
+        Err(_) => {}
+    }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let lending = Lending {
