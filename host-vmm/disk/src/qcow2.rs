@@ -367,9 +367,19 @@ impl Layer for Qcow2Layer {
         if !self.writable {
             return Ok(());
         }
-        self.access.sync().map_err(self.io(0, 0))?;
+        // Data clusters durable, then the metadata that points at them
+        // written back and made durable. The fsyncs go through our own
+        // descriptor of the same file, not imago's `sync()`: imago holds
+        // its file's lock exclusively for the whole fsync, so every read
+        // and write of the image waited for it (measured here: writes
+        // stalled for the length of each flush, 20 to 100 ms, against
+        // 1.4 ms on raw; a multi-path volume's switch flushes, and its
+        // I/O stalled with it). There is no other file to sync: an
+        // external data file is never opened (`DenyImplicitOpenGate`).
+        let sync = |what| self.stat.sync_all().ctx(&self.path, what);
+        sync("fsync (data)")?;
         self.access.flush().map_err(self.io(0, 0))?;
-        self.access.sync().map_err(self.io(0, 0))
+        sync("fsync (metadata)")
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         if !self.writable {
