@@ -10,33 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use tandem_volume::proto::{
     Geometry, Request, Response, HELLO_LEN, REQUEST_LEN, RESPONSE_LEN,
 };
-use tandem_volume::server::{serve, Volume, VolumeError};
-
-struct Mem(std::sync::Mutex<Vec<u8>>);
-
-impl Volume for Mem {
-    fn geometry(&self) -> Geometry {
-        Geometry {
-            size: 64 * 1024,
-            readonly: false,
-        }
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
-        let d = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let o = usize::try_from(offset).map_err(|_| VolumeError::Closed)?;
-        buf.copy_from_slice(&d[o..o + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), VolumeError> {
-        let mut d = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let o = usize::try_from(offset).map_err(|_| VolumeError::Closed)?;
-        d[o..o + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&self) -> Result<(), VolumeError> {
-        Ok(())
-    }
-}
+use tandem_volume::server::{serve, Memory};
 
 /// A connection: reads come from the fuzzer's bytes, writes are dropped.
 struct Conn(Cursor<Vec<u8>>);
@@ -72,8 +46,8 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(Response::decode(&r.encode()), Ok(r));
         }
     }
-    // The slice indexing in `Mem` panics on any out-of-bounds access the
-    // server let through.
-    let vol = Mem(std::sync::Mutex::new(vec![0; 64 * 1024]));
+    // `Memory` indexes its buffer: any out-of-bounds access the server
+    // let through panics.
+    let vol = Memory::new(64 * 1024, false);
     serve(Conn(Cursor::new(data.to_vec())), &vol);
 });

@@ -363,9 +363,7 @@ pub async fn e2e() -> Result<()> {
     let clat = clat_max_ms(&out).unwrap_or(f64::NAN);
     guest_clean(&mut r.vm.console).await?;
     volume_lifecycle(&mut r.vm).await?;
-    let backend =
-        crate::vhost::backend_info(&r.vm.api.with_extension("devices").join("vhost-disk0.api"))
-            .await?;
+    let backend = crate::vhost::backend_info(&crate::vhost::backend_api(&r.vm)).await?;
     let c = &backend["counters"];
     let n = |k: &str| c[k].as_u64().unwrap_or(0);
     ensure!(

@@ -171,8 +171,7 @@ impl Servers {
 /// The direct path's writes went through the backend now serving the
 /// VM's disk (counted as lent writes).
 async fn lent_writes(vm: &Booted) -> Result<u64> {
-    let api = vm.api.with_extension("devices").join("vhost-disk0.api");
-    let v = crate::vhost::backend_info(&api).await?;
+    let v = crate::vhost::backend_info(&crate::vhost::backend_api(vm)).await?;
     v["counters"]["lent_writes"]
         .as_u64()
         .with_context(|| format!("no lent_writes in the backend's info: {v}"))

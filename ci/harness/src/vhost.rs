@@ -39,6 +39,11 @@ async fn api(socket: &Path, req: &Value) -> Result<Value> {
     serde_json::from_str(&line).with_context(|| format!("bad answer {line:?}"))
 }
 
+/// The API socket of the vhost-blk backend serving `vm`'s disk0.
+pub(crate) fn backend_api(vm: &crate::boot::Booted) -> std::path::PathBuf {
+    vm.api.with_extension("devices").join("vhost-disk0.api")
+}
+
 /// The backend's `info` answer (chain, counters).
 pub(crate) async fn backend_info(socket: &Path) -> Result<Value> {
     let v = api(socket, &json!({"op": "info"})).await?;
@@ -109,7 +114,7 @@ async fn run(w: &Path, format: &str) -> Result<usize> {
         &["--disk", &spec, "--disk", &ro_spec, "--memory", "512M"],
     )
     .await?;
-    let backend_api = vm.api.with_extension("devices").join("vhost-disk0.api");
+    let backend_api = backend_api(&vm);
     let vm_api = vm.api.clone();
     println!("[{format}] booted in {:.2}s", vm.boot_s);
     let c = &mut vm.console;

@@ -68,17 +68,13 @@ pub fn socket_paths(dir: &Path, index: usize) -> (PathBuf, PathBuf) {
 }
 
 /// Where the backend of disk `index` in `dir` lends it to a second path
-/// (`tandem-volume`): an NVMe VF's namespace, so that the VF and the
-/// vhost-blk disk are two paths to one backend.
-pub fn volume_socket_path(dir: &Path, index: usize) -> PathBuf {
-    dir.join(format!("vhost-disk{index}.volume"))
-}
-
-/// Disk `index`'s volume socket: the one its spec names, else the default.
+/// (`tandem-volume`: an NVMe VF's namespace, so that the VF and the
+/// vhost-blk disk are two paths to one backend): the socket its spec
+/// names, else `vhost-disk<index>.volume` in `dir`.
 pub fn volume_socket(dir: &Path, index: usize, disk: &DiskSpec) -> PathBuf {
     disk.volume_socket
         .clone()
-        .unwrap_or_else(|| volume_socket_path(dir, index))
+        .unwrap_or_else(|| dir.join(format!("vhost-disk{index}.volume")))
 }
 
 impl VhostBackend {

@@ -7,7 +7,6 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -47,8 +46,20 @@ pub enum ClientError {
 pub struct RemoteVolume {
     path: PathBuf,
     geometry: Geometry,
-    conn: Mutex<Option<UnixStream>>,
-    tag: AtomicU64,
+    conn: Mutex<Conn>,
+}
+
+/// The connection (none after it broke) and the next request's tag.
+struct Conn {
+    stream: Option<UnixStream>,
+    tag: u64,
+}
+
+/// A request's data: none (flush), written (write) or read into (read).
+enum Data<'a> {
+    None,
+    Out(&'a [u8]),
+    In(&'a mut [u8]),
 }
 
 fn open(path: &Path) -> Result<(UnixStream, Geometry), ClientError> {
@@ -78,8 +89,10 @@ impl RemoteVolume {
         Ok(RemoteVolume {
             path: path.to_path_buf(),
             geometry,
-            conn: Mutex::new(Some(s)),
-            tag: AtomicU64::new(1),
+            conn: Mutex::new(Conn {
+                stream: Some(s),
+                tag: 1,
+            }),
         })
     }
 
@@ -93,30 +106,19 @@ impl RemoteVolume {
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.each_chunk(buf.len(), offset, |start, off, len| {
-            self.call(
-                Op::Read,
-                off,
-                len,
-                |s| s.read_exact(&mut buf[start..start + len as usize]),
-                &[],
-            )
+            let chunk = &mut buf[start..start + len as usize];
+            self.call(Op::Read, off, Data::In(chunk))
         })
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.each_chunk(buf.len(), offset, |start, off, len| {
-            self.call(
-                Op::Write,
-                off,
-                len,
-                |_| Ok(()),
-                &buf[start..start + len as usize],
-            )
+            self.call(Op::Write, off, Data::Out(&buf[start..start + len as usize]))
         })
     }
 
     pub fn flush(&self) -> io::Result<()> {
-        self.call(Op::Flush, 0, 0, |_| Ok(()), &[])
+        self.call(Op::Flush, 0, Data::None)
     }
 
     /// Splits a transfer into requests of at most `MAX_TRANSFER` bytes.
@@ -139,22 +141,20 @@ impl RemoteVolume {
     /// (reads and writes of whole blocks are idempotent; the guest has not
     /// been answered yet, so nothing it ordered after this can be in the
     /// way).
-    fn call(
-        &self,
-        op: Op,
-        offset: u64,
-        len: u32,
-        mut read_data: impl FnMut(&mut UnixStream) -> io::Result<()>,
-        write_data: &[u8],
-    ) -> io::Result<()> {
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+    fn call(&self, op: Op, offset: u64, mut data: Data<'_>) -> io::Result<()> {
+        let len = match &data {
+            Data::None => 0,
+            Data::Out(b) => b.len() as u32,
+            Data::In(b) => b.len() as u32,
+        };
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let mut last = None;
         for attempt in 0..2 {
-            if guard.is_none() {
+            if conn.stream.is_none() {
                 match open(&self.path) {
                     Ok((s, g)) if g.size == self.geometry.size => {
                         info!(socket = %self.path.display(), "volume reconnected");
-                        *guard = Some(s);
+                        conn.stream = Some(s);
                     }
                     Ok((_, g)) => {
                         return Err(io::Error::other(ClientError::Resized {
@@ -166,21 +166,22 @@ impl RemoteVolume {
                     Err(e) => return Err(io::Error::other(e)),
                 }
             }
-            let Some(s) = guard.as_mut() else { break };
-            let tag = self.tag.fetch_add(1, Ordering::Relaxed);
+            let tag = conn.tag;
+            conn.tag += 1;
+            let Some(s) = conn.stream.as_mut() else { break };
             let req = Request {
                 op,
                 offset,
                 len,
                 tag,
             };
-            match exchange(s, &req, write_data, &mut read_data) {
+            match exchange(s, &req, &mut data) {
                 Ok(Status::Ok) => return Ok(()),
                 // This lender is done with the volume (its VM has gone);
                 // a new one (the VM restored or back here) may be there.
                 Ok(Status::Closed) => {
                     info!(socket = %self.path.display(), attempt, "the volume's lender closed it");
-                    *guard = None;
+                    conn.stream = None;
                     last = Some(io::Error::other(format!(
                         "volume {}: {}",
                         self.path.display(),
@@ -195,7 +196,7 @@ impl RemoteVolume {
                 }
                 Err(e) => {
                     warn!(socket = %self.path.display(), attempt, error = %e, "volume connection broken");
-                    *guard = None;
+                    conn.stream = None;
                     last = Some(e);
                 }
             }
@@ -205,15 +206,10 @@ impl RemoteVolume {
 }
 
 /// Sends `req` and reads its answer; `Err` means the connection is broken.
-fn exchange(
-    s: &mut UnixStream,
-    req: &Request,
-    write_data: &[u8],
-    read_data: &mut impl FnMut(&mut UnixStream) -> io::Result<()>,
-) -> io::Result<Status> {
+fn exchange(s: &mut UnixStream, req: &Request, data: &mut Data<'_>) -> io::Result<Status> {
     s.write_all(&req.encode())?;
-    if req.op == Op::Write {
-        s.write_all(write_data)?;
+    if let Data::Out(b) = data {
+        s.write_all(b)?;
     }
     let mut h = [0u8; RESPONSE_LEN];
     s.read_exact(&mut h)?;
@@ -232,7 +228,9 @@ fn exchange(
                 format!("{} bytes read for {} asked", resp.len, req.len),
             ));
         }
-        read_data(s)?;
+        if let Data::In(b) = data {
+            s.read_exact(b)?;
+        }
     }
     Ok(resp.status)
 }
@@ -240,54 +238,19 @@ fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::{listen, Volume, VolumeError};
-    use std::sync::{Arc, Mutex as StdMutex};
+    use crate::server::{listen, Memory};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
 
-    struct Mem {
-        data: StdMutex<Vec<u8>>,
-        readonly: bool,
-        flushes: AtomicU64,
-    }
-
-    impl Volume for Mem {
-        fn geometry(&self) -> Geometry {
-            Geometry {
-                size: self.data.lock().unwrap().len() as u64,
-                readonly: self.readonly,
-            }
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
-            let d = self.data.lock().unwrap();
-            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), VolumeError> {
-            if offset == 0 {
-                return Err(VolumeError::Io("sector 0 is bad".into()));
-            }
-            let mut d = self.data.lock().unwrap();
-            d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
-            Ok(())
-        }
-        fn flush(&self) -> Result<(), VolumeError> {
-            self.flushes.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        }
-    }
-
-    fn mem(size: usize, readonly: bool) -> Arc<Mem> {
-        Arc::new(Mem {
-            data: StdMutex::new(vec![0; size]),
-            readonly,
-            flushes: AtomicU64::new(0),
-        })
+    fn mem(size: usize, readonly: bool) -> Arc<Memory> {
+        Arc::new(Memory::new(size, readonly))
     }
 
     #[test]
     fn reads_writes_and_flushes_reach_the_lender() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("v.sock");
-        let m = mem(8 << 20, false);
+        let m = Arc::new(Memory::new(8 << 20, false).failing_writes_at(0));
         listen(&sock, m.clone()).unwrap();
         let v = RemoteVolume::connect(&sock).unwrap();
         assert_eq!(v.geometry().size, 8 << 20);
@@ -342,7 +305,8 @@ mod tests {
         // on in this test process); cut it by shutting the client's side.
         {
             let g = v.conn.lock().unwrap();
-            g.as_ref()
+            g.stream
+                .as_ref()
                 .unwrap()
                 .shutdown(std::net::Shutdown::Both)
                 .unwrap();
@@ -357,7 +321,8 @@ mod tests {
         assert!(sock.exists());
         {
             let g = v.conn.lock().unwrap();
-            g.as_ref()
+            g.stream
+                .as_ref()
                 .unwrap()
                 .shutdown(std::net::Shutdown::Both)
                 .unwrap();

@@ -165,3 +165,64 @@ fn serve_inner<S: Read + Write>(conn: &mut S, volume: &dyn Volume) -> io::Result
         served += 1;
     }
 }
+
+/// A volume in memory, for tests and fuzzing: its bytes and flush count
+/// are open to inspection, and writes at one offset may be made to fail.
+/// It indexes its buffer directly, so a request the server let through
+/// out of bounds panics.
+pub struct Memory {
+    pub data: std::sync::Mutex<Vec<u8>>,
+    pub flushes: std::sync::atomic::AtomicU64,
+    readonly: bool,
+    failing: Option<u64>,
+}
+
+impl Memory {
+    pub fn new(size: usize, readonly: bool) -> Memory {
+        Memory {
+            data: std::sync::Mutex::new(vec![0; size]),
+            flushes: std::sync::atomic::AtomicU64::new(0),
+            readonly,
+            failing: None,
+        }
+    }
+
+    /// Writes at `offset` fail with an I/O error.
+    pub fn failing_writes_at(self, offset: u64) -> Memory {
+        Memory {
+            failing: Some(offset),
+            ..self
+        }
+    }
+
+    fn bytes(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.data.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Volume for Memory {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            size: self.bytes().len() as u64,
+            readonly: self.readonly,
+        }
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
+        let at = offset as usize;
+        buf.copy_from_slice(&self.bytes()[at..at + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), VolumeError> {
+        if self.failing == Some(offset) {
+            return Err(VolumeError::Io(format!("writes at {offset} fail")));
+        }
+        let at = offset as usize;
+        self.bytes()[at..at + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), VolumeError> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}

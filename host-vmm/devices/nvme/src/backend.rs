@@ -228,45 +228,16 @@ mod tests {
     /// A namespace on a volume socket reads and writes the lender's blocks.
     #[test]
     fn a_namespace_on_a_volume_socket_is_the_lenders_disk() {
-        struct Mem(std::sync::Mutex<Vec<u8>>);
-        impl tandem_volume::Volume for Mem {
-            fn geometry(&self) -> tandem_volume::proto::Geometry {
-                tandem_volume::proto::Geometry {
-                    size: 1 << 20,
-                    readonly: false,
-                }
-            }
-            fn read_at(
-                &self,
-                buf: &mut [u8],
-                offset: u64,
-            ) -> Result<(), tandem_volume::server::VolumeError> {
-                let d = self.0.lock().unwrap();
-                buf.copy_from_slice(&d[offset as usize..][..buf.len()]);
-                Ok(())
-            }
-            fn write_at(
-                &self,
-                buf: &[u8],
-                offset: u64,
-            ) -> Result<(), tandem_volume::server::VolumeError> {
-                self.0.lock().unwrap()[offset as usize..][..buf.len()].copy_from_slice(buf);
-                Ok(())
-            }
-            fn flush(&self) -> Result<(), tandem_volume::server::VolumeError> {
-                Ok(())
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("disk0.volume");
-        let lender = std::sync::Arc::new(Mem(std::sync::Mutex::new(vec![0; 1 << 20])));
+        let lender = std::sync::Arc::new(tandem_volume::server::Memory::new(1 << 20, false));
         tandem_volume::listen(&sock, lender.clone()).unwrap();
         let ns = open(&sock).unwrap();
         assert_eq!(ns.size(), 1 << 20);
         assert!(ns.describe().starts_with("volume:"), "{}", ns.describe());
         ns.write_at(&[0x42; 4096], 8192).unwrap();
         ns.flush().unwrap();
-        assert_eq!(lender.0.lock().unwrap()[8192], 0x42);
+        assert_eq!(lender.data.lock().unwrap()[8192], 0x42);
         // A socket nobody serves is refused by name.
         drop(ns);
         let stale = dir.path().join("stale.volume");
