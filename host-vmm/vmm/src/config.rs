@@ -480,11 +480,6 @@ pub fn parse_disk_flag(value: &str) -> Result<DiskConfig, ConfigError> {
     if !have_path {
         return Err(err("path= is required"));
     }
-    if disk.volume.is_some() && disk.interface != Some(DiskInterface::VhostBlk) {
-        return Err(err(
-            "volume= needs if=vhost-blk (only Tandem's backend lends a disk)",
-        ));
-    }
     Ok(disk)
 }
 
@@ -495,6 +490,12 @@ fn check_disk(d: DiskConfig) -> Result<DiskSpec, ConfigError> {
         path: d.path.clone(),
         reason,
     };
+    let interface = d.interface.unwrap_or(DiskInterface::VirtioBlk);
+    if d.volume.is_some() && interface != DiskInterface::VhostBlk {
+        return Err(err(
+            "volume= needs if=vhost-blk (only Tandem's backend lends a disk)".into(),
+        ));
+    }
     let meta = std::fs::metadata(&d.path).map_err(|e| err(e.to_string()))?;
     if !(meta.is_file() || is_block_device(&meta)) {
         return Err(err("not a regular file or block device".into()));
@@ -526,7 +527,7 @@ fn check_disk(d: DiskConfig) -> Result<DiskSpec, ConfigError> {
     Ok(DiskSpec {
         path: std::fs::canonicalize(&d.path).map_err(|e| err(e.to_string()))?,
         format,
-        interface: d.interface.unwrap_or(DiskInterface::VirtioBlk),
+        interface,
         readonly: d.readonly,
         direct: d.direct.unwrap_or(true),
         volume_socket: d.volume.clone(),
@@ -758,10 +759,12 @@ mod tests {
                 .volume,
             Some(PathBuf::from("/run/v.sock"))
         );
-        assert!(parse_disk_flag("path=/c.raw,volume=/run/v.sock")
+        // Checked where flags and config files meet: a volume on a disk no
+        // Tandem backend serves is refused.
+        let e = check_disk(parse_disk_flag("path=/c.raw,volume=/run/v.sock").unwrap())
             .unwrap_err()
-            .to_string()
-            .contains("volume= needs if=vhost-blk"));
+            .to_string();
+        assert!(e.contains("volume= needs if=vhost-blk"), "{e}");
         assert_eq!(
             parse_disk_flag("path=/c.vhdx,if=vhost-blk")
                 .unwrap()
