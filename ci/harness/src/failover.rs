@@ -375,6 +375,20 @@ pub async fn e2e() -> Result<()> {
         n("writes"),
         n("lent_writes")
     );
+    // Each surprise removal fenced the volume before the guest could see
+    // the VF gone (so nothing the killed server sent lands after the
+    // guest's re-issue); each new VF lifted the fence.
+    let lending = &backend["lending"];
+    let fences = lending["fences"].as_u64().unwrap_or(0);
+    ensure!(
+        fences >= surprises.len() as u64 && lending["fenced"] == false,
+        "the volume should have been fenced at each of the {} surprise removals and be open to the VF now: {backend}",
+        surprises.len()
+    );
+    println!(
+        "the volume socket was fenced {fences} times (each removal of the VF, before the guest saw it); {} lent requests dropped unrun",
+        lending["dropped"].as_u64().unwrap_or(0)
+    );
     let api = r.vm.api.display().to_string();
     let (code, _, err) = tandem(&["shutdown", "--api-socket", &api, "--timeout", "60"]).await?;
     ensure!(code == 0, "shutdown: {err}");

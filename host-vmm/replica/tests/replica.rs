@@ -591,6 +591,7 @@ impl LiveDisk {
                         readonly: false,
                         counters: Default::default(),
                         last_error: None,
+                        lending: None,
                     })),
                     Ok(Request::Checkpoint) => {
                         let _g = g2.lock().unwrap();
@@ -604,6 +605,9 @@ impl LiveDisk {
                             },
                         }
                     }
+                    Ok(Request::Fence { .. } | Request::Unfence) => Response::Error {
+                        message: "this stand-in lends no volume".into(),
+                    },
                     Err(e) => Response::Error {
                         message: e.to_string(),
                     },

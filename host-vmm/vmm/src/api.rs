@@ -255,7 +255,7 @@ fn device_error(e: crate::devices::DeviceError) -> Error {
         D::BadId(_) | D::Duplicate(_) | D::NoSocket(_) => StatusCode::BAD_REQUEST,
         D::NoPort(_) => StatusCode::CONFLICT,
         D::NotFound(_) => StatusCode::NOT_FOUND,
-        D::Qemu(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        D::Qemu(_) | D::Lender { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         D::Timeout { .. } | D::GuestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         D::NotInGuest(_) | D::Guest(_) => StatusCode::CONFLICT,
     };

@@ -44,6 +44,8 @@ pub enum DeviceError {
     Guest(String),
     #[error("the guest driver did not answer: {0}")]
     GuestTimeout(String),
+    #[error("the backend lending the function's volume ({api}) refused to let it in: {message}")]
+    Lender { api: String, message: String },
 }
 
 fn valid_id(id: &str) -> bool {
@@ -98,6 +100,20 @@ pub async fn attach(vm: &Arc<Vm>, req: DeviceAttachRequest) -> Result<AttachedDe
         state: None,
         state_error: None,
     };
+    // A namespace on one of this VM's disks (its volume socket): the
+    // disk's backend may still be fenced from an earlier function.
+    let lenders = match &req.server_api {
+        Some(api) => lenders_of(vm, api, req.vf).await,
+        None => Vec::new(),
+    };
+    for l in &lenders {
+        lender_call(l, json!({"op": "unfence"}), SERVER_TIMEOUT)
+            .await
+            .map_err(|message| DeviceError::Lender {
+                api: l.display().to_string(),
+                message,
+            })?;
+    }
     // Reserve the port before the (slow) device_add.
     lock(&vm.assigned).insert(req.id.clone(), dev.clone());
     let args = json!({
@@ -110,7 +126,10 @@ pub async fn attach(vm: &Arc<Vm>, req: DeviceAttachRequest) -> Result<AttachedDe
         lock(&vm.assigned).remove(&req.id);
         return Err(DeviceError::Qemu(e.to_string()));
     }
-    info!(id = %req.id, port = %port, socket = %req.socket, "function attached");
+    info!(id = %req.id, port = %port, socket = %req.socket, lenders = lenders.len(), "function attached");
+    if !lenders.is_empty() {
+        lock(&vm.lenders).insert(req.id.clone(), lenders);
+    }
     if let Some(api) = req.server_api.clone() {
         tokio::spawn(watch_server(vm.clone(), req.id.clone(), api));
     }
@@ -157,6 +176,7 @@ pub async fn detach(vm: &Arc<Vm>, id: &str, timeout: Duration) -> Result<(), Dev
     if !lock(&vm.assigned).contains_key(id) {
         return Err(DeviceError::NotFound(id.into()));
     }
+    fence_lenders(vm, id).await;
     let mut events = vm.qmp().subscribe();
     match vm
         .qmp()
@@ -166,6 +186,7 @@ pub async fn detach(vm: &Arc<Vm>, id: &str, timeout: Duration) -> Result<(), Dev
         Ok(_) => {}
         Err(e) if e.to_string().contains("not found") => {
             lock(&vm.assigned).remove(id);
+            lock(&vm.lenders).remove(id);
             return Ok(());
         }
         Err(e) => return Err(DeviceError::Qemu(e.to_string())),
@@ -189,17 +210,26 @@ pub async fn detach(vm: &Arc<Vm>, id: &str, timeout: Duration) -> Result<(), Dev
     }
     lock(&vm.assigned).remove(id);
     lock(&vm.direct_paths).remove(id);
+    lock(&vm.lenders).remove(id);
     info!(id, "function detached");
     Ok(())
 }
 
 /// Asks a device server (JSON lines) for its state.
 pub async fn server_info(api: &str) -> Result<Value, String> {
+    ask(Path::new(api), &json!({"op": "info"}), SERVER_TIMEOUT).await
+}
+
+/// One request and its answer over a JSON-lines API socket.
+async fn ask(api: &Path, req: &Value, within: Duration) -> Result<Value, String> {
+    let shown = api.display();
     let q = async {
         let mut s = UnixStream::connect(api)
             .await
-            .map_err(|e| format!("connect {api}: {e}"))?;
-        s.write_all(b"{\"op\":\"info\"}\n")
+            .map_err(|e| format!("connect {shown}: {e}"))?;
+        let mut line = req.to_string();
+        line.push('\n');
+        s.write_all(line.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
         let mut line = String::new();
@@ -207,11 +237,89 @@ pub async fn server_info(api: &str) -> Result<Value, String> {
             .read_line(&mut line)
             .await
             .map_err(|e| e.to_string())?;
-        serde_json::from_str::<Value>(&line).map_err(|e| format!("bad answer from {api}: {e}"))
+        serde_json::from_str::<Value>(&line).map_err(|e| format!("bad answer from {shown}: {e}"))
     };
-    tokio::time::timeout(SERVER_TIMEOUT, q)
+    tokio::time::timeout(within, q)
         .await
-        .map_err(|_| format!("{api} did not answer within {SERVER_TIMEOUT:?}"))?
+        .map_err(|_| format!("{shown} did not answer within {within:?}"))?
+}
+
+/// A request to a disk backend's API; its `error` answer is an error.
+async fn lender_call(api: &Path, req: Value, within: Duration) -> Result<Value, String> {
+    let v = ask(api, &req, within).await?;
+    match v.get("result").and_then(Value::as_str) {
+        Some("error") => Err(v
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("error")
+            .to_string()),
+        _ => Ok(v),
+    }
+}
+
+/// A function's entry in its device server's state (`pf`, or its VF).
+fn function_state(server: &Value, vf: u16) -> Option<&Value> {
+    if vf == 0 {
+        server.get("pf")
+    } else {
+        server
+            .get("vfs")?
+            .as_array()?
+            .iter()
+            .find(|x| x.get("vf").and_then(Value::as_u64) == Some(u64::from(vf)))
+    }
+}
+
+/// The backends of this VM's disks that a function's namespaces borrow
+/// through their volume sockets (`volume:PATH` in the server's state).
+async fn lenders_of(vm: &Vm, api: &str, vf: u16) -> Vec<std::path::PathBuf> {
+    let server = match server_info(api).await {
+        Ok(v) => v,
+        Err(e) => {
+            warn!(api, error = %e, "cannot ask the device server which volumes its function uses; it will not be fenced");
+            return Vec::new();
+        }
+    };
+    // The PF's entry is the function; a VF's carries it in `function`.
+    let Some(namespaces) = function_state(&server, vf)
+        .and_then(|f| f.get("function").unwrap_or(f).get("namespaces"))
+        .and_then(Value::as_array)
+    else {
+        return Vec::new();
+    };
+    namespaces
+        .iter()
+        .filter_map(|n| n.as_str()?.strip_prefix("volume:"))
+        .filter_map(|p| vm.lender_api(Path::new(p)))
+        .collect()
+}
+
+/// How long a disk backend gets to finish the lent requests already
+/// running when it is fenced.
+const FENCE_WAIT_MS: u32 = 10_000;
+
+/// Before a function leaves (asked, or because its server died), the
+/// backends lending it a volume cut it off and finish what it already
+/// sent them. Only then can the guest see the function gone and re-issue
+/// its requests on the synthetic path: a write the function sent can no
+/// longer land after the guest's re-issue (or after newer data). A
+/// backend that cannot be fenced is logged; the removal goes on, since a
+/// dead function must not stay in the guest.
+async fn fence_lenders(vm: &Vm, id: &str) {
+    let lenders = lock(&vm.lenders).get(id).cloned().unwrap_or_default();
+    for l in lenders {
+        let within = Duration::from_millis(u64::from(FENCE_WAIT_MS)) + SERVER_TIMEOUT;
+        match lender_call(&l, json!({"op": "fence", "wait_ms": FENCE_WAIT_MS}), within).await {
+            Ok(v) => {
+                let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+                let (closed, waited_us) = (n("closed"), n("waited_us"));
+                info!(id, lender = %l.display(), closed, waited_us, "the function's volume is fenced");
+            }
+            Err(e) => {
+                warn!(id, lender = %l.display(), error = %e, "cannot fence the function's volume; removing it anyway")
+            }
+        }
+    }
 }
 
 pub async fn list(vm: &Arc<Vm>) -> DeviceList {
@@ -220,18 +328,7 @@ pub async fn list(vm: &Arc<Vm>) -> DeviceList {
         let Some(api) = &d.server_api else { continue };
         match server_info(api).await {
             Ok(v) => {
-                let f = if d.vf == 0 {
-                    v.get("pf").cloned()
-                } else {
-                    v.get("vfs")
-                        .and_then(Value::as_array)
-                        .and_then(|a| {
-                            a.iter().find(|x| {
-                                x.get("vf").and_then(Value::as_u64) == Some(u64::from(d.vf))
-                            })
-                        })
-                        .cloned()
-                };
+                let f = function_state(&v, d.vf).cloned();
                 match f {
                     Some(f) => d.state = Some(f),
                     None => d.state_error = Some(format!("the server no longer has VF {}", d.vf)),

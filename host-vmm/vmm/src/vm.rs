@@ -79,6 +79,10 @@ pub struct Vm {
     pub(crate) assigned: Mutex<std::collections::BTreeMap<String, tandem_api::AttachedDevice>>,
     /// Of those, the direct paths of guest volumes (F4), by id: the volume.
     pub(crate) direct_paths: Mutex<std::collections::BTreeMap<String, u32>>,
+    /// Of the assigned functions, those whose namespace is one of this
+    /// VM's disks through its volume socket, by id: the API sockets of
+    /// those disks' backends (fenced before the function leaves).
+    pub(crate) lenders: Mutex<std::collections::BTreeMap<String, Vec<std::path::PathBuf>>>,
     /// Set when the VM left by a snapshot or a migration (QEMU then
     /// quits): the migration URI (`file:PATH`, `tcp:HOST:PORT`).
     pub(crate) left_for: Mutex<Option<String>>,
@@ -240,6 +244,7 @@ impl Vm {
             control,
             assigned: Mutex::new(Default::default()),
             direct_paths: Mutex::new(Default::default()),
+            lenders: Mutex::new(Default::default()),
             left_for: Mutex::new(None),
             busy: tokio::sync::Mutex::new(()),
         });
@@ -423,6 +428,25 @@ impl Vm {
             tandem_version: env!("CARGO_PKG_VERSION").into(),
             abi_version: shared_abi::ABI_VERSION.to_string(),
         }
+    }
+
+    /// The API socket of the backend of this VM's disk that lends a volume
+    /// on `volume_socket`, if one does.
+    pub fn lender_api(&self, volume_socket: &std::path::Path) -> Option<std::path::PathBuf> {
+        let r = &self.resolved;
+        let dir = r.api_socket.with_extension("devices");
+        let same = |a: &std::path::Path| {
+            a == volume_socket
+                || matches!(
+                    (a.canonicalize(), volume_socket.canonicalize()),
+                    (Ok(x), Ok(y)) if x == y
+                )
+        };
+        r.disks.iter().enumerate().find_map(|(i, d)| {
+            (d.interface == DiskInterface::VhostBlk
+                && same(&crate::vhost::volume_socket(&dir, i, d)))
+            .then(|| crate::vhost::socket_paths(&dir, i).1)
+        })
     }
 
     /// The last lines QEMU wrote to stderr.

@@ -1,11 +1,26 @@
 //! The lending side: serves a [`Volume`] on a Unix socket, one thread per
 //! connection, requests executed in the order they arrive.
+//!
+//! A lender can be **fenced** ([`Lending::fence`]): its connections are
+//! cut, new requests are refused with [`Status::Closed`] until
+//! [`Lending::unfence`], and the fence returns only once no lent request
+//! is executing. The host fences the lender of a function's namespace
+//! before the guest can see that function removed, so that a write the
+//! function had already sent can never land after the guest re-issued it
+//! (and perhaps newer data over it) on its synthetic path. For the same
+//! reason a request whose sender is gone by the time it would run (a
+//! killed device server leaves its last request in the socket) is
+//! dropped, not executed: nobody can be answered, so nobody was told it
+//! was done, and the guest will re-issue it.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
@@ -28,11 +43,126 @@ pub enum VolumeError {
     Io(String),
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    #[error("{executing} lent request(s) still executing after {after:?}; the fence is up, but they may still land")]
+    Busy { executing: u32, after: Duration },
+}
+
+/// What a fence did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fenced {
+    /// Connections cut.
+    pub closed: u32,
+    /// How long it waited for executing requests, in microseconds.
+    pub waited_us: u64,
+}
+
+/// The lender's counters and fence state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GateStats {
+    pub fenced: bool,
+    pub fences: u64,
+    /// Requests not run: their sender was gone, or the lender fenced.
+    pub dropped: u64,
+    pub connections: u32,
+    /// Lent requests running now.
+    pub executing: u32,
+}
+
+/// Admission of lent requests: the fence, its epoch and what executes.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    idle: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Bumped by each fence: a connection from an older epoch is cut.
+    epoch: u64,
+    fenced: bool,
+    executing: u32,
+    next_id: u64,
+    /// Open connections (a clone of each, to cut them), by id.
+    conns: BTreeMap<u64, UnixStream>,
+    fences: u64,
+    dropped: u64,
+}
+
+/// Whether a request read from a connection may run.
+enum Admit<'a> {
+    Run(Option<Running<'a>>),
+    Fenced,
+    SenderGone,
+}
+
+/// A request executing; the fence waits for it.
+struct Running<'a>(&'a Gate);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.lock();
+        g.executing = g.executing.saturating_sub(1);
+        if g.executing == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, conn: &UnixStream) -> (u64, u64) {
+        let mut g = self.lock();
+        let id = g.next_id;
+        g.next_id += 1;
+        if let Ok(c) = conn.try_clone() {
+            g.conns.insert(id, c);
+        }
+        (id, g.epoch)
+    }
+
+    fn leave(&self, id: u64) {
+        self.lock().conns.remove(&id);
+    }
+
+    fn admit(&self, epoch: u64, conn: &UnixStream) -> Admit<'_> {
+        let mut g = self.lock();
+        if g.fenced || g.epoch != epoch {
+            g.dropped += 1;
+            return Admit::Fenced;
+        }
+        if sender_gone(conn) {
+            g.dropped += 1;
+            return Admit::SenderGone;
+        }
+        g.executing += 1;
+        Admit::Run(Some(Running(self)))
+    }
+}
+
+/// The peer closed its end (it exited or was killed): whatever it left
+/// in the socket will never be answered.
+fn sender_gone(conn: &UnixStream) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(conn.as_fd(), PollFlags::empty())];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        Err(_) => false,
+    }
+}
+
 /// A volume being lent: withdraws its socket file when asked, unless
-/// another lender has taken the path over since.
+/// another lender has taken the path over since; fences its borrowers.
 pub struct Lending {
     path: PathBuf,
     ino: u64,
+    gate: Arc<Gate>,
 }
 
 impl Lending {
@@ -46,6 +176,56 @@ impl Lending {
         use std::os::unix::fs::MetadataExt;
         if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
             let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Cuts every borrower, refuses new requests until [`Self::unfence`],
+    /// and waits up to `wait` for the requests already executing. The
+    /// fence is up even when the wait fails.
+    pub fn fence(&self, wait: Duration) -> Result<Fenced, FenceError> {
+        let start = Instant::now();
+        let mut g = self.gate.lock();
+        g.fenced = true;
+        g.epoch += 1;
+        g.fences += 1;
+        let closed = g.conns.len() as u32;
+        for c in g.conns.values() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        let (g, _) = self
+            .gate
+            .idle
+            .wait_timeout_while(g, wait, |g| g.executing > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        if g.executing > 0 {
+            warn!(socket = %self.path.display(), executing = g.executing, "fence: lent requests still executing");
+            return Err(FenceError::Busy {
+                executing: g.executing,
+                after: wait,
+            });
+        }
+        let waited_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        info!(socket = %self.path.display(), closed, waited_us, "volume fenced");
+        Ok(Fenced { closed, waited_us })
+    }
+
+    /// Lets borrowers in again (a new function is about to use it).
+    pub fn unfence(&self) {
+        let mut g = self.gate.lock();
+        if g.fenced {
+            info!(socket = %self.path.display(), "volume unfenced");
+        }
+        g.fenced = false;
+    }
+
+    pub fn stats(&self) -> GateStats {
+        let g = self.gate.lock();
+        GateStats {
+            fenced: g.fenced,
+            fences: g.fences,
+            dropped: g.dropped,
+            connections: g.conns.len() as u32,
+            executing: g.executing,
         }
     }
 }
@@ -80,9 +260,11 @@ pub fn listen(path: &Path, volume: Arc<dyn Volume>) -> io::Result<Lending> {
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let gate = Arc::new(Gate::default());
     let lending = Lending {
         path: path.to_path_buf(),
         ino: std::fs::symlink_metadata(path)?.ino(),
+        gate: gate.clone(),
     };
     let path: PathBuf = path.to_path_buf();
     info!(socket = %path.display(), "volume socket ready");
@@ -93,9 +275,10 @@ pub fn listen(path: &Path, volume: Arc<dyn Volume>) -> io::Result<Lending> {
                 match conn {
                     Ok(conn) => {
                         let volume = volume.clone();
+                        let gate = gate.clone();
                         let spawned = std::thread::Builder::new()
                             .name("volume-conn".into())
-                            .spawn(move || serve(conn, &*volume));
+                            .spawn(move || serve_lent(conn, &*volume, &gate));
                         if let Err(e) = spawned {
                             warn!(error = %e, "cannot start a volume connection's thread");
                         }
@@ -108,16 +291,42 @@ pub fn listen(path: &Path, volume: Arc<dyn Volume>) -> io::Result<Lending> {
 }
 
 /// Serves one connection until the peer leaves or breaks the protocol.
+/// No fence: for a connection that is not a lender's (tests, fuzzing).
 pub fn serve<S: Read + Write>(mut conn: S, volume: &dyn Volume) {
-    match serve_inner(&mut conn, volume) {
+    let done = greet(&mut conn, volume)
+        .and_then(|()| serve_requests(&mut conn, volume, &mut || Admit::Run(None)));
+    report(done);
+}
+
+/// Serves one of a lender's connections, admitting each request through
+/// its gate.
+fn serve_lent(mut conn: UnixStream, volume: &dyn Volume, gate: &Gate) {
+    let (id, epoch) = gate.register(&conn);
+    let done = greet(&mut conn, volume).and_then(|()| {
+        let probe = conn.try_clone()?;
+        serve_requests(&mut conn, volume, &mut || gate.admit(epoch, &probe))
+    });
+    gate.leave(id);
+    report(done);
+}
+
+fn report(done: io::Result<u64>) {
+    match done {
         Ok(served) => info!(served, "a volume client left"),
         Err(e) => warn!(error = %e, "a volume connection ended"),
     }
 }
 
-fn serve_inner<S: Read + Write>(conn: &mut S, volume: &dyn Volume) -> io::Result<u64> {
+fn greet<S: Write>(conn: &mut S, volume: &dyn Volume) -> io::Result<()> {
+    conn.write_all(&volume.geometry().encode())
+}
+
+fn serve_requests<'g, S: Read + Write>(
+    conn: &mut S,
+    volume: &dyn Volume,
+    admit: &mut dyn FnMut() -> Admit<'g>,
+) -> io::Result<u64> {
     let geometry = volume.geometry();
-    conn.write_all(&geometry.encode())?;
     let mut buf = Vec::new();
     let mut served = 0u64;
     loop {
@@ -135,11 +344,32 @@ fn serve_inner<S: Read + Write>(conn: &mut S, volume: &dyn Volume) -> io::Result
         }
         let mut status = req.check(geometry);
         if status == Status::Ok {
+            let running = match admit() {
+                Admit::Run(r) => r,
+                Admit::SenderGone => {
+                    warn!(
+                        ?req,
+                        "the borrower is gone; its last request is dropped, not run"
+                    );
+                    return Ok(served);
+                }
+                Admit::Fenced => {
+                    debug!(?req, "fenced: request refused");
+                    let resp = Response {
+                        tag: req.tag,
+                        status: Status::Closed,
+                        len: 0,
+                    };
+                    conn.write_all(&resp.encode())?;
+                    return Ok(served);
+                }
+            };
             let done = match req.op {
                 Op::Read => volume.read_at(&mut buf, req.offset),
                 Op::Write => volume.write_at(&buf, req.offset),
                 Op::Flush => volume.flush(),
             };
+            drop(running);
             if let Err(e) = done {
                 debug!(?req, error = %e, "volume request failed");
                 status = match e {
@@ -224,5 +454,133 @@ impl Volume for Memory {
         self.flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::RemoteVolume;
+    use std::sync::mpsc;
+
+    fn write_request(offset: u64, byte: u8) -> Vec<u8> {
+        let mut v = Request {
+            tag: 7,
+            op: Op::Write,
+            offset,
+            len: 512,
+        }
+        .encode()
+        .to_vec();
+        v.extend([byte; 512]);
+        v
+    }
+
+    /// A killed device server leaves its last request in the socket: the
+    /// lender must not run it, since nobody can be told it ran and the
+    /// guest will re-issue it (perhaps with newer data after it). A peer
+    /// that only stopped sending is still there and is served.
+    #[test]
+    fn a_request_whose_sender_is_gone_is_dropped_not_run() {
+        for sender_alive in [false, true] {
+            let m = Memory::new(4096, false);
+            let gate = Gate::default();
+            let (mut a, mut b) = UnixStream::pair().unwrap();
+            let (_, epoch) = gate.register(&a);
+            greet(&mut a, &m).unwrap();
+            let mut hello = [0u8; crate::proto::HELLO_LEN];
+            b.read_exact(&mut hello).unwrap();
+            b.write_all(&write_request(0, 0xab)).unwrap();
+            if sender_alive {
+                b.shutdown(std::net::Shutdown::Write).unwrap();
+            } else {
+                drop(b);
+            }
+            let probe = a.try_clone().unwrap();
+            let served = serve_requests(&mut a, &m, &mut || gate.admit(epoch, &probe)).unwrap();
+            let first = m.data.lock().unwrap()[0];
+            if sender_alive {
+                assert_eq!((served, first, gate.lock().dropped), (1, 0xab, 0));
+            } else {
+                assert_eq!((served, first, gate.lock().dropped), (0, 0, 1));
+            }
+        }
+    }
+
+    /// Writes at offset 0 wait until released.
+    struct Held {
+        mem: Memory,
+        release: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl Volume for Held {
+        fn geometry(&self) -> Geometry {
+            self.mem.geometry()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), VolumeError> {
+            if offset == 0 {
+                let _ = self.release.lock().unwrap().recv();
+            }
+            self.mem.write_at(buf, offset)
+        }
+        fn flush(&self) -> Result<(), VolumeError> {
+            self.mem.flush()
+        }
+    }
+
+    #[test]
+    fn a_fence_waits_for_what_runs_cuts_borrowers_and_refuses_until_lifted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let (tx, rx) = mpsc::channel();
+        let held = Arc::new(Held {
+            mem: Memory::new(64 << 10, false),
+            release: Mutex::new(rx),
+        });
+        let lending = Arc::new(listen(&sock, held.clone()).unwrap());
+        let v = Arc::new(RemoteVolume::connect(&sock).unwrap());
+        let writer = {
+            let v = v.clone();
+            std::thread::spawn(move || v.write_at(&[1; 512], 0))
+        };
+        let t0 = Instant::now();
+        while lending.stats().executing == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the write never ran");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // A request that does not finish: the fence says so, and stays up.
+        match lending.fence(Duration::from_millis(50)) {
+            Err(FenceError::Busy { executing: 1, .. }) => {}
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        assert!(lending.stats().fenced);
+        let fencer = {
+            let l = lending.clone();
+            std::thread::spawn(move || l.fence(Duration::from_secs(5)))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !fencer.is_finished(),
+            "the fence returned while a write ran"
+        );
+        tx.send(()).unwrap();
+        let f = fencer.join().unwrap().unwrap();
+        assert!(f.waited_us >= 90_000, "{f:?}");
+        // The held write ran (the fence waited for it), but its answer was
+        // cut: the borrower reports an error, never a success it cannot prove.
+        assert!(writer.join().unwrap().is_err());
+        assert_eq!(held.mem.data.lock().unwrap()[0], 1);
+        // Fenced: refused, even on a new connection; nothing lands.
+        assert!(v.write_at(&[2; 512], 4096).is_err());
+        assert_eq!(held.mem.data.lock().unwrap()[4096], 0);
+        let s = lending.stats();
+        assert!(s.fenced && s.fences == 2 && s.dropped >= 1, "{s:?}");
+        // Lifted: the same borrower reconnects and is served.
+        lending.unfence();
+        v.write_at(&[3; 512], 4096).unwrap();
+        assert_eq!(held.mem.data.lock().unwrap()[4096], 3);
     }
 }

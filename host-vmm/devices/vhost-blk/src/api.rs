@@ -13,6 +13,31 @@ pub enum Request {
     /// Seal the top layer and continue on a new differencing layer, while
     /// the guest keeps running.
     Checkpoint,
+    /// Cut the volume socket's borrowers (an NVMe function's namespace),
+    /// refuse their requests until `unfence`, and answer once none runs
+    /// (up to `wait_ms`). The host does this before the guest can see
+    /// that function removed.
+    Fence {
+        #[serde(default = "default_fence_wait_ms")]
+        wait_ms: u32,
+    },
+    /// Let borrowers in again (a function is about to use the volume).
+    Unfence,
+}
+
+fn default_fence_wait_ms() -> u32 {
+    10_000
+}
+
+/// The volume socket's state (`tandem-volume`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LendingInfo {
+    pub socket: String,
+    pub fenced: bool,
+    pub fences: u64,
+    /// Lent requests not run: their sender was gone, or the volume fenced.
+    pub dropped: u64,
+    pub connections: u32,
 }
 
 /// One layer of the chain, top first.
@@ -31,6 +56,9 @@ pub struct Info {
     pub readonly: bool,
     pub counters: Counters,
     pub last_error: Option<String>,
+    /// Absent when the backend lends nothing.
+    #[serde(default)]
+    pub lending: Option<LendingInfo>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +71,13 @@ pub enum Response {
         /// Checkpoint duration, guest I/O held back included.
         elapsed_us: u64,
     },
+    Fenced {
+        /// Borrower connections cut.
+        closed: u32,
+        /// How long lent requests were waited for.
+        waited_us: u64,
+    },
+    Unfenced,
     Error {
         message: String,
     },

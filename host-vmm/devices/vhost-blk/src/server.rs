@@ -6,9 +6,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tandem_disk::{Chain, ChainOptions};
+use tandem_volume::Lending;
 use tracing::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
@@ -16,7 +17,7 @@ use vm_memory::GuestMemoryAtomic;
 
 use crate::device::GuestMemoryMmap;
 
-use crate::api::{Info, LayerInfo, Request, Response};
+use crate::api::{Info, LayerInfo, LendingInfo, Request, Response};
 use crate::device::BlkDevice;
 
 /// The longest API request line accepted.
@@ -90,6 +91,15 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         path: cfg.socket.clone(),
         message: e.to_string(),
     })?;
+    let lending = match &cfg.volume_socket {
+        Some(path) => Some(Arc::new(tandem_volume::listen(path, dev.clone()).map_err(
+            |source| ServerError::Listen {
+                path: path.clone(),
+                source,
+            },
+        )?)),
+        None => None,
+    };
     if let Some(path) = &cfg.api_socket {
         let _ = std::fs::remove_file(path);
         let api = UnixListener::bind(path).map_err(|source| ServerError::Listen {
@@ -97,25 +107,18 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
             source,
         })?;
         let dev = dev.clone();
+        let lending = lending.clone();
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
                 for conn in api.incoming().flatten() {
                     let dev = dev.clone();
-                    std::thread::spawn(move || serve_api(conn, &dev));
+                    let lending = lending.clone();
+                    std::thread::spawn(move || serve_api(conn, &dev, lending.as_deref()));
                 }
             })
             .map_err(|e| ServerError::Daemon(e.to_string()))?;
     }
-    let lending = match &cfg.volume_socket {
-        Some(path) => Some(tandem_volume::listen(path, dev.clone()).map_err(|source| {
-            ServerError::Listen {
-                path: path.clone(),
-                source,
-            }
-        })?),
-        None => None,
-    };
     println!("ready");
     let _ = std::io::stdout().flush();
     info!(socket = %cfg.socket.display(), disk = %cfg.disk.display(), "vhost-user-blk backend ready");
@@ -160,7 +163,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
 }
 
 /// The answer to one API request.
-pub fn answer(dev: &BlkDevice, req: Request) -> Response {
+pub fn answer(dev: &BlkDevice, lending: Option<&Lending>, req: Request) -> Response {
     match req {
         Request::Info => {
             let g = dev.geometry();
@@ -181,8 +184,41 @@ pub fn answer(dev: &BlkDevice, req: Request) -> Response {
                 readonly: g.readonly,
                 counters: dev.counters(),
                 last_error: dev.last_error(),
+                lending: lending.map(|l| {
+                    let s = l.stats();
+                    LendingInfo {
+                        socket: l.path().display().to_string(),
+                        fenced: s.fenced,
+                        fences: s.fences,
+                        dropped: s.dropped,
+                        connections: s.connections,
+                    }
+                }),
             }))
         }
+        Request::Fence { wait_ms } => match lending {
+            None => Response::Error {
+                message: "this backend lends no volume (no --volume-socket)".into(),
+            },
+            Some(l) => match l.fence(Duration::from_millis(u64::from(wait_ms))) {
+                Ok(f) => Response::Fenced {
+                    closed: f.closed,
+                    waited_us: f.waited_us,
+                },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
+        },
+        Request::Unfence => match lending {
+            None => Response::Error {
+                message: "this backend lends no volume (no --volume-socket)".into(),
+            },
+            Some(l) => {
+                l.unfence();
+                Response::Unfenced
+            }
+        },
         Request::Checkpoint => {
             let start = Instant::now();
             match dev.checkpoint() {
@@ -209,7 +245,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn serve_api(conn: UnixStream, dev: &BlkDevice) {
+fn serve_api(conn: UnixStream, dev: &BlkDevice, lending: Option<&Lending>) {
     let Ok(mut writer) = conn.try_clone() else {
         return;
     };
@@ -230,7 +266,7 @@ fn serve_api(conn: UnixStream, dev: &BlkDevice) {
             return;
         }
         let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(dev, req),
+            Ok(req) => answer(dev, lending, req),
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },

@@ -251,9 +251,31 @@ fn the_volume_socket_lends_the_same_chain_to_a_second_path() {
             assert_eq!((c.lent_reads, c.lent_writes, c.lent_flushes), (1, 2, 1));
             assert_eq!(c.lent_errors, 0, "a refused request is not a backend error");
             assert_eq!(info.chain.len(), 2);
+            let l = info.lending.expect("the backend lends");
+            assert_eq!((l.fenced, l.fences, l.connections), (false, 0, 1));
         }
         other => panic!("info: {other:?}"),
     }
+
+    // Fenced through the API (the host does this before the guest can see
+    // the function removed): the borrower's writes are refused and land
+    // nowhere, until the fence is lifted.
+    match ask(&api, &Request::Fence { wait_ms: 5000 }) {
+        Response::Fenced { closed: 1, .. } => {}
+        other => panic!("fence: {other:?}"),
+    }
+    assert!(lent.write_at(&[0xd4; 512], 3 << 20).is_err());
+    match ask(&api, &Request::Info) {
+        Response::Info(info) => {
+            let l = info.lending.unwrap();
+            assert!(l.fenced && l.fences == 1 && l.dropped >= 1, "{l:?}");
+            assert_eq!(info.counters.lent_writes, 2, "a fenced write ran");
+        }
+        other => panic!("info: {other:?}"),
+    }
+    assert_eq!(ask(&api, &Request::Unfence), Response::Unfenced);
+    lent.read_at(&mut back, 3 << 20).unwrap();
+    assert_eq!(back, [0; 4096], "the refused write landed");
 
     // The VM leaves: the backend closes the chain and the volume socket;
     // the second path then fails instead of writing behind its back.
