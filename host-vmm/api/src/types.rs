@@ -224,6 +224,10 @@ pub struct SnapshotResponse {
     pub total_ms: u64,
     /// How long the guest was stopped while QEMU wrote the last part.
     pub downtime_ms: Option<u64>,
+    /// The same, in microseconds, from QEMU's downtime checkpoints
+    /// (`src-downtime-start` to `src-downtime-end` in its log).
+    #[serde(default)]
+    pub downtime_us: Option<u64>,
     /// The assigned functions handed off first, if any.
     #[serde(default)]
     pub handoff: Option<HandoffReport>,
@@ -257,6 +261,10 @@ pub struct MigrateResponse {
     pub total_ms: u64,
     /// How long the guest was stopped for the switch-over.
     pub downtime_ms: Option<u64>,
+    /// The same, in microseconds, from QEMU's downtime checkpoints
+    /// (`src-downtime-start` to `src-downtime-end` in its log).
+    #[serde(default)]
+    pub downtime_us: Option<u64>,
     /// The assigned functions handed off first, if any.
     #[serde(default)]
     pub handoff: Option<HandoffReport>,

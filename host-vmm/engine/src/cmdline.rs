@@ -94,6 +94,12 @@ pub struct MachineSpec {
     /// caller then sends `migrate-incoming`) instead of booting.
     #[serde(default)]
     pub incoming: bool,
+    /// QEMU's log file (`-D`), with microsecond timestamps: it carries
+    /// QEMU's downtime checkpoints (trace event
+    /// `vmstate_downtime_checkpoint`), which time a migration's stop and
+    /// switch-over finer than the milliseconds `query-migrate` reports.
+    #[serde(default)]
+    pub log: Option<PathBuf>,
 }
 
 /// `-chardev socket,id=...,path=...`: QEMU connects to a listening socket.
@@ -136,6 +142,16 @@ impl MachineSpec {
         ]);
         for dir in &self.firmware_dirs {
             push(&["-L", &path_str(dir)]);
+        }
+        if let Some(log) = &self.log {
+            push(&[
+                "-msg",
+                "timestamp=on",
+                "-D",
+                &path_str(log),
+                "-trace",
+                "vmstate_downtime_checkpoint",
+            ]);
         }
         push(&[
             "-machine",
@@ -301,6 +317,7 @@ mod tests {
             devices: vec![json!({"driver": "vfio-user-pci", "id": "x", "bus": "tandem-rp0"})],
             chardevs: vec![],
             incoming: false,
+            log: None,
         }
     }
 
@@ -309,6 +326,7 @@ mod tests {
         assert!(value_after(&args(&spec()), "-incoming").is_empty());
         let s = MachineSpec {
             incoming: true,
+            log: None,
             ..spec()
         };
         assert_eq!(value_after(&args(&s), "-incoming"), ["defer"]);
@@ -326,6 +344,17 @@ mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn a_log_file_carries_timestamped_downtime_checkpoints() {
+        assert!(value_after(&args(&spec()), "-D").is_empty());
+        let mut sp = spec();
+        sp.log = Some("/run/t/web.qemu.log".into());
+        let a = args(&sp);
+        assert_eq!(value_after(&a, "-D"), ["/run/t/web.qemu.log"]);
+        assert_eq!(value_after(&a, "-msg"), ["timestamp=on"]);
+        assert_eq!(value_after(&a, "-trace"), ["vmstate_downtime_checkpoint"]);
     }
 
     #[test]

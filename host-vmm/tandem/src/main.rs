@@ -347,6 +347,9 @@ async fn control(cmd: Cmd) -> Result<i32> {
                 r.downtime_ms
                     .map(|d| format!(", downtime {d} ms"))
                     .unwrap_or_default()
+                    + &r.downtime_us
+                        .map(|us| format!(" ({us} us by QEMU's downtime checkpoints)"))
+                        .unwrap_or_default()
             );
             print_handoff(r.handoff.as_ref());
         }
@@ -371,7 +374,10 @@ async fn control(cmd: Cmd) -> Result<i32> {
                 r.total_ms as f64 / 1000.0,
                 r.downtime_ms
                     .map(|d| format!(", guest stopped {d} ms"))
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    + &r.downtime_us
+                        .map(|us| format!(" ({us} us by QEMU's downtime checkpoints)"))
+                        .unwrap_or_default(),
                 r.config,
                 r.file
             );

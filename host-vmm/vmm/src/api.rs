@@ -348,6 +348,7 @@ async fn migrate(
         bytes: r.bytes,
         total_ms: r.total_ms,
         downtime_ms: r.downtime_ms,
+        downtime_us: r.downtime_us,
         handoff: r.handoff,
     }))
 }
@@ -375,6 +376,7 @@ async fn snapshot(
         bytes: r.bytes,
         total_ms: r.total_ms,
         downtime_ms: r.downtime_ms,
+        downtime_us: r.downtime_us,
         handoff: r.handoff,
     }))
 }
