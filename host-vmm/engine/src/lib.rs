@@ -11,6 +11,7 @@
 pub mod accel;
 pub mod cmdline;
 pub mod discover;
+pub mod qemu_log;
 
 pub use accel::{Accel, AccelChoice, AccelFacts, AccelRequest, DevKvm};
 pub use cmdline::{root_port_id, DiskFormat, DiskInterface, DiskSpec, MachineSpec, Serial};

@@ -339,48 +339,17 @@ pub async fn migrate(
 }
 
 /// The last downtime in QEMU's log, in microseconds (see
-/// [`downtime_from_log`]); none when the log cannot be read.
+/// [`tandem_engine::qemu_log::downtime_us`]); none when the log cannot be
+/// read.
 fn checkpoint_downtime(vm: &Vm) -> Option<u64> {
     let log = crate::vm::qemu_log(&vm.resolved().api_socket);
     match std::fs::read_to_string(&log) {
-        Ok(text) => downtime_from_log(&text),
+        Ok(text) => tandem_engine::qemu_log::downtime_us(&text),
         Err(e) => {
             warn!(log = %log.display(), error = %e, "cannot read QEMU's log for its downtime checkpoints");
             None
         }
     }
-}
-
-/// The time from the last `src-downtime-start` checkpoint to the
-/// `src-downtime-end` after it, in microseconds, from QEMU's log lines
-/// (`2026-11-28T01:09:22.925056Z vmstate_downtime_checkpoint src-downtime-start`,
-/// `-msg timestamp=on`): what `query-migrate` reports as `downtime`, in
-/// microseconds instead of milliseconds. Pure.
-pub fn downtime_from_log(log: &str) -> Option<u64> {
-    fn micros_of_day(line: &str) -> Option<u64> {
-        let t = line.split_whitespace().next()?;
-        let (_, time) = t.split_once('T')?;
-        let time = time.strip_suffix('Z')?;
-        let mut parts = time.split(':');
-        let h: u64 = parts.next()?.parse().ok()?;
-        let m: u64 = parts.next()?.parse().ok()?;
-        let (sec, frac) = parts.next()?.split_once('.')?;
-        let sec: u64 = sec.parse().ok()?;
-        if frac.len() != 6 {
-            return None;
-        }
-        let us: u64 = frac.parse().ok()?;
-        Some(((h * 60 + m) * 60 + sec) * 1_000_000 + us)
-    }
-    let lines: Vec<&str> = log.lines().collect();
-    let at = |name: &str, l: &&str| {
-        l.contains("vmstate_downtime_checkpoint") && l.trim_end().ends_with(name)
-    };
-    let start = lines.iter().rposition(|l| at("src-downtime-start", l))?;
-    let end = lines[start..].iter().find(|l| at("src-downtime-end", l))?;
-    let (s, e) = (micros_of_day(lines[start])?, micros_of_day(end)?);
-    const DAY: u64 = 86_400_000_000;
-    Some(if e >= s { e - s } else { e + DAY - s })
 }
 
 /// Removes the control device, sends the machine state to `uri`, and on
@@ -475,34 +444,6 @@ pub(crate) async fn receive(vm: &Arc<Vm>, uri: &str) -> Result<(), VmError> {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn downtime_comes_from_the_last_checkpoints_in_microseconds() {
-        let log = "\
-2026-11-28T01:09:20.000000Z vmstate_downtime_checkpoint src-downtime-start
-2026-11-28T01:09:20.009000Z vmstate_downtime_checkpoint src-downtime-end
-qemu-system-x86_64: some warning
-2026-11-28T01:09:22.925056Z vmstate_downtime_checkpoint src-downtime-start
-2026-11-28T01:09:22.926925Z vmstate_downtime_checkpoint src-vm-stopped
-2026-11-28T01:09:22.928218Z vmstate_downtime_checkpoint src-downtime-end
-";
-        assert_eq!(super::downtime_from_log(log), Some(3162));
-        // Across midnight.
-        let log = "2026-11-28T23:59:59.999000Z vmstate_downtime_checkpoint src-downtime-start\n\
-                   2026-11-29T00:00:00.001500Z vmstate_downtime_checkpoint src-downtime-end\n";
-        assert_eq!(super::downtime_from_log(log), Some(2500));
-        // A migration that never ended, or no timestamps: nothing.
-        assert_eq!(
-            super::downtime_from_log(
-                "2026-11-28T01:00:00.000000Z vmstate_downtime_checkpoint src-downtime-start\n"
-            ),
-            None
-        );
-        assert_eq!(
-            super::downtime_from_log("vmstate_downtime_checkpoint src-downtime-start\nvmstate_downtime_checkpoint src-downtime-end\n"),
-            None
-        );
-    }
     use super::*;
 
     #[test]
