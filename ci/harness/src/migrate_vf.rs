@@ -484,19 +484,27 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
 /// converged within seconds.
 const BENCH_MAX_DOWNTIME_MS: u64 = 10;
 
-/// From the source's last `src-downtime-start` (in `src_log`) to the
-/// destination's `dst-precopy-bh-vm-started` (in `dst_log`), in
-/// microseconds: the migration's downtime as the guest lives it.
-fn guest_downtime_us(src_log: &std::path::Path, dst_log: &std::path::Path) -> Result<u64> {
-    use tandem_engine::qemu_log::{last_checkpoint_us, span_us};
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p).with_context(|| format!("QEMU's log {}", p.display()))
+/// One migration's downtimes from QEMU's logs, in microseconds: the
+/// source's (`src-downtime-start` to `src-downtime-end`, what tandem
+/// reports), and the guest's (to the destination's
+/// `dst-precopy-bh-vm-started`; both hosts share this kernel's clock).
+fn downtimes_us(src_api: &Path, dst_api: &Path) -> Result<(u64, u64)> {
+    use tandem_engine::qemu_log::{downtime_us, last_checkpoint_us, path_for, span_us};
+    let read = |api: &Path| {
+        let p = path_for(api);
+        std::fs::read_to_string(&p)
+            .with_context(|| format!("QEMU's log {}", p.display()))
+            .map(|log| (p, log))
     };
-    let stopped = last_checkpoint_us(&read(src_log)?, "src-downtime-start")
-        .with_context(|| format!("no src-downtime-start in {}", src_log.display()))?;
-    let started = last_checkpoint_us(&read(dst_log)?, "dst-precopy-bh-vm-started")
-        .with_context(|| format!("no dst-precopy-bh-vm-started in {}", dst_log.display()))?;
-    Ok(span_us(stopped, started))
+    let (sp, src) = read(src_api)?;
+    let (dp, dst) = read(dst_api)?;
+    let source = downtime_us(&src)
+        .with_context(|| format!("no src-downtime-start and -end in {}", sp.display()))?;
+    let stopped = last_checkpoint_us(&src, "src-downtime-start")
+        .with_context(|| format!("no src-downtime-start in {}", sp.display()))?;
+    let started = last_checkpoint_us(&dst, "dst-precopy-bh-vm-started")
+        .with_context(|| format!("no dst-precopy-bh-vm-started in {}", dp.display()))?;
+    Ok((source, span_us(stopped, started)))
 }
 
 /// `bench migrate`: QEMU's downtime for live migrations of one VM with
@@ -562,7 +570,7 @@ pub async fn bench(runs: usize) -> Result<()> {
         };
         let api = vm.api.display().to_string();
         let limit = BENCH_MAX_DOWNTIME_MS.to_string();
-        let src_log = vm.api.with_extension("qemu.log");
+        let src_api = vm.api.clone();
         let (code, out, err) = tandem(&[
             "migrate",
             "--to",
@@ -580,19 +588,10 @@ pub async fn bench(runs: usize) -> Result<()> {
             .and_then(|s| s.split(' ').next())
             .and_then(|s| s.parse().ok())
             .context("no downtime reported")?;
-        // The same downtime from QEMU's checkpoints, in microseconds.
-        let downtime_us: u64 = out
-            .split(" us by QEMU's downtime checkpoints")
-            .next()
-            .and_then(|s| s.rsplit('(').next())
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("no downtime in microseconds reported: {out}"))?;
         let _ = tokio::time::timeout(Duration::from_secs(60), vm.child.wait()).await;
         vm = arrived(d).await?;
         at_b = to_b;
-        // What the guest saw: from the source stopping it to the
-        // destination starting it (both hosts share this kernel's clock).
-        let seen_us = guest_downtime_us(&src_log, &vm.api.with_extension("qemu.log"))?;
+        let (downtime_us, seen_us) = downtimes_us(&src_api, &vm.api)?;
         if vf {
             with.push(downtime);
             with_us.push(downtime_us);
@@ -625,13 +624,18 @@ pub async fn bench(runs: usize) -> Result<()> {
     let (mw, mo) = (med(&mut with), med(&mut without));
     let (muw, muo) = (med(&mut with_us), med(&mut without_us));
     let ratio = muw as f64 / muo.max(1) as f64;
+    let ms_list = |v: &[u64]| {
+        v.iter()
+            .map(|us| format!("{:.2}", *us as f64 / 1000.0))
+            .collect::<Vec<_>>()
+    };
     again.sort_by(f64::total_cmp);
     println!(
         "QEMU downtime (limit {BENCH_MAX_DOWNTIME_MS} ms), {n} live migrations each way under fio randwrite QD4, from QEMU's downtime checkpoints: with the VF handed off {:.2} ms (median; all {:?}), without an assigned function {:.2} ms (all {:?}): {ratio:.2}x (goal at most 1.1x)",
         muw as f64 / 1000.0,
-        with_us.iter().map(|us| format!("{:.2}", *us as f64 / 1000.0)).collect::<Vec<_>>(),
+        ms_list(&with_us),
         muo as f64 / 1000.0,
-        without_us.iter().map(|us| format!("{:.2}", *us as f64 / 1000.0)).collect::<Vec<_>>(),
+        ms_list(&without_us),
     );
     println!(
         "as query-migrate reports it (whole ms): with the VF {mw} ms (median; all {with:?}), without {mo} ms (all {without:?}): {:.2}x; means {aw:.1} and {ao:.1} ms: {:.2}x",
@@ -639,13 +643,8 @@ pub async fn bench(runs: usize) -> Result<()> {
         aw / ao.max(1.0)
     );
     let (msw, mso) = (med(&mut with_seen), med(&mut without_seen));
-    let ms_list = |v: &[u64]| {
-        v.iter()
-            .map(|us| format!("{:.1}", *us as f64 / 1000.0))
-            .collect::<Vec<_>>()
-    };
     println!(
-        "as the guest saw it (the source stopping the VM to the destination starting it, QEMU's checkpoints on both hosts): with the VF {:.1} ms (median; all {:?}), without {:.1} ms (all {:?}): {:.2}x",
+        "as the guest saw it (the source stopping the VM to the destination starting it, QEMU's checkpoints on both hosts): with the VF {:.2} ms (median; all {:?}), without {:.2} ms (all {:?}): {:.2}x",
         msw as f64 / 1000.0,
         ms_list(&with_seen),
         mso as f64 / 1000.0,

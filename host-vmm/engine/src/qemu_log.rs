@@ -7,6 +7,12 @@
 //! reports as `downtime`, in whole ms); the destination logs
 //! `dst-precopy-bh-vm-started` when the VM runs again there.
 
+/// Where Tandem has QEMU log for the VM whose API socket is `api`
+/// (`web.sock` → `web.qemu.log`).
+pub fn path_for(api: &std::path::Path) -> std::path::PathBuf {
+    api.with_extension("qemu.log")
+}
+
 /// The time of day of a log line's timestamp, in microseconds.
 fn micros_of_day(line: &str) -> Option<u64> {
     let t = line.split_whitespace().next()?;

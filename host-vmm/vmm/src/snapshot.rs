@@ -342,7 +342,7 @@ pub async fn migrate(
 /// [`tandem_engine::qemu_log::downtime_us`]); none when the log cannot be
 /// read.
 fn checkpoint_downtime(vm: &Vm) -> Option<u64> {
-    let log = crate::vm::qemu_log(&vm.resolved().api_socket);
+    let log = tandem_engine::qemu_log::path_for(&vm.resolved().api_socket);
     match std::fs::read_to_string(&log) {
         Ok(text) => tandem_engine::qemu_log::downtime_us(&text),
         Err(e) => {

@@ -90,12 +90,6 @@ pub struct Vm {
     pub(crate) busy: tokio::sync::Mutex<()>,
 }
 
-/// QEMU's log file of the VM whose API socket is `api` (`web.sock` →
-/// `web.qemu.log`).
-pub fn qemu_log(api: &std::path::Path) -> std::path::PathBuf {
-    api.with_extension("qemu.log")
-}
-
 /// A started VM and the handle to wait for its end.
 pub struct Running {
     pub vm: Arc<Vm>,
@@ -164,7 +158,7 @@ impl Vm {
                 .collect(),
             chardevs: backends.iter().map(|b| b.chardev()).collect(),
             incoming: incoming.is_some(),
-            log: Some(qemu_log(&resolved.api_socket)),
+            log: Some(tandem_engine::qemu_log::path_for(&resolved.api_socket)),
         };
         if let Serial::Unix(p) = &resolved.serial {
             crate::socket::prepare(p).map_err(|e| VmError::Socket(std::io::Error::other(e)))?;

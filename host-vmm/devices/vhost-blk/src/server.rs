@@ -197,9 +197,7 @@ pub fn answer(dev: &BlkDevice, lending: Option<&Lending>, req: Request) -> Respo
             }))
         }
         Request::Fence { wait_ms } => match lending {
-            None => Response::Error {
-                message: "this backend lends no volume (no --volume-socket)".into(),
-            },
+            None => lends_nothing(),
             Some(l) => match l.fence(Duration::from_millis(u64::from(wait_ms))) {
                 Ok(f) => Response::Fenced {
                     closed: f.closed,
@@ -211,9 +209,7 @@ pub fn answer(dev: &BlkDevice, lending: Option<&Lending>, req: Request) -> Respo
             },
         },
         Request::Unfence => match lending {
-            None => Response::Error {
-                message: "this backend lends no volume (no --volume-socket)".into(),
-            },
+            None => lends_nothing(),
             Some(l) => {
                 l.unfence();
                 Response::Unfenced
@@ -231,6 +227,12 @@ pub fn answer(dev: &BlkDevice, lending: Option<&Lending>, req: Request) -> Respo
                 },
             }
         }
+    }
+}
+
+fn lends_nothing() -> Response {
+    Response::Error {
+        message: "this backend lends no volume (no --volume-socket)".into(),
     }
 }
 
