@@ -4,9 +4,11 @@
 //! A multi-path device has a **synthetic** path (virtio-blk, always there,
 //! migratable) and at times a **direct** one (an assigned NVMe function on
 //! the same storage). This state machine decides where each application
-//! request goes; the caller (the guest module's block driver, or a host
-//! test) does the I/O and reports completions. It is pure: no I/O, no
-//! allocation, no clock (the caller passes microseconds), fixed capacity.
+//! request goes; the caller (the guest module's block driver, or the host's
+//! volume client, `tandem_volume::RemoteVolume`, whose paths are a lender
+//! process's connection and the volume by its name) does the I/O and
+//! reports completions. It is pure: no I/O, no allocation, no clock (the
+//! caller passes microseconds), fixed capacity.
 //! It lives in `shared-abi` because the guest module and the host must run
 //! the very same rules, and this crate is the one source both compile.
 //!

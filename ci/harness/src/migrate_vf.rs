@@ -456,6 +456,24 @@ pub(crate) async fn run(w: &Path, host: &Host) -> Result<VfFigures> {
         crate::guest::tail(&fio, 20)
     );
     println!("[vf] fio randwrite QD8 with verify on /dev/tandem0 through 3 migrations, an aborted one, two failed ones and a save/restore: no error; guest volume: {line}");
+    // The device servers' side: each VF's namespace is a client of the
+    // volume socket, which runs the same handoff core to carry its
+    // requests from one lender connection (cut by each fence) to the next.
+    for (host, name) in [(A, "A"), (B, "B")] {
+        if servers.srv[host].is_none() {
+            continue;
+        }
+        let info = crate::nvme::show(&servers.dir(host)).await?;
+        let clients = &crate::nvme::vf_state(&info, 1)?["volume_clients"];
+        let c = clients
+            .as_array()
+            .and_then(|a| a.first())
+            .with_context(|| format!("host {name}: VF1 has no volume client: {info}"))?;
+        println!(
+            "[vf] host {name}'s device server, VF1's volume client: {} lender connections lost with a request on them, {} requests re-issued by name, {} barrier flushes, {} failed by name too (the lender fenced or gone: the controller reported them)",
+            c["losses"], c["reissued"], c["barriers"], c["errors"]
+        );
+    }
     let (code, _, err) = tandem(&[
         "shutdown",
         "--api-socket",

@@ -152,7 +152,7 @@ async fn show_until(dir: &Path, failure: &str, done: impl Fn(&Value) -> bool) ->
     }
 }
 
-fn vf_state(info: &Value, vf: u64) -> Result<&Value> {
+pub(crate) fn vf_state(info: &Value, vf: u64) -> Result<&Value> {
     info["vfs"]
         .as_array()
         .and_then(|a| a.iter().find(|v| v["vf"] == vf))

@@ -25,3 +25,5 @@ pub mod server;
 
 pub use client::{ClientError, RemoteVolume};
 pub use server::{listen, Lending, Volume};
+/// The client's handoff counters (the core's own).
+pub use shared_abi::handoff::Stats as HandoffStats;

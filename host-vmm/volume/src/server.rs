@@ -11,9 +11,12 @@
 //! reason a request whose sender is gone by the time it would run (a
 //! killed device server leaves its last request in the socket) is
 //! dropped, not executed: nobody can be answered, so nobody was told it
-//! was done, and the guest will re-issue it.
+//! was done, and the guest will re-issue it. And a request whose sender
+//! hung up while it ran (a borrower that gave up on it after its timeout,
+//! and will send it again) is an orphan: no lent request starts until it
+//! has finished, so it cannot land after the request sent again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -83,6 +86,9 @@ struct GateState {
     epoch: u64,
     fenced: bool,
     executing: u32,
+    /// The connections with a request executing (one each at most: a
+    /// connection's requests run in order).
+    busy: BTreeSet<u64>,
     next_id: u64,
     /// Open connections (a clone of each, to cut them), by id.
     conns: BTreeMap<u64, UnixStream>,
@@ -97,18 +103,22 @@ enum Admit<'a> {
     SenderGone,
 }
 
-/// A request executing; the fence waits for it.
-struct Running<'a>(&'a Gate);
+/// A request executing on a connection; the fence, and requests waiting
+/// for an orphan, wait for it.
+struct Running<'a>(&'a Gate, u64);
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         let mut g = self.0.lock();
         g.executing = g.executing.saturating_sub(1);
-        if g.executing == 0 {
-            self.0.idle.notify_all();
-        }
+        g.busy.remove(&self.1);
+        self.0.idle.notify_all();
     }
 }
+
+/// How often a request waiting for an orphan looks again (a borrower
+/// hanging up wakes nobody).
+const ORPHAN_RECHECK: Duration = Duration::from_millis(50);
 
 impl Gate {
     fn lock(&self) -> MutexGuard<'_, GateState> {
@@ -129,18 +139,38 @@ impl Gate {
         self.lock().conns.remove(&id);
     }
 
-    fn admit(&self, epoch: u64, conn: &UnixStream) -> Admit<'_> {
+    /// Whether connection `id`'s next request may run, and if so, marks
+    /// it running. It waits while an **orphan** runs: a request whose
+    /// borrower hung up on it (a borrower that gave up on a slow request
+    /// re-sends it on a new connection, and the old one must not land
+    /// after the new one, or after what the borrower wrote next).
+    fn admit(&self, id: u64, epoch: u64, conn: &UnixStream) -> Admit<'_> {
         let mut g = self.lock();
-        if g.fenced || g.epoch != epoch {
-            g.dropped += 1;
-            return Admit::Fenced;
-        }
-        if sender_gone(conn) {
-            g.dropped += 1;
-            return Admit::SenderGone;
+        loop {
+            if g.fenced || g.epoch != epoch {
+                g.dropped += 1;
+                return Admit::Fenced;
+            }
+            if sender_gone(conn) {
+                g.dropped += 1;
+                return Admit::SenderGone;
+            }
+            let orphan = g
+                .busy
+                .iter()
+                .find(|b| **b != id && g.conns.get(b).is_none_or(sender_gone))
+                .copied();
+            let Some(orphan) = orphan else { break };
+            debug!(conn = id, orphan, "waiting for an orphaned lent request");
+            g = self
+                .idle
+                .wait_timeout(g, ORPHAN_RECHECK)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         g.executing += 1;
-        Admit::Run(Some(Running(self)))
+        g.busy.insert(id);
+        Admit::Run(Some(Running(self, id)))
     }
 }
 
@@ -304,7 +334,7 @@ fn serve_lent(mut conn: UnixStream, volume: &dyn Volume, gate: &Gate) {
     let (id, epoch) = gate.register(&conn);
     let done = greet(&mut conn, volume).and_then(|()| {
         let probe = conn.try_clone()?;
-        serve_requests(&mut conn, volume, &mut || gate.admit(epoch, &probe))
+        serve_requests(&mut conn, volume, &mut || gate.admit(id, epoch, &probe))
     });
     gate.leave(id);
     report(done);
@@ -403,6 +433,8 @@ fn serve_requests<'g, S: Read + Write>(
 pub struct Memory {
     pub data: std::sync::Mutex<Vec<u8>>,
     pub flushes: std::sync::atomic::AtomicU64,
+    /// Writes that landed.
+    pub writes: std::sync::atomic::AtomicU64,
     readonly: bool,
     failing: Option<u64>,
 }
@@ -412,6 +444,7 @@ impl Memory {
         Memory {
             data: std::sync::Mutex::new(vec![0; size]),
             flushes: std::sync::atomic::AtomicU64::new(0),
+            writes: std::sync::atomic::AtomicU64::new(0),
             readonly,
             failing: None,
         }
@@ -448,6 +481,8 @@ impl Volume for Memory {
         }
         let at = offset as usize;
         self.bytes()[at..at + buf.len()].copy_from_slice(buf);
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
     fn flush(&self) -> Result<(), VolumeError> {
@@ -486,7 +521,7 @@ mod tests {
             let m = Memory::new(4096, false);
             let gate = Gate::default();
             let (mut a, mut b) = UnixStream::pair().unwrap();
-            let (_, epoch) = gate.register(&a);
+            let (id, epoch) = gate.register(&a);
             greet(&mut a, &m).unwrap();
             let mut hello = [0u8; crate::proto::HELLO_LEN];
             b.read_exact(&mut hello).unwrap();
@@ -497,7 +532,7 @@ mod tests {
                 drop(b);
             }
             let probe = a.try_clone().unwrap();
-            let served = serve_requests(&mut a, &m, &mut || gate.admit(epoch, &probe)).unwrap();
+            let served = serve_requests(&mut a, &m, &mut || gate.admit(id, epoch, &probe)).unwrap();
             let first = m.data.lock().unwrap()[0];
             if sender_alive {
                 assert_eq!((served, first, gate.lock().dropped), (1, 0xab, 0));
@@ -531,26 +566,39 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_fence_waits_for_what_runs_cuts_borrowers_and_refuses_until_lifted() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("v.sock");
+    /// A lender at `sock` whose writes at offset 0 wait for a message on
+    /// the returned sender.
+    fn held_lender(sock: &Path) -> (Arc<Held>, Lending, mpsc::Sender<()>) {
         let (tx, rx) = mpsc::channel();
         let held = Arc::new(Held {
             mem: Memory::new(64 << 10, false),
             release: Mutex::new(rx),
         });
-        let lending = Arc::new(listen(&sock, held.clone()).unwrap());
-        let v = Arc::new(RemoteVolume::connect(&sock).unwrap());
-        let writer = {
-            let v = v.clone();
-            std::thread::spawn(move || v.write_at(&[1; 512], 0))
-        };
+        let lending = listen(sock, held.clone()).unwrap();
+        (held, lending, tx)
+    }
+
+    /// Waits until a lent request executes.
+    fn until_executing(lending: &Lending) {
         let t0 = Instant::now();
         while lending.stats().executing == 0 {
             assert!(t0.elapsed() < Duration::from_secs(5), "the write never ran");
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    #[test]
+    fn a_fence_waits_for_what_runs_cuts_borrowers_and_refuses_until_lifted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let (held, lending, tx) = held_lender(&sock);
+        let lending = Arc::new(lending);
+        let v = Arc::new(RemoteVolume::connect(&sock).unwrap());
+        let writer = {
+            let v = v.clone();
+            std::thread::spawn(move || v.write_at(&[1; 512], 0))
+        };
+        until_executing(&lending);
         // A request that does not finish: the fence says so, and stays up.
         match lending.fence(Duration::from_millis(50)) {
             Err(FenceError::Busy { executing: 1, .. }) => {}
@@ -582,5 +630,88 @@ mod tests {
         lending.unfence();
         v.write_at(&[3; 512], 4096).unwrap();
         assert_eq!(held.mem.data.lock().unwrap()[4096], 3);
+    }
+
+    /// F1 on the borrower's side: the process lending the volume is
+    /// replaced while a write is in flight on it (the old one cut off,
+    /// its socket file gone, the new one there 200 ms later). The handoff
+    /// core re-issues the write exactly once, on the new lender, after
+    /// waiting for it; a barrier flush there covers what the old one had
+    /// answered; the caller sees no error; the new connection carries on.
+    #[test]
+    fn a_write_cut_off_by_a_lender_change_lands_once_on_the_next_lender() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let (_old, old_lending, tx) = held_lender(&sock);
+        let v = Arc::new(RemoteVolume::connect(&sock).unwrap());
+        v.write_at(&[5; 512], 4096).unwrap();
+        let writer = {
+            let v = v.clone();
+            std::thread::spawn(move || v.write_at(&[1; 512], 0))
+        };
+        until_executing(&old_lending);
+        // The old lender leaves: its file goes, its borrowers are cut (it
+        // still holds the write: the fence says so).
+        old_lending.withdraw();
+        assert!(old_lending.fence(Duration::from_millis(10)).is_err());
+        std::thread::sleep(Duration::from_millis(200));
+        let new = Arc::new(Memory::new(64 << 10, false));
+        let _new_lending = listen(&sock, new.clone()).unwrap();
+        writer.join().unwrap().unwrap();
+        assert_eq!(new.data.lock().unwrap()[0], 1);
+        assert_eq!(new.writes.load(Relaxed), 1, "re-issued more than once");
+        // The old lender's answered write is covered by a flush on the new
+        // one before any flush of the caller's.
+        assert!(new.flushes.load(Relaxed) >= 1);
+        let st = v.handoff_stats();
+        assert_eq!(
+            (st.losses, st.reissued, st.errors_to_app),
+            (1, 1, 0),
+            "{st:?}"
+        );
+        // Back on a direct connection: the next requests go there.
+        v.write_at(&[2; 512], 512).unwrap();
+        v.flush().unwrap();
+        assert_eq!(new.writes.load(Relaxed), 2);
+        assert_eq!(v.handoff_stats().losses, 1);
+        tx.send(()).unwrap();
+    }
+
+    /// A borrower that gives up on a slow request (its 20 s timeout) hangs
+    /// up and sends it again on a new connection. The new request, and
+    /// anything after it, waits until the old one has finished, so the old
+    /// data can never land over the new. A slow request of a borrower that
+    /// is still there holds up nobody else.
+    #[test]
+    fn a_request_waits_while_one_its_borrower_hung_up_on_still_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let (held, lending, tx) = held_lender(&sock);
+        let mut old = UnixStream::connect(&sock).unwrap();
+        old.read_exact(&mut [0u8; crate::proto::HELLO_LEN]).unwrap();
+        old.write_all(&write_request(0, 0xaa)).unwrap();
+        until_executing(&lending);
+        let v = Arc::new(RemoteVolume::connect(&sock).unwrap());
+        // Its borrower is still there: others go on.
+        v.write_at(&[0xcc; 512], 4096).unwrap();
+        drop(old);
+        // Anything sent after the hang-up waits for the orphan (here a
+        // write elsewhere: writes at 0 are held by this volume).
+        let after = {
+            let v = v.clone();
+            std::thread::spawn(move || v.write_at(&[0xbb; 512], 8192))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !after.is_finished(),
+            "a request ran beside the orphaned one"
+        );
+        assert_eq!(held.mem.data.lock().unwrap()[8192], 0);
+        tx.send(()).unwrap();
+        after.join().unwrap().unwrap();
+        assert_eq!(held.mem.data.lock().unwrap()[0], 0xaa);
+        assert_eq!(held.mem.data.lock().unwrap()[8192], 0xbb);
+        assert_eq!(held.mem.data.lock().unwrap()[4096], 0xcc);
     }
 }

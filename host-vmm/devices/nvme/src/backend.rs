@@ -20,6 +20,11 @@ pub trait BlockBackend: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// A name for logs and the API.
     fn describe(&self) -> String;
+    /// For a lent volume, its client's handoff counters (requests moved
+    /// from one lender connection to the next).
+    fn handoff(&self) -> Option<tandem_volume::HandoffStats> {
+        None
+    }
 }
 
 /// A raw image file.
@@ -149,6 +154,9 @@ impl BlockBackend for Lent {
     }
     fn describe(&self) -> String {
         format!("volume:{}", self.0.path().display())
+    }
+    fn handoff(&self) -> Option<tandem_volume::HandoffStats> {
+        Some(self.0.handoff_stats())
     }
 }
 

@@ -196,11 +196,30 @@ pub struct FunctionInfo {
     pub interrupts: u64,
     pub function_resets: u64,
     pub namespaces: Vec<String>,
+    /// The lent namespaces' volume clients: how their requests moved from
+    /// one lender connection to the next (the handoff core's counters).
+    pub volume_clients: Vec<VolumeClientInfo>,
     pub sriov: Option<(bool, u16)>,
     /// Guest config writes the policy denied or translated (F5).
     pub config_denied: u64,
     pub config_translated: u64,
     pub controller: ControllerState,
+}
+
+/// A lent namespace's client, as [`FunctionInfo`] shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct VolumeClientInfo {
+    pub namespace: String,
+    /// Connections to a lender lost with a request on them.
+    pub losses: u64,
+    /// Requests sent again, by the volume's name, after a loss.
+    pub reissued: u64,
+    pub switches: u64,
+    /// Flushes of the client's own, so that a later flush covers writes
+    /// the lost connection had answered.
+    pub barriers: u64,
+    /// Requests that failed by name too (the controller reported them).
+    pub errors: u64,
 }
 
 impl NvmeFunction {
@@ -326,6 +345,21 @@ impl NvmeFunction {
                 .namespaces()
                 .iter()
                 .map(|n| n.describe())
+                .collect(),
+            volume_clients: self
+                .ctrl
+                .namespaces()
+                .iter()
+                .filter_map(|n| {
+                    n.handoff().map(|h| VolumeClientInfo {
+                        namespace: n.describe(),
+                        losses: h.losses,
+                        reissued: h.reissued,
+                        switches: h.switches,
+                        barriers: h.barriers,
+                        errors: h.errors_to_app,
+                    })
+                })
                 .collect(),
             sriov: self.config.sriov_state(),
             config_denied: self.cfg_policy.as_ref().map_or(0, |p| p.denied),
