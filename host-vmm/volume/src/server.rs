@@ -120,9 +120,37 @@ impl Drop for Running<'_> {
 /// hanging up wakes nobody).
 const ORPHAN_RECHECK: Duration = Duration::from_millis(50);
 
+impl GateState {
+    /// A connection (other than `except`) whose request runs although its
+    /// borrower hung up on it.
+    fn orphan(&self, except: Option<u64>) -> Option<u64> {
+        self.busy
+            .iter()
+            .find(|b| Some(**b) != except && self.conns.get(b).is_none_or(sender_gone))
+            .copied()
+    }
+}
+
 impl Gate {
     fn lock(&self) -> MutexGuard<'_, GateState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits while an orphan runs; returns how long it waited.
+    fn wait_for_orphans(&self) -> Duration {
+        let start = Instant::now();
+        let mut g = self.lock();
+        if g.busy.is_empty() || g.orphan(None).is_none() {
+            return Duration::ZERO;
+        }
+        while g.orphan(None).is_some() {
+            g = self
+                .idle
+                .wait_timeout(g, ORPHAN_RECHECK)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        start.elapsed()
     }
 
     fn register(&self, conn: &UnixStream) -> (u64, u64) {
@@ -155,12 +183,9 @@ impl Gate {
                 g.dropped += 1;
                 return Admit::SenderGone;
             }
-            let orphan = g
-                .busy
-                .iter()
-                .find(|b| **b != id && g.conns.get(b).is_none_or(sender_gone))
-                .copied();
-            let Some(orphan) = orphan else { break };
+            let Some(orphan) = g.orphan(Some(id)) else {
+                break;
+            };
             debug!(conn = id, orphan, "waiting for an orphaned lent request");
             g = self
                 .idle
@@ -248,6 +273,11 @@ impl Lending {
         g.fenced = false;
     }
 
+    /// The lender's orphans, for the disk's other path (see [`Orphans`]).
+    pub fn orphans(&self) -> Orphans {
+        Orphans(self.gate.clone())
+    }
+
     pub fn stats(&self) -> GateStats {
         let g = self.gate.lock();
         GateStats {
@@ -257,6 +287,29 @@ impl Lending {
             connections: g.conns.len() as u32,
             executing: g.executing,
         }
+    }
+}
+
+/// For the disk's own path (the guest's virtio requests, served by the
+/// same process): a request re-issued there by a guest that gave up on a
+/// function must not run while the write it replaces may still land, so
+/// each waits while a lent request runs whose borrower hung up on it (or
+/// that a fence cut off). With no lent request running, it costs one
+/// uncontended lock.
+#[derive(Clone)]
+pub struct Orphans(Arc<Gate>);
+
+impl Orphans {
+    /// Waits while an orphaned lent request runs; returns how long.
+    pub fn wait(&self) -> Duration {
+        let waited = self.0.wait_for_orphans();
+        if !waited.is_zero() {
+            info!(
+                waited_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+                "a request on the disk's own path waited for an orphaned lent request"
+            );
+        }
+        waited
     }
 }
 
@@ -708,8 +761,17 @@ mod tests {
             "a request ran beside the orphaned one"
         );
         assert_eq!(held.mem.data.lock().unwrap()[8192], 0);
+        // The disk's own path (the guest's virtio requests) waits too.
+        let own = {
+            let o = lending.orphans();
+            std::thread::spawn(move || o.wait())
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!own.is_finished(), "the own path ran beside the orphan");
         tx.send(()).unwrap();
         after.join().unwrap().unwrap();
+        assert!(own.join().unwrap() >= Duration::from_millis(90));
+        assert!(lending.orphans().wait().is_zero());
         assert_eq!(held.mem.data.lock().unwrap()[0], 0xaa);
         assert_eq!(held.mem.data.lock().unwrap()[8192], 0xbb);
         assert_eq!(held.mem.data.lock().unwrap()[4096], 0xcc);

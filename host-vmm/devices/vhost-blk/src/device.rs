@@ -132,6 +132,10 @@ pub struct BlkDevice {
     event_idx: AtomicBool,
     counters: AtomicCounters,
     last_error: Mutex<Option<String>>,
+    /// The volume socket's orphans, once the disk is lent: a guest request
+    /// waits while a lent write runs that its sender gave up on (the guest
+    /// may be re-issuing it here).
+    orphans: std::sync::OnceLock<tandem_volume::Orphans>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,6 +174,19 @@ impl BlkDevice {
             event_idx: AtomicBool::new(false),
             counters: AtomicCounters::default(),
             last_error: Mutex::new(None),
+            orphans: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The disk is lent: from now on its own requests wait for the
+    /// lender's orphans.
+    pub fn lend_through(&self, lending: &tandem_volume::Lending) {
+        let _ = self.orphans.set(lending.orphans());
+    }
+
+    fn wait_for_orphans(&self) {
+        if let Some(o) = self.orphans.get() {
+            o.wait();
         }
     }
 
@@ -294,6 +311,7 @@ impl BlkDevice {
     ) -> Result<bool, DeviceError> {
         let mut served = false;
         loop {
+            self.wait_for_orphans();
             let hold = self.read_gate();
             let chain = match state.get_queue_mut().iter(mem.clone()) {
                 Ok(mut requests) => requests.next(),
@@ -316,6 +334,7 @@ impl BlkDevice {
         M: Deref + Clone,
         M::Target: GuestMemory + Sized,
     {
+        self.wait_for_orphans();
         let hold = self.read_gate();
         self.run_chain(chain, hold.as_deref())
     }

@@ -100,6 +100,9 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         )?)),
         None => None,
     };
+    if let Some(l) = &lending {
+        dev.lend_through(l);
+    }
     if let Some(path) = &cfg.api_socket {
         let _ = std::fs::remove_file(path);
         let api = UnixListener::bind(path).map_err(|source| ServerError::Listen {
