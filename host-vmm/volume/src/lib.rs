@@ -24,6 +24,6 @@ pub mod proto;
 pub mod server;
 
 pub use client::{ClientError, RemoteVolume};
-pub use server::{listen, Lending, Orphans, Volume};
+pub use server::{listen, GateStats, Lending, Orphans, Volume};
 /// The client's handoff counters (the core's own).
 pub use shared_abi::handoff::Stats as HandoffStats;

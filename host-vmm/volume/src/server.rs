@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::proto::{Geometry, Op, Request, Response, Status, REQUEST_LEN};
@@ -61,8 +62,9 @@ pub struct Fenced {
     pub waited_us: u64,
 }
 
-/// The lender's counters and fence state.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The lender's counters and fence state (also the vhost-user-blk
+/// backend's API answer, under its `lending` object).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GateStats {
     pub fenced: bool,
     pub fences: u64,
@@ -70,6 +72,7 @@ pub struct GateStats {
     pub dropped: u64,
     pub connections: u32,
     /// Lent requests running now.
+    #[serde(default)]
     pub executing: u32,
 }
 

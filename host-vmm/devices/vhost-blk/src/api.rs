@@ -33,11 +33,9 @@ fn default_fence_wait_ms() -> u32 {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LendingInfo {
     pub socket: String,
-    pub fenced: bool,
-    pub fences: u64,
-    /// Lent requests not run: their sender was gone, or the volume fenced.
-    pub dropped: u64,
-    pub connections: u32,
+    /// The lender's own counters, flattened into this object.
+    #[serde(flatten)]
+    pub stats: tandem_volume::GateStats,
 }
 
 /// One layer of the chain, top first.

@@ -187,15 +187,9 @@ pub fn answer(dev: &BlkDevice, lending: Option<&Lending>, req: Request) -> Respo
                 readonly: g.readonly,
                 counters: dev.counters(),
                 last_error: dev.last_error(),
-                lending: lending.map(|l| {
-                    let s = l.stats();
-                    LendingInfo {
-                        socket: l.path().display().to_string(),
-                        fenced: s.fenced,
-                        fences: s.fences,
-                        dropped: s.dropped,
-                        connections: s.connections,
-                    }
+                lending: lending.map(|l| LendingInfo {
+                    socket: l.path().display().to_string(),
+                    stats: l.stats(),
                 }),
             }))
         }

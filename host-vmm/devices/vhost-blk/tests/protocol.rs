@@ -251,7 +251,7 @@ fn the_volume_socket_lends_the_same_chain_to_a_second_path() {
             assert_eq!((c.lent_reads, c.lent_writes, c.lent_flushes), (1, 2, 1));
             assert_eq!(c.lent_errors, 0, "a refused request is not a backend error");
             assert_eq!(info.chain.len(), 2);
-            let l = info.lending.expect("the backend lends");
+            let l = info.lending.expect("the backend lends").stats;
             assert_eq!((l.fenced, l.fences, l.connections), (false, 0, 1));
         }
         other => panic!("info: {other:?}"),
@@ -267,7 +267,7 @@ fn the_volume_socket_lends_the_same_chain_to_a_second_path() {
     assert!(lent.write_at(&[0xd4; 512], 3 << 20).is_err());
     match ask(&api, &Request::Info) {
         Response::Info(info) => {
-            let l = info.lending.unwrap();
+            let l = info.lending.unwrap().stats;
             assert!(l.fenced && l.fences == 1 && l.dropped >= 1, "{l:?}");
             assert_eq!(info.counters.lent_writes, 2, "a fenced write ran");
         }
