@@ -203,8 +203,10 @@ impl Gate {
 }
 
 /// The peer closed its end (it exited or was killed): whatever it left
-/// in the socket will never be answered.
-fn sender_gone(conn: &UnixStream) -> bool {
+/// in the socket will never be answered. The lender asks this once per
+/// lent request; public so that its cost can be measured
+/// (`examples/lend_cost.rs`).
+pub fn sender_gone(conn: &UnixStream) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(conn.as_fd(), PollFlags::empty())];
     match poll(&mut fds, PollTimeout::ZERO) {
