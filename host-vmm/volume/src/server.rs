@@ -88,9 +88,9 @@ struct GateState {
     /// Bumped by each fence: a connection from an older epoch is cut.
     epoch: u64,
     fenced: bool,
-    executing: u32,
     /// The connections with a request executing (one each at most: a
-    /// connection's requests run in order).
+    /// connection's requests run in order, so their number is the number
+    /// of lent requests executing).
     busy: BTreeSet<u64>,
     next_id: u64,
     /// Open connections (a clone of each, to cut them), by id.
@@ -113,7 +113,6 @@ struct Running<'a>(&'a Gate, u64);
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         let mut g = self.0.lock();
-        g.executing = g.executing.saturating_sub(1);
         g.busy.remove(&self.1);
         self.0.idle.notify_all();
     }
@@ -124,6 +123,11 @@ impl Drop for Running<'_> {
 const ORPHAN_RECHECK: Duration = Duration::from_millis(50);
 
 impl GateState {
+    /// Lent requests executing now.
+    fn executing(&self) -> u32 {
+        self.busy.len() as u32
+    }
+
     /// A connection (other than `except`) whose request runs although its
     /// borrower hung up on it.
     fn orphan(&self, except: Option<u64>) -> Option<u64> {
@@ -143,17 +147,22 @@ impl Gate {
     fn wait_for_orphans(&self) -> Duration {
         let start = Instant::now();
         let mut g = self.lock();
-        if g.busy.is_empty() || g.orphan(None).is_none() {
+        if g.orphan(None).is_none() {
             return Duration::ZERO;
         }
         while g.orphan(None).is_some() {
-            g = self
-                .idle
-                .wait_timeout(g, ORPHAN_RECHECK)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            g = self.recheck(g);
         }
         start.elapsed()
+    }
+
+    /// Sleeps until a request finishes or [`ORPHAN_RECHECK`] has passed
+    /// (a borrower hanging up wakes nobody).
+    fn recheck<'g>(&self, g: MutexGuard<'g, GateState>) -> MutexGuard<'g, GateState> {
+        self.idle
+            .wait_timeout(g, ORPHAN_RECHECK)
+            .unwrap_or_else(|p| p.into_inner())
+            .0
     }
 
     fn register(&self, conn: &UnixStream) -> (u64, u64) {
@@ -190,13 +199,8 @@ impl Gate {
                 break;
             };
             debug!(conn = id, orphan, "waiting for an orphaned lent request");
-            g = self
-                .idle
-                .wait_timeout(g, ORPHAN_RECHECK)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            g = self.recheck(g);
         }
-        g.executing += 1;
         g.busy.insert(id);
         Admit::Run(Some(Running(self, id)))
     }
@@ -255,12 +259,12 @@ impl Lending {
         let (g, _) = self
             .gate
             .idle
-            .wait_timeout_while(g, wait, |g| g.executing > 0)
+            .wait_timeout_while(g, wait, |g| g.executing() > 0)
             .unwrap_or_else(|p| p.into_inner());
-        if g.executing > 0 {
-            warn!(socket = %self.path.display(), executing = g.executing, "fence: lent requests still executing");
+        if g.executing() > 0 {
+            warn!(socket = %self.path.display(), executing = g.executing(), "fence: lent requests still executing");
             return Err(FenceError::Busy {
-                executing: g.executing,
+                executing: g.executing(),
                 after: wait,
             });
         }
@@ -290,7 +294,7 @@ impl Lending {
             fences: g.fences,
             dropped: g.dropped,
             connections: g.conns.len() as u32,
-            executing: g.executing,
+            executing: g.executing(),
         }
     }
 }
